@@ -1,0 +1,63 @@
+"""callpolicy: a circuit breaker per provider and model, with error classification, retry
+and fallback, for LLM calls. Framework-free; the LangChain and LlamaIndex wrappers
+(``langchain_breaker``, ``llamaindex_breaker``) delegate to it.
+
+>>> from callpolicy import CallPolicy, CircuitOpenError, CircuitState
+>>> policy = CallPolicy(failure_threshold=1, cooldown=30)
+>>> def down():
+...     raise ConnectionError("connection refused")
+>>> try:
+...     policy.execute("acme::m1", down)
+... except ConnectionError:
+...     pass
+>>> policy.state("acme::m1")
+<CircuitState.OPEN: 'open'>
+>>> policy.execute("acme::m1", down, fallback=lambda: "served by the fallback")
+'served by the fallback'
+"""
+
+from ._classify import Classification, Classifier, classify_error, retry_after_from_headers
+from ._config import (
+    DEFAULT_COUNTED_ERRORS,
+    DEFAULT_RETRYABLE_ERRORS,
+    BreakerConfig,
+    FallbackOn,
+    RetryPolicy,
+)
+from ._errors import CallPolicyError, CircuitOpenError
+from ._events import Event, EventKind, Listener
+from ._memory import MemoryStore
+from ._policy import CallPolicy
+from ._store import Circuit, CircuitStore, Permit, Transition
+from ._types import CircuitSnapshot, CircuitState, ErrorClass, Outcome, circuit_key, split_key
+
+__all__ = [
+    "DEFAULT_COUNTED_ERRORS",
+    "DEFAULT_RETRYABLE_ERRORS",
+    "BreakerConfig",
+    "CallPolicy",
+    "CallPolicyError",
+    "Circuit",
+    "CircuitOpenError",
+    "CircuitSnapshot",
+    "CircuitState",
+    "CircuitStore",
+    "Classification",
+    "Classifier",
+    "ErrorClass",
+    "Event",
+    "EventKind",
+    "FallbackOn",
+    "Listener",
+    "MemoryStore",
+    "Outcome",
+    "Permit",
+    "RetryPolicy",
+    "Transition",
+    "circuit_key",
+    "classify_error",
+    "retry_after_from_headers",
+    "split_key",
+]
+
+__version__ = "0.1.0"

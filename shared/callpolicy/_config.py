@@ -1,0 +1,167 @@
+"""Validated option objects: :class:`BreakerConfig` and :class:`RetryPolicy`.
+
+Every field is checked at construction, and a bad value raises pydantic's
+``ValidationError`` naming the field (``cooldown``, ``failure_threshold``, ...).
+Durations are seconds as a number, or a :class:`datetime.timedelta`.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from ._types import ErrorClass
+
+__all__ = [
+    "DEFAULT_COUNTED_ERRORS",
+    "DEFAULT_RETRYABLE_ERRORS",
+    "BreakerConfig",
+    "FallbackOn",
+    "RetryPolicy",
+]
+
+
+def _to_seconds(value: Any) -> Any:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool):  # bool is an int; True seconds is never meant
+        raise TypeError("expected seconds as a number or a timedelta, not a bool")
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_to_seconds)]
+
+DEFAULT_COUNTED_ERRORS: frozenset[ErrorClass] = frozenset(ErrorClass) - {
+    ErrorClass.CLIENT,
+    ErrorClass.CONTEXT_OVERFLOW,
+}
+"""Error classes that count as breaker failures by default: all but the caller's own faults."""
+
+DEFAULT_RETRYABLE_ERRORS: frozenset[ErrorClass] = frozenset(
+    {ErrorClass.RATE_LIMITED, ErrorClass.TIMEOUT, ErrorClass.NETWORK, ErrorClass.SERVER}
+)
+"""Error classes worth another attempt."""
+
+FallbackOn = Literal["failure", "open", "error"]
+"""When the fallback model answers.
+
+- ``"failure"`` (default): the circuit is open, or the primary failed with a counted
+  failure after its retries.
+- ``"open"``: only when the circuit is open (the reference crate's behaviour).
+- ``"error"``: the circuit is open, or the primary raised any ``Exception``
+  (like LangChain's ``with_fallbacks``).
+"""
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class BreakerConfig(BaseModel):
+    """Circuit breaker options. Defaults are the reference crate's where it has one.
+
+    >>> BreakerConfig(failure_threshold=3, cooldown=10).cooldown
+    10.0
+    """
+
+    model_config = _FROZEN
+
+    failure_threshold: int = Field(default=5, ge=1)
+    """Consecutive counted failures that open a closed circuit (reference: 5)."""
+    cooldown: Seconds = Field(default=30.0, gt=0)
+    """Seconds an opened circuit refuses calls before admitting a probe (reference: 30 s)."""
+    half_open_max_calls: int = Field(default=1, ge=1)
+    """Probes in flight at once while half-open (reference: unlimited, a weak spot)."""
+    success_threshold: int = Field(default=1, ge=1)
+    """Probe successes needed to close a half-open circuit (reference: 1)."""
+    failure_rate_threshold: float | None = Field(default=None, gt=0, le=1)
+    """Also open when this fraction of the last ``window_size`` calls failed (off by default)."""
+    window_size: int = Field(default=20, ge=1)
+    """Calls in the sliding window of the failure-rate mode."""
+    minimum_calls: int = Field(default=10, ge=1)
+    """Calls the window must hold before the failure rate can open the circuit."""
+    cooldown_multiplier: float = Field(default=1.0, ge=1)
+    """Each consecutive re-open multiplies the cooldown by this (1.0: no growth)."""
+    max_cooldown: Seconds | None = Field(default=None, gt=0)
+    """Cap of a growing cooldown (None: no cap)."""
+    counted_errors: frozenset[ErrorClass] = DEFAULT_COUNTED_ERRORS
+    """Error classes that count as failures; the others neither count nor reset."""
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> BreakerConfig:
+        if self.minimum_calls > self.window_size:
+            raise ValueError(
+                f"minimum_calls ({self.minimum_calls}) must not exceed "
+                f"window_size ({self.window_size})"
+            )
+        if self.max_cooldown is not None and self.max_cooldown < self.cooldown:
+            raise ValueError(
+                f"max_cooldown ({self.max_cooldown}) must be at least cooldown ({self.cooldown})"
+            )
+        return self
+
+    def cooldown_for(self, consecutive_trips: int) -> float:
+        """Cooldown after the ``consecutive_trips``-th open in a row (1 for the first)."""
+        seconds = self.cooldown * self.cooldown_multiplier ** max(consecutive_trips - 1, 0)
+        if self.max_cooldown is not None:
+            seconds = min(seconds, self.max_cooldown)
+        return seconds
+
+
+class RetryPolicy(BaseModel):
+    """Retry options, off unless given. Defaults are the reference crate's.
+
+    The delay before attempt ``n + 1`` is ``min(base_delay * multiplier**(n-1), max_delay)``
+    with +-``jitter`` applied after the cap, unless the provider sent a Retry-After, which
+    is used as is (no jitter) up to ``max_retry_after``.
+
+    >>> RetryPolicy(jitter=0).backoff(3)
+    2.0
+    """
+
+    model_config = _FROZEN
+
+    max_attempts: int = Field(default=4, ge=1)
+    """Attempts in all, the first included (reference: 4)."""
+    base_delay: Seconds = Field(default=0.5, ge=0)
+    """Delay before the second attempt (reference: 0.5 s)."""
+    max_delay: Seconds = Field(default=30.0, ge=0)
+    """Cap of the exponential delay (reference: 30 s)."""
+    multiplier: float = Field(default=2.0, ge=1)
+    """Growth of the delay per attempt (reference: doubling)."""
+    jitter: float = Field(default=0.2, ge=0, le=1)
+    """Relative jitter, +-20 % by default (reference: 0.2)."""
+    honor_retry_after: bool = True
+    """Wait what the provider's Retry-After says instead of the backoff (reference: yes)."""
+    max_retry_after: Seconds = Field(default=60.0, ge=0)
+    """Cap of a Retry-After value (reference: none below 3600 s, a weak spot)."""
+    deadline: Seconds | None = Field(default=60.0, gt=0)
+    """No new attempt starts once this many seconds have passed since the first (reference:
+    60 s); a wait that would end past it ends retrying at once."""
+    retry_on: frozenset[ErrorClass] = DEFAULT_RETRYABLE_ERRORS
+    """Error classes that are retried."""
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> RetryPolicy:
+        if self.max_delay < self.base_delay:
+            raise ValueError(
+                f"max_delay ({self.max_delay}) must be at least base_delay ({self.base_delay})"
+            )
+        return self
+
+    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Delay after failed attempt number ``attempt`` (1-based), jitter included."""
+        delay = min(self.base_delay * self.multiplier ** (attempt - 1), self.max_delay)
+        if self.jitter and delay:
+            draw = (rng or random).uniform(-self.jitter, self.jitter)
+            delay *= 1.0 + draw
+        return delay
+
+    def delay(
+        self, attempt: int, retry_after: float | None, rng: random.Random | None = None
+    ) -> float:
+        """Delay after failed attempt ``attempt``, honouring a Retry-After when configured."""
+        if retry_after is not None and self.honor_retry_after:
+            return min(max(retry_after, 0.0), self.max_retry_after)
+        return self.backoff(attempt, rng)

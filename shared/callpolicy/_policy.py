@@ -1,0 +1,518 @@
+"""The engine: one object that guards calls with fallback -> retry -> breaker -> model.
+
+Both adapters (LangChain, LlamaIndex) hand it zero-argument callables; it never sees a
+framework type. The order, outermost first, and why:
+
+1. **fallback** is outermost of the three so that it sees the *final* verdict on the
+   primary: an open circuit, or a failure that survived every retry.
+2. **retry** sits outside the breaker so that *every attempt* passes through the breaker:
+   a storm of retries counts as the failures it is and trips the circuit, and a retry
+   never goes to an open circuit.
+3. **breaker** is innermost, next to the model, so it counts exactly the provider's
+   answers and nothing else.
+
+(The cache and the budget, in their own modules, sit outside all three.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar, get_args
+
+from ._classify import Classification, Classifier, classify_error
+from ._config import BreakerConfig, FallbackOn, RetryPolicy
+from ._errors import CircuitOpenError, add_note
+from ._events import Event, EventKind, Listener, dispatch, logger
+from ._memory import MemoryStore
+from ._store import Circuit, CircuitStore, Permit, Transition
+from ._types import CircuitSnapshot, CircuitState, Outcome, split_key
+
+__all__ = ["CallPolicy"]
+
+T = TypeVar("T")
+
+_SUCCESS = Outcome.SUCCESS
+_FAILURE = Outcome.FAILURE
+_IGNORED = Outcome.IGNORED
+_FALLBACK_MODES: tuple[str, ...] = get_args(FallbackOn)
+
+
+class CallPolicy:
+    """A circuit breaker per ``provider::model`` key, with optional retry and fallback.
+
+    One policy serves sync and async callers from any number of threads and event
+    loops; wrappers that share a policy share circuit state (a trip seen through one
+    is seen by all).
+
+    Args:
+        breaker: breaker options (see :class:`BreakerConfig`); the keyword options below
+            are a shortcut for building one and cannot be combined with it.
+        retry: retry options; ``None`` (the default) makes one attempt.
+        fallback_on: when a fallback answers: ``"failure"`` (default), ``"open"`` or
+            ``"error"`` (see :data:`FallbackOn`).
+        classifier: replaces :func:`classify_error`.
+        store: where circuit state lives; a fresh :class:`MemoryStore` by default.
+        clock: monotonic seconds, for the deadline of retries and the memory store's
+            cooldowns; inject a fake one in tests.
+        sleep, async_sleep: how to wait between retries (injectable likewise).
+        listeners: called with every :class:`Event` (also see :meth:`add_listener`).
+        rng: the source of retry jitter.
+
+    >>> policy = CallPolicy(failure_threshold=2, cooldown=30)
+    >>> policy.execute("acme::m1", lambda: "hello")
+    'hello'
+    >>> policy.state("acme::m1")
+    <CircuitState.CLOSED: 'closed'>
+    """
+
+    def __init__(
+        self,
+        *,
+        breaker: BreakerConfig | None = None,
+        retry: RetryPolicy | None = None,
+        fallback_on: FallbackOn = "failure",
+        classifier: Classifier | None = None,
+        store: CircuitStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] = time.sleep,
+        async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        listeners: Iterable[Listener] = (),
+        rng: random.Random | None = None,
+        **breaker_options: Any,
+    ) -> None:
+        if breaker is not None and breaker_options:
+            raise TypeError(
+                "pass either breaker=BreakerConfig(...) or breaker options "
+                f"({', '.join(sorted(breaker_options))}), not both"
+            )
+        if breaker is None:
+            breaker = BreakerConfig(**breaker_options)
+        elif not isinstance(breaker, BreakerConfig):
+            raise TypeError(f"breaker: expected a BreakerConfig, got {type(breaker).__name__}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry: expected a RetryPolicy or None, got {type(retry).__name__}")
+        if fallback_on not in _FALLBACK_MODES:
+            raise ValueError(f"fallback_on: expected one of {_FALLBACK_MODES}, got {fallback_on!r}")
+        if classifier is not None and not callable(classifier):
+            raise TypeError("classifier: expected a callable taking an exception")
+        if store is not None and not isinstance(store, CircuitStore):
+            raise TypeError(f"store: {type(store).__name__} does not implement CircuitStore")
+        for name, fn in (("clock", clock), ("sleep", sleep), ("async_sleep", async_sleep)):
+            if not callable(fn):
+                raise TypeError(f"{name}: expected a callable")
+        self.breaker = breaker
+        self.retry = retry
+        self.fallback_on: FallbackOn = fallback_on
+        self._classifier = classifier or classify_error
+        self._store: CircuitStore = store if store is not None else MemoryStore(clock=clock)
+        self._clock = clock
+        self._sleep = sleep
+        self._async_sleep = async_sleep
+        self._rng = rng or random.Random()
+        self._listeners: tuple[Listener, ...] = tuple(listeners)
+        self._circuits: dict[str, Circuit] = {}
+
+    # -- public inspection and control -----------------------------------------------
+    @property
+    def store(self) -> CircuitStore:
+        return self._store
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(event)`` for every :class:`Event` from now on."""
+        if not callable(listener):
+            raise TypeError("listener: expected a callable taking an Event")
+        self._listeners = (*self._listeners, listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+    def classify(self, exc: BaseException) -> Classification:
+        """Classify ``exc`` with this policy's classifier (falls back to the built-in one
+        if a user classifier fails, and logs that failure)."""
+        try:
+            found = self._classifier(exc)
+        except Exception:
+            logger.exception("callpolicy classifier failed; using the built-in one")
+            return classify_error(exc)
+        if not isinstance(found, Classification):
+            logger.error("callpolicy classifier returned %r, not a Classification", found)
+            return classify_error(exc)
+        return found
+
+    def circuit(self, key: str) -> Circuit:
+        """The circuit of ``key`` (``provider::model``), created on first use."""
+        circuit = self._circuits.get(key)
+        if circuit is None:
+            provider, model = split_key(key)
+            circuit = self._store.circuit(
+                key,
+                provider=provider,
+                model=model,
+                config=self.breaker,
+                on_transition=self._on_transition,
+            )
+            self._circuits[key] = circuit
+        return circuit
+
+    def state(self, key: str) -> CircuitState:
+        """The state of ``key``'s circuit (CLOSED for a key never called)."""
+        return self.circuit(key).snapshot().state
+
+    def snapshot(self) -> dict[str, CircuitSnapshot]:
+        """Every known circuit's state, by key."""
+        found = {c.key: c for c in self._store.circuits()}
+        found.update(self._circuits)
+        return {key: circuit.snapshot() for key, circuit in sorted(found.items())}
+
+    def trip(self, key: str) -> None:
+        """Open ``key``'s circuit now, for one cooldown (then probes resume)."""
+        self.circuit(key).force(CircuitState.OPEN, hold=False)
+
+    def reset(self, key: str) -> None:
+        """Close ``key``'s circuit and clear its counts and any forced state."""
+        self.circuit(key).force(None, hold=False)
+
+    def force_open(self, key: str) -> None:
+        """Hold ``key``'s circuit open (no probes) until :meth:`reset`."""
+        self.circuit(key).force(CircuitState.OPEN, hold=True)
+
+    def force_closed(self, key: str) -> None:
+        """Hold ``key``'s circuit closed (failures not counted) until :meth:`reset`."""
+        self.circuit(key).force(CircuitState.CLOSED, hold=True)
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{k}={s.state.value}" for k, s in self.snapshot().items())
+        return f"CallPolicy({states or 'no circuits yet'})"
+
+    # -- the guarded call, sync ------------------------------------------------------
+    def execute(
+        self,
+        key: str,
+        call: Callable[[], T],
+        /,
+        *,
+        fallback: Callable[[], T] | None = None,
+        fallback_key: str | None = None,
+    ) -> T:
+        """Run ``call()`` under ``key``'s breaker, with retry and fallback as configured.
+
+        ``fallback`` answers instead when the circuit is open or (per ``fallback_on``) the
+        primary failed; it runs under ``fallback_key``'s breaker when one is given, once,
+        without retries. Errors propagate unchanged: a refused call raises
+        :class:`CircuitOpenError`, a failed one the provider's own exception.
+        """
+        circuit = self._circuits.get(key) or self.circuit(key)
+        try:
+            permit = circuit.admit()
+        except CircuitOpenError as refusal:
+            self._refused(circuit, refusal)
+            if fallback is None:
+                raise
+            return self._run_fallback(circuit, fallback, fallback_key, refusal, None)
+        retry = self.retry
+        started = self._clock() if retry is not None else 0.0
+        attempt = 1
+        while True:
+            try:
+                result = call()
+            except Exception as exc:
+                classification, outcome = self._judge(exc)
+                state = circuit.record(permit, outcome)
+                delay = self._next_delay(circuit, exc, classification, state, attempt, started)
+                if delay is not None:
+                    self._sleep(delay)
+                    attempt += 1
+                    next_permit = self._admit_retry(circuit, exc, attempt, started)
+                    if next_permit is not None:
+                        permit = next_permit
+                        continue
+                    outcome = _FAILURE  # the circuit is open now: a fallback is due
+                if fallback is not None and self._wants_fallback(outcome):
+                    return self._run_fallback(circuit, fallback, fallback_key, exc, classification)
+                raise
+            except BaseException:
+                circuit.record(permit, _IGNORED)  # cancelled or interrupted: free the slot
+                raise
+            circuit.record(permit, _SUCCESS)
+            return result
+
+    def _run_fallback(
+        self,
+        circuit: Circuit,
+        fallback: Callable[[], T],
+        fallback_key: str | None,
+        cause: BaseException,
+        classification: Classification | None,
+    ) -> T:
+        self._emit_fallback(circuit, cause, classification)
+        try:
+            if fallback_key is None:
+                return fallback()
+            return self._guard_once(
+                self._circuits.get(fallback_key) or self.circuit(fallback_key), fallback
+            )
+        except Exception as exc:
+            self._note_fallback_failure(exc, circuit, cause)
+            raise
+
+    def _guard_once(self, circuit: Circuit, call: Callable[[], T]) -> T:
+        permit = circuit.admit()
+        try:
+            result = call()
+        except Exception as exc:
+            circuit.record(permit, self._judge(exc)[1])
+            raise
+        except BaseException:
+            circuit.record(permit, _IGNORED)
+            raise
+        circuit.record(permit, _SUCCESS)
+        return result
+
+    # -- the guarded call, async -----------------------------------------------------
+    async def aexecute(
+        self,
+        key: str,
+        call: Callable[[], Awaitable[T]],
+        /,
+        *,
+        fallback: Callable[[], Awaitable[T]] | None = None,
+        fallback_key: str | None = None,
+    ) -> T:
+        """Async :meth:`execute`: ``call`` and ``fallback`` return awaitables.
+
+        No lock is held across an ``await``; a cancelled call frees its probe slot.
+        """
+        circuit = self._circuits.get(key) or self.circuit(key)
+        native = circuit.is_async_native
+        try:
+            permit = await circuit.aadmit() if native else circuit.admit()
+        except CircuitOpenError as refusal:
+            self._refused(circuit, refusal)
+            if fallback is None:
+                raise
+            return await self._arun_fallback(circuit, fallback, fallback_key, refusal, None)
+        retry = self.retry
+        started = self._clock() if retry is not None else 0.0
+        attempt = 1
+        while True:
+            try:
+                result = await call()
+            except Exception as exc:
+                classification, outcome = self._judge(exc)
+                state = (
+                    await circuit.arecord(permit, outcome)
+                    if native
+                    else circuit.record(permit, outcome)
+                )
+                delay = self._next_delay(circuit, exc, classification, state, attempt, started)
+                if delay is not None:
+                    await self._async_sleep(delay)
+                    attempt += 1
+                    next_permit = await self._aadmit_retry(circuit, exc, attempt, started)
+                    if next_permit is not None:
+                        permit = next_permit
+                        continue
+                    outcome = _FAILURE  # the circuit is open now: a fallback is due
+                if fallback is not None and self._wants_fallback(outcome):
+                    return await self._arun_fallback(
+                        circuit, fallback, fallback_key, exc, classification
+                    )
+                raise
+            except BaseException:
+                # Cancelled (CancelledError), interrupted or exiting: free the slot.
+                # Recording here never awaits for the memory store, so it completes
+                # even inside a cancelled task.
+                if native:
+                    await asyncio.shield(circuit.arecord(permit, _IGNORED))
+                else:
+                    circuit.record(permit, _IGNORED)
+                raise
+            if native:
+                await circuit.arecord(permit, _SUCCESS)
+            else:
+                circuit.record(permit, _SUCCESS)
+            return result
+
+    async def _arun_fallback(
+        self,
+        circuit: Circuit,
+        fallback: Callable[[], Awaitable[T]],
+        fallback_key: str | None,
+        cause: BaseException,
+        classification: Classification | None,
+    ) -> T:
+        self._emit_fallback(circuit, cause, classification)
+        try:
+            if fallback_key is None:
+                return await fallback()
+            return await self._aguard_once(
+                self._circuits.get(fallback_key) or self.circuit(fallback_key), fallback
+            )
+        except Exception as exc:
+            self._note_fallback_failure(exc, circuit, cause)
+            raise
+
+    async def _aguard_once(self, circuit: Circuit, call: Callable[[], Awaitable[T]]) -> T:
+        native = circuit.is_async_native
+        permit = await circuit.aadmit() if native else circuit.admit()
+        try:
+            result = await call()
+        except Exception as exc:
+            outcome = self._judge(exc)[1]
+            await circuit.arecord(permit, outcome) if native else circuit.record(permit, outcome)
+            raise
+        except BaseException:
+            if native:
+                await asyncio.shield(circuit.arecord(permit, _IGNORED))
+            else:
+                circuit.record(permit, _IGNORED)
+            raise
+        await circuit.arecord(permit, _SUCCESS) if native else circuit.record(permit, _SUCCESS)
+        return result
+
+    async def _aadmit_retry(
+        self, circuit: Circuit, last_error: Exception, attempt: int, started: float
+    ) -> Permit | None:
+        try:
+            return await circuit.aadmit() if circuit.is_async_native else circuit.admit()
+        except CircuitOpenError as refusal:
+            self._refused(circuit, refusal)
+            self._note_gave_up(last_error, circuit, attempt - 1, started, "the circuit opened")
+            return None
+
+    # -- decisions shared by sync and async ----------------------------------------------
+    def _judge(self, exc: BaseException) -> tuple[Classification, Outcome]:
+        classification = self.classify(exc)
+        counted = classification.error_class in self.breaker.counted_errors
+        return classification, (_FAILURE if counted else _IGNORED)
+
+    def _wants_fallback(self, outcome: Outcome) -> bool:
+        mode = self.fallback_on
+        return mode == "error" or (mode == "failure" and outcome is _FAILURE)
+
+    def _next_delay(
+        self,
+        circuit: Circuit,
+        exc: Exception,
+        classification: Classification,
+        state: CircuitState,
+        attempt: int,
+        started: float,
+    ) -> float | None:
+        """Seconds to wait before another attempt, or None to give up (noting why)."""
+        retry = self.retry
+        if retry is None or classification.error_class not in retry.retry_on:
+            if attempt > 1:
+                self._note_gave_up(exc, circuit, attempt, started, "not retryable")
+            return None
+        if state is not CircuitState.CLOSED:
+            self._note_gave_up(exc, circuit, attempt, started, "the circuit opened")
+            return None
+        if attempt >= retry.max_attempts:
+            self._note_gave_up(exc, circuit, attempt, started, "attempts exhausted")
+            return None
+        delay = retry.delay(attempt, classification.retry_after, self._rng)
+        if retry.deadline is not None and self._clock() - started + delay > retry.deadline:
+            self._note_gave_up(exc, circuit, attempt, started, "deadline reached")
+            return None
+        dispatch(
+            Event(
+                EventKind.RETRY,
+                circuit.key,
+                circuit.provider,
+                circuit.model,
+                error_class=classification.error_class,
+                error_type=type(exc).__name__,
+                attempt=attempt,
+                delay=delay,
+            ),
+            self._listeners,
+        )
+        return delay
+
+    def _admit_retry(
+        self, circuit: Circuit, last_error: Exception, attempt: int, started: float
+    ) -> Permit | None:
+        try:
+            return circuit.admit()
+        except CircuitOpenError as refusal:
+            self._refused(circuit, refusal)
+            self._note_gave_up(last_error, circuit, attempt - 1, started, "the circuit opened")
+            return None
+
+    def _note_gave_up(
+        self, exc: BaseException, circuit: Circuit, attempts: int, started: float, why: str
+    ) -> None:
+        elapsed = self._clock() - started
+        add_note(
+            exc,
+            f"callpolicy: gave up on {circuit.provider}/{circuit.model} after {attempts} "
+            f"attempt{'s' if attempts != 1 else ''} over {elapsed:.2f}s ({why})",
+        )
+
+    @staticmethod
+    def _note_fallback_failure(exc: BaseException, circuit: Circuit, cause: BaseException) -> None:
+        add_note(
+            exc,
+            f"callpolicy: the fallback failed after {circuit.provider}/{circuit.model} "
+            f"failed with {type(cause).__name__}",
+        )
+
+    # -- events --------------------------------------------------------------------------
+    def _on_transition(self, transition: Transition) -> None:
+        dispatch(Event.from_transition(transition), self._listeners)
+
+    def _refused(self, circuit: Circuit, refusal: CircuitOpenError) -> None:
+        dispatch(
+            Event(
+                EventKind.REFUSED,
+                circuit.key,
+                circuit.provider,
+                circuit.model,
+                state=CircuitState.OPEN if refusal.retry_in != 0.0 else CircuitState.HALF_OPEN,
+                failures=refusal.failures,
+                delay=refusal.retry_in,
+            ),
+            self._listeners,
+        )
+
+    def _emit_fallback(
+        self, circuit: Circuit, cause: BaseException, classification: Classification | None
+    ) -> None:
+        refused = isinstance(cause, CircuitOpenError)
+        dispatch(
+            Event(
+                EventKind.FALLBACK,
+                circuit.key,
+                circuit.provider,
+                circuit.model,
+                state=CircuitState.OPEN if refused else None,
+                error_class=None if classification is None else classification.error_class,
+                error_type=None if refused else type(cause).__name__,
+            ),
+            self._listeners,
+        )
+
+
+def policy_from_options(
+    policy: CallPolicy | None, options: Mapping[str, Any], *, owner: str
+) -> CallPolicy:
+    """The policy an adapter should use: ``policy`` as given, or one built from ``options``.
+
+    Options left at ``None`` are not passed on (the adapters' fields default to None so
+    that a given ``policy`` can be told apart from explicit options).
+    """
+    chosen = {name: value for name, value in options.items() if value is not None}
+    if policy is not None:
+        if chosen:
+            raise TypeError(
+                f"{owner}: pass either policy= or engine options "
+                f"({', '.join(sorted(chosen))}), not both; the policy carries its own options"
+            )
+        if not isinstance(policy, CallPolicy):
+            raise TypeError(f"policy: expected a CallPolicy, got {type(policy).__name__}")
+        return policy
+    return CallPolicy(**chosen)
