@@ -28,7 +28,8 @@ def _to_seconds(value: Any) -> Any:
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, bool):  # bool is an int; True seconds is never meant
-        raise TypeError("expected seconds as a number or a timedelta, not a bool")
+        # ValueError, not TypeError: pydantic turns only ValueError into a ValidationError.
+        raise ValueError("expected seconds as a number or a timedelta, not a bool")
     return value
 
 

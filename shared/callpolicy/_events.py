@@ -101,7 +101,8 @@ def _describe(event: Event) -> str:
     if event.kind is EventKind.STATE_CHANGE:
         text = f"circuit {where} {event.old_state} -> {event.state} ({event.reason}"
         if event.state is CircuitState.OPEN:
-            text += f", {event.failures} failures, probe in {event.delay:.1f}s"
+            when = "held open" if event.delay is None else f"probe in {event.delay:.1f}s"
+            text += f", {event.failures} failures, {when}"
         return text + ")"
     if event.kind is EventKind.RETRY:
         return (

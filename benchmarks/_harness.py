@@ -1,0 +1,66 @@
+"""Interleaved, repeated timing, reported as ratios against a same-run baseline."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["Result", "per_call_ns", "ratio_rows"]
+
+
+def per_call_ns(fn: Callable[[], object], loops: int) -> float:
+    """Nanoseconds per call of ``fn`` over ``loops`` calls (GC paused while timing)."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        for _ in range(loops):
+            fn()
+        return (time.perf_counter_ns() - start) / loops
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+@dataclass
+class Result:
+    """One row of the table: a ratio over repeats, and the absolute figures behind it."""
+
+    name: str
+    ratios: list[float]
+    target: str
+    passed: bool
+    detail: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def row(self) -> tuple[str, str, str, str, str, str, str]:
+        low, mid, high = min(self.ratios), statistics.median(self.ratios), max(self.ratios)
+        return (
+            self.name,
+            f"{low:.2f}",
+            f"{mid:.2f}",
+            f"{high:.2f}",
+            self.target,
+            "yes" if self.passed else "NO",
+            self.detail,
+        )
+
+
+def ratio_rows(
+    candidates: dict[str, Callable[[], object]], *, loops: int, repeats: int
+) -> dict[str, list[float]]:
+    """Time every candidate ``repeats`` times, interleaved (the order rotates each repeat
+    so no candidate always runs first or last); returns ns per call for each."""
+    names = list(candidates)
+    for fn in candidates.values():  # warm up caches, lazy imports, first-call paths
+        per_call_ns(fn, max(loops // 10, 1))
+    found: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            found[name].append(per_call_ns(candidates[name], loops))
+    return found

@@ -1,0 +1,9 @@
+"""Shared state on Redis: ``from callpolicy.redis import RedisStore`` (needs ``callpolicy[redis]``).
+
+>>> from callpolicy.redis import RedisStore                             # doctest: +SKIP
+>>> store = RedisStore.from_url("redis://127.0.0.1:6379/0", prefix="callpolicy")  # doctest: +SKIP
+"""
+
+from ._store import RedisStore
+
+__all__ = ["RedisStore"]

@@ -1,0 +1,447 @@
+"""``RedisStore``: circuit state shared by every process of an app, on one Redis server.
+
+Each admission and each recorded outcome is one Lua script run (one round trip), atomic
+on the server and timed by the server's clock. When Redis cannot be reached, each circuit
+falls back to local in-process state (a warning is logged once per outage) and the store
+tries Redis again with a growing backoff; when it answers again, the shared state takes
+over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .._config import BreakerConfig
+from .._errors import CircuitOpenError
+from .._memory import MemoryStore
+from .._store import Circuit, Permit, Transition, TransitionListener
+from .._types import CircuitSnapshot, CircuitState, Outcome, split_key
+from . import _scripts
+
+__all__ = ["RedisStore"]
+
+logger = logging.getLogger("callpolicy.redis")
+
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+_OUTCOME_CODES = {Outcome.SUCCESS: "s", Outcome.FAILURE: "f", Outcome.IGNORED: "i"}
+_STATES = {s.value: s for s in CircuitState}
+_ASYNC_CLIENT_SETTINGS = frozenset(inspect.signature(aioredis.Redis.__init__).parameters) - {
+    "self",
+    "connection_pool",
+}
+
+
+class _RedisPermit(Permit):
+    __slots__ = ("clean", "permit_id")
+
+    def __init__(self, generation: int, probe: bool, permit_id: str, clean: bool = False) -> None:
+        super().__init__(generation, probe)
+        self.permit_id = permit_id
+        self.clean = clean
+        """Admitted while closed with no failure on record: a success changes nothing."""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Health:
+    """Whether Redis is thought reachable, and when to try again if not."""
+
+    def __init__(self, *, backoff_base: float, backoff_max: float) -> None:
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._backoff = backoff_base
+        self._base = backoff_base
+        self._max = backoff_max
+
+    def usable(self) -> bool:
+        return self._down_since is None or time.monotonic() >= self._retry_at
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if self._down_since is None:
+                self._down_since = now
+                self._backoff = self._base
+                logger.warning(
+                    "callpolicy: Redis unreachable (%s); circuits use local state until it "
+                    "answers again",
+                    type(exc).__name__,
+                )
+            else:
+                self._backoff = min(self._backoff * 2, self._max)
+            self._retry_at = now + self._backoff
+
+    def succeeded(self) -> None:
+        if self._down_since is None:
+            return
+        with self._lock:
+            if self._down_since is not None:
+                logger.info(
+                    "callpolicy: Redis reachable again after %.1fs; shared state resumes",
+                    time.monotonic() - self._down_since,
+                )
+                self._down_since = None
+
+
+class _RedisCircuit:
+    is_async_native = True
+
+    def __init__(
+        self,
+        store: RedisStore,
+        key: str,
+        provider: str,
+        model: str,
+        config: BreakerConfig,
+        notify: TransitionListener,
+    ) -> None:
+        self.key = key
+        self.provider = provider
+        self.model = model
+        self._store = store
+        self._config = config
+        self._notify = notify
+        base = f"{store.prefix}:cb:{{{key}}}"  # braces: one hash slot on a cluster
+        self._keys = [base, f"{base}:probes", f"{base}:window"]
+        self._local: Circuit = store._local.circuit(
+            key, provider=provider, model=model, config=config, on_transition=notify
+        )
+        cooldown_ms = int(config.cooldown * 1000)
+        self._record_args: list[Any] = [
+            config.failure_threshold,
+            cooldown_ms,
+            config.success_threshold,
+            config.failure_rate_threshold or 0,
+            config.window_size,
+            config.minimum_calls,
+            config.cooldown_multiplier,
+            int((config.max_cooldown or 0) * 1000),
+            store._ttl_ms(config),
+        ]
+        self._clean_permit = _RedisPermit(0, False, "", clean=True)
+        # A success needs no round trip when the call was admitted closed with a clean
+        # record (nothing to reset) and no failure-rate window needs the sample. Another
+        # process's failure in between is then not reset by this success: across
+        # processes "consecutive" is approximate anyway, and this halves the round trips.
+        self._skip_clean_success = config.failure_rate_threshold is None
+
+    # -- results of the scripts ------------------------------------------------------
+    def _admitted(self, reply: Sequence[Any], permit_id: str) -> Permit:
+        decision, generation, failures, retry_in_ms, moved = reply
+        moved = _text(moved)
+        if moved:
+            self._notify(
+                Transition(
+                    self.key,
+                    self.provider,
+                    self.model,
+                    _STATES[moved],
+                    CircuitState.HALF_OPEN,
+                    int(failures),
+                    "cooldown_elapsed",
+                )
+            )
+        if decision == 1:
+            if failures:
+                return _RedisPermit(int(generation), False, "")
+            if generation != self._clean_permit.generation:
+                self._clean_permit = _RedisPermit(int(generation), False, "", clean=True)
+            return self._clean_permit
+        if decision == 2:
+            return _RedisPermit(int(generation), True, permit_id)
+        retry_in = None if retry_in_ms < 0 else retry_in_ms / 1000.0
+        raise CircuitOpenError(self.provider, self.model, int(failures), retry_in)
+
+    def _recorded(self, reply: Sequence[Any]) -> CircuitState:
+        state, old, reason, failures, cooldown_ms = reply
+        new = _STATES[_text(state)]
+        old_text = _text(old)
+        if old_text:
+            self._notify(
+                Transition(
+                    self.key,
+                    self.provider,
+                    self.model,
+                    _STATES[old_text],
+                    new,
+                    int(failures),
+                    _text(reason),
+                    cooldown_ms / 1000.0 if new is CircuitState.OPEN else None,
+                )
+            )
+        return new
+
+    def _admit_args(self, permit_id: str) -> list[Any]:
+        store = self._store
+        return [
+            self._config.half_open_max_calls,
+            store._lease_ms,
+            store._ttl_ms(self._config),
+            permit_id,
+        ]
+
+    def _outcome_args(self, permit: Permit, outcome: Outcome) -> list[Any]:
+        permit_id = permit.permit_id if isinstance(permit, _RedisPermit) else ""
+        return [
+            permit.generation,
+            1 if permit.probe else 0,
+            _OUTCOME_CODES[outcome],
+            permit_id,
+            *self._record_args,
+        ]
+
+    # -- sync ----------------------------------------------------------------------
+    def admit(self) -> Permit:
+        health = self._store._health
+        if not health.usable():
+            return self._local.admit()
+        permit_id = uuid.uuid4().hex
+        try:
+            reply = self._store._script("admit")(keys=self._keys, args=self._admit_args(permit_id))
+        except _UNREACHABLE as exc:
+            health.failed(exc)
+            return self._local.admit()
+        health.succeeded()
+        return self._admitted(reply, permit_id)
+
+    def record(self, permit: Permit, outcome: Outcome) -> CircuitState:
+        if not isinstance(permit, _RedisPermit):  # admitted locally during an outage
+            return self._local.record(permit, outcome)
+        if permit.clean and outcome is Outcome.SUCCESS and self._skip_clean_success:
+            return CircuitState.CLOSED
+        try:
+            reply = self._store._script("record")(
+                keys=self._keys, args=self._outcome_args(permit, outcome)
+            )
+        except _UNREACHABLE as exc:
+            # The outcome is lost to the shared state; a probe's lease frees its slot.
+            self._store._health.failed(exc)
+            return CircuitState.CLOSED
+        return self._recorded(reply)
+
+    # -- async ---------------------------------------------------------------------
+    async def aadmit(self) -> Permit:
+        health = self._store._health
+        if not health.usable():
+            return self._local.admit()
+        permit_id = uuid.uuid4().hex
+        try:
+            script = self._store._ascript("admit")
+            reply = await script(keys=self._keys, args=self._admit_args(permit_id))
+        except _UNREACHABLE as exc:
+            health.failed(exc)
+            return self._local.admit()
+        health.succeeded()
+        return self._admitted(reply, permit_id)
+
+    async def arecord(self, permit: Permit, outcome: Outcome) -> CircuitState:
+        if not isinstance(permit, _RedisPermit):
+            return self._local.record(permit, outcome)
+        if permit.clean and outcome is Outcome.SUCCESS and self._skip_clean_success:
+            return CircuitState.CLOSED
+        try:
+            script = self._store._ascript("record")
+            reply = await script(keys=self._keys, args=self._outcome_args(permit, outcome))
+        except _UNREACHABLE as exc:
+            self._store._health.failed(exc)
+            return CircuitState.CLOSED
+        return self._recorded(reply)
+
+    # -- inspection and control ------------------------------------------------------------
+    def snapshot(self) -> CircuitSnapshot:
+        try:
+            reply = self._store._script("snapshot")(keys=self._keys, args=[])
+        except _UNREACHABLE as exc:
+            self._store._health.failed(exc)
+            return self._local.snapshot()
+        state, failures, retry_in_ms, trips, probes, hold, calls, bad = reply
+        state_value = _STATES[_text(state)]
+        return CircuitSnapshot(
+            key=self.key,
+            provider=self.provider,
+            model=self.model,
+            state=state_value,
+            failures=int(failures),
+            retry_in=None if retry_in_ms < 0 else retry_in_ms / 1000.0,
+            trips=int(trips),
+            probes_in_flight=int(probes),
+            forced=state_value if hold else None,
+            calls_in_window=int(calls),
+            failures_in_window=int(bad),
+        )
+
+    def force(self, state: CircuitState | None, *, hold: bool) -> None:
+        if state is CircuitState.HALF_OPEN:
+            raise ValueError("state: cannot force a circuit to half_open")
+        target = "open" if state is CircuitState.OPEN else "closed"
+        cooldown_ms = 0 if hold else int(self._config.cooldown_for(1) * 1000)
+        if hold and target == "open":
+            cooldown_ms = 2**40  # held open: no probe until reset
+        reply = self._store._script("force")(
+            keys=self._keys,
+            args=[target, 1 if hold and state is not None else 0, cooldown_ms,
+                  self._store._ttl_ms(self._config)],
+        )
+        old, failures, _ = reply
+        new = _STATES[target]
+        if _STATES[_text(old)] is not new:
+            self._notify(
+                Transition(
+                    self.key, self.provider, self.model, _STATES[_text(old)], new,
+                    int(failures), "manual",
+                    None if new is CircuitState.CLOSED or hold else cooldown_ms / 1000.0,
+                )
+            )
+
+
+class RedisStore:
+    """Circuit state in Redis, shared by every process that uses the same server and prefix.
+
+    Args:
+        client: a sync ``redis.Redis``; async calls use a ``redis.asyncio.Redis`` built
+            from the same connection settings, one per event loop.
+        prefix: namespace of every key (``{prefix}:cb:{provider::model}``).
+        probe_lease: seconds a half-open probe holds its slot if its process never
+            reports back (it died): then the slot frees itself.
+        key_ttl: seconds after its last change that an idle circuit's keys expire (at
+            least twice the longest cooldown is kept).
+
+    >>> store = RedisStore.from_url("redis://127.0.0.1:6379/0", prefix="myapp")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "callpolicy",
+        probe_lease: float = 60.0,
+        key_ttl: float = 86_400.0,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        if not isinstance(client, redis.Redis):
+            raise TypeError(f"client: expected a redis.Redis, got {type(client).__name__}")
+        if not isinstance(prefix, str) or not prefix or prefix != prefix.strip():
+            raise ValueError("prefix: expected a non-empty string without surrounding spaces")
+        if probe_lease <= 0:
+            raise ValueError("probe_lease: must be > 0 seconds")
+        if key_ttl <= 0:
+            raise ValueError("key_ttl: must be > 0 seconds")
+        self.client = client
+        self.prefix = prefix
+        self._lease_ms = int(probe_lease * 1000)
+        self._key_ttl = key_ttl
+        self._health = _Health(backoff_base=backoff_base, backoff_max=backoff_max)
+        self._local = MemoryStore()
+        self._circuits: dict[str, _RedisCircuit] = {}
+        self._lock = threading.Lock()
+        self._scripts = {
+            name: client.register_script(source)
+            for name, source in (
+                ("admit", _scripts.ADMIT),
+                ("record", _scripts.RECORD),
+                ("snapshot", _scripts.SNAPSHOT),
+                ("force", _scripts.FORCE),
+            )
+        }
+        self._async: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, Any]
+        ] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "callpolicy",
+        socket_timeout: float = 0.5,
+        **options: Any,
+    ) -> RedisStore:
+        """A store on the server at ``url``; ``socket_timeout`` bounds how long a call can
+        wait on an unresponsive Redis before it falls back to local state."""
+        client = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+        )
+        return cls(client, prefix=prefix, **options)
+
+    def _ttl_ms(self, config: BreakerConfig) -> int:
+        longest = config.max_cooldown or config.cooldown_for(1)
+        return int(max(self._key_ttl, 2 * longest) * 1000)
+
+    def _script(self, name: str) -> Callable[..., Any]:
+        return self._scripts[name]
+
+    def _ascript(self, name: str) -> Callable[..., Any]:
+        loop = asyncio.get_running_loop()
+        scripts = self._async.get(loop)
+        if scripts is None:
+            # redis.asyncio connections belong to one event loop: one client per loop.
+            # Same server and timeouts as the sync client (only the settings both share).
+            settings = self.client.connection_pool.connection_kwargs
+            aclient = aioredis.Redis(
+                **{k: v for k, v in settings.items() if k in _ASYNC_CLIENT_SETTINGS}
+            )
+            scripts = {
+                name: aclient.register_script(source)
+                for name, source in (("admit", _scripts.ADMIT), ("record", _scripts.RECORD))
+            }
+            self._async[loop] = scripts
+        return scripts[name]  # type: ignore[no-any-return]
+
+    def circuit(
+        self,
+        key: str,
+        *,
+        provider: str,
+        model: str,
+        config: BreakerConfig,
+        on_transition: TransitionListener,
+    ) -> _RedisCircuit:
+        found = self._circuits.get(key)
+        if found is None:
+            with self._lock:
+                found = self._circuits.get(key)
+                if found is None:
+                    found = _RedisCircuit(self, key, provider, model, config, on_transition)
+                    self._circuits[key] = found
+        return found
+
+    def circuits(self) -> Iterable[_RedisCircuit]:
+        return list(self._circuits.values())
+
+    def shared_keys(self) -> list[str]:
+        """Every circuit key found in Redis under this prefix (any process's)."""
+        pattern = f"{self.prefix}:cb:{{*}}"
+        found = []
+        for raw in self.client.scan_iter(match=pattern, count=500):
+            name = _text(raw)
+            inner = name[len(self.prefix) + 5 : -1]
+            found.append(inner)
+        return sorted(found)
+
+    def circuit_for_key(self, key: str, config: BreakerConfig | None = None) -> _RedisCircuit:
+        """A circuit view of ``key`` (for inspection tools), without listeners."""
+        provider, model = split_key(key)
+        return self.circuit(
+            key,
+            provider=provider,
+            model=model,
+            config=config or BreakerConfig(),
+            on_transition=lambda _t: None,
+        )

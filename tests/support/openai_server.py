@@ -1,0 +1,283 @@
+"""A small OpenAI-compatible chat-completions server on 127.0.0.1, with scripted faults.
+
+Real clients (the ``openai`` SDK, ``langchain-openai``, ``llama-index-llms-openai``) talk to
+it over HTTP, so the tests exercise their real error types, timeouts and stream parsing.
+Each request to ``/v1/chat/completions`` consumes the next scripted behaviour
+(:meth:`OpenAICompatServer.push`), or the default one when the script is empty.
+
+>>> with OpenAICompatServer() as server:
+...     server.push(Fail(503), Reply("hello"))
+...     server.base_url.startswith("http://127.0.0.1:")
+True
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+__all__ = ["Drop", "Fail", "Hang", "OpenAICompatServer", "Reply", "StreamDies"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful answer: text, or tool calls ``[{"name": ..., "arguments": {...}}]``."""
+
+    content: str = "ok"
+    tool_calls: list[dict[str, Any]] | None = None
+    usage: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Fail:
+    """An HTTP error with an OpenAI-style JSON error body."""
+
+    status: int = 500
+    message: str = "boom"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hang:
+    """Hold the request this long before answering (released early when the server closes)."""
+
+    seconds: float = 5.0
+    then: Reply | Fail | None = None
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Close the connection without sending any response."""
+
+
+@dataclass(frozen=True)
+class StreamDies:
+    """For a stream request: send ``after_chunks`` content chunks, then drop the connection.
+    For a plain request, behaves like :class:`Drop`."""
+
+    after_chunks: int = 2
+
+
+Behaviour = Reply | Fail | Hang | Drop | StreamDies
+
+_DEFAULT_USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+_ids = itertools.count(1)
+
+
+class OpenAICompatServer:
+    """Serves ``POST /v1/chat/completions`` (plain and SSE stream) on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self._script: deque[Behaviour] = deque()
+        self._default: Behaviour = Reply("ok")
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self.requests: list[dict[str, Any]] = []
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    # -- control ---------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}/v1"
+
+    def push(self, *behaviours: Behaviour) -> None:
+        with self._lock:
+            self._script.extend(behaviours)
+
+    def set_default(self, behaviour: Behaviour) -> None:
+        with self._lock:
+            self._default = behaviour
+
+    @property
+    def request_count(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> OpenAICompatServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _next(self, body: dict[str, Any]) -> Behaviour:
+        with self._lock:
+            self.requests.append(body)
+            return self._script.popleft() if self._script else self._default
+
+    # -- HTTP ------------------------------------------------------------------------
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                return
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length) if length else b"{}"
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    self._send_json(404, {"error": {"message": f"no route {self.path}"}})
+                    return
+                body = json.loads(raw or b"{}")
+                behaviour = server._next(body)
+                if isinstance(behaviour, Hang):
+                    server._closing.wait(behaviour.seconds)
+                    behaviour = behaviour.then or Reply("late")
+                    if server._closing.is_set():
+                        self._drop()
+                        return
+                if isinstance(behaviour, Drop) or (
+                    isinstance(behaviour, StreamDies) and not body.get("stream")
+                ):
+                    self._drop()
+                elif isinstance(behaviour, Fail):
+                    self._send_json(
+                        behaviour.status,
+                        {
+                            "error": {
+                                "message": behaviour.message,
+                                "type": "server_error" if behaviour.status >= 500 else "error",
+                                "code": None,
+                            }
+                        },
+                        behaviour.headers,
+                    )
+                elif body.get("stream"):
+                    self._stream(body, behaviour)
+                else:
+                    assert isinstance(behaviour, Reply)
+                    self._send_json(200, _completion(body, behaviour))
+
+            def _drop(self) -> None:
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+            def _send_json(
+                self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+            ) -> None:
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (timeout) meanwhile
+                    self.close_connection = True
+
+            def _chunk(self, data: bytes) -> None:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+
+            def _stream(self, body: dict[str, Any], behaviour: Behaviour) -> None:
+                # Chunked encoding, so that a connection dropped midway is an error for
+                # the client (an incomplete chunked body), not a quietly short stream.
+                try:
+                    self.send_response(200)
+                    self.send_header("content-type", "text/event-stream")
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+                    events = _stream_events(body, behaviour)
+                    limit = behaviour.after_chunks if isinstance(behaviour, StreamDies) else None
+                    for index, event in enumerate(events):
+                        if limit is not None and index >= limit:
+                            self._drop()
+                            return
+                        self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+                    self._chunk(b"data: [DONE]\n\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                except OSError:
+                    self.close_connection = True
+
+        return Handler
+
+
+def _tool_calls(reply: Reply) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": call.get("id") or f"call_{next(_ids)}",
+            "type": "function",
+            "function": {
+                "name": call["name"],
+                "arguments": json.dumps(call.get("arguments", {})),
+            },
+        }
+        for call in reply.tool_calls or []
+    ]
+
+
+def _completion(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+    tool_calls = _tool_calls(reply)
+    message: dict[str, Any] = {"role": "assistant", "content": None if tool_calls else reply.content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": f"chatcmpl-{next(_ids)}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "unknown"),
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": "tool_calls" if tool_calls else "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": reply.usage or _DEFAULT_USAGE,
+    }
+
+
+def _stream_events(body: dict[str, Any], behaviour: Behaviour) -> list[dict[str, Any]]:
+    reply = behaviour if isinstance(behaviour, Reply) else Reply("the stream was going well until")
+    base = {
+        "id": f"chatcmpl-{next(_ids)}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body.get("model", "unknown"),
+    }
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            **base,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+
+    events = [chunk({"role": "assistant", "content": ""})]
+    tool_calls = _tool_calls(reply)
+    if tool_calls:
+        for index, call in enumerate(tool_calls):
+            events.append(chunk({"tool_calls": [{"index": index, **call}]}))
+    else:
+        words = reply.content.split(" ")
+        for position, word in enumerate(words):
+            events.append(chunk({"content": word if position == 0 else " " + word}))
+    events.append(chunk({}, "tool_calls" if tool_calls else "stop"))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        events.append({**base, "choices": [], "usage": reply.usage or _DEFAULT_USAGE})
+    return events

@@ -1,0 +1,62 @@
+"""Worker-process bodies for the multi-process Redis tests (importable by ``spawn``)."""
+
+from __future__ import annotations
+
+import multiprocessing.synchronize
+from typing import Any
+
+from callpolicy import CallPolicy, CircuitOpenError
+from callpolicy.redis import RedisStore
+
+KEY = "acme::model-1"
+
+
+def _policy(url: str, prefix: str, **options: Any) -> CallPolicy:
+    return CallPolicy(store=RedisStore.from_url(url, prefix=prefix), **options)
+
+
+def fail_n_times(url: str, prefix: str, failures: int, results: Any) -> None:
+    """Fail ``failures`` calls in a row (enough to trip), report what each raised."""
+    policy = _policy(url, prefix, failure_threshold=failures, cooldown=60)
+
+    def down() -> str:
+        raise ConnectionError("connection refused")
+
+    for _ in range(failures):
+        try:
+            policy.execute(KEY, down)
+        except ConnectionError:
+            results.put("failed")
+    results.put(policy.state(KEY).value)
+
+
+def one_call(url: str, prefix: str, results: Any) -> None:
+    """Make one healthy call; report whether the model ran or the circuit refused."""
+    policy = _policy(url, prefix, failure_threshold=3, cooldown=60)
+    try:
+        results.put(policy.execute(KEY, lambda: "called"))
+    except CircuitOpenError:
+        results.put("refused")
+
+
+def probe_and_hold(
+    url: str,
+    prefix: str,
+    half_open_max_calls: int,
+    results: Any,
+    release: multiprocessing.synchronize.Event,
+) -> None:
+    """Call a half-open circuit; an admitted probe reports, then holds until released."""
+    policy = _policy(
+        url, prefix, failure_threshold=3, cooldown=60, half_open_max_calls=half_open_max_calls
+    )
+
+    def model() -> str:
+        results.put("called")
+        release.wait(30)
+        return "ok"
+
+    try:
+        policy.execute(KEY, model)
+    except CircuitOpenError:
+        results.put("refused")

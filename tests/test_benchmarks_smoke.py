@@ -1,0 +1,25 @@
+"""The benchmark suite starts and prints its table (figures are not judged here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_engine_benchmark_prints_a_ratio_row() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "engine"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode in (0, 1), done.stderr  # 1: a target missed on a noisy machine
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| engine:"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    low, median, high = (float(cell) for cell in cells[1:4])
+    assert 0 < low <= median <= high
