@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         results.extend(module.run(quick=args.quick))
     header = ("figure", "min", "median", "max", "target", "met", "absolute (median)")
     rows = [header, *(r.row for r in results)]
-    print(f"machine: {_machine()}; {time.strftime('%Y-%m-%d')}; "
-          f"{'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s\n")
+    print(
+        f"machine: {_machine()}; {time.strftime('%Y-%m-%d')}; "
+        f"{'quick' if args.quick else 'full'} run, {time.perf_counter() - started:.0f} s\n"
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows[1:]:

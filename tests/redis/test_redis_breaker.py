@@ -59,7 +59,8 @@ def test_a_trip_in_one_process_is_seen_by_the_next_call_of_another(
     with pytest.raises(CircuitOpenError) as refused:
         policy.execute(KEY, lambda: "never")
     assert refused.value.failures == 3
-    assert refused.value.retry_in is not None and 0 < refused.value.retry_in <= 60
+    assert refused.value.retry_in is not None
+    assert 0 < refused.value.retry_in <= 60
 
 
 @pytest.mark.parametrize("half_open_max_calls", [1, 2])
@@ -182,7 +183,8 @@ def test_the_cooldown_runs_on_the_servers_clock_not_the_hosts(
         policy.execute(KEY, down)
     with pytest.raises(CircuitOpenError) as refused:
         policy.execute(KEY, lambda: "never")
-    assert refused.value.retry_in is not None and 25 < refused.value.retry_in <= 30
+    assert refused.value.retry_in is not None
+    assert 25 < refused.value.retry_in <= 30
 
 
 def test_redis_outage_falls_back_to_local_state_and_recovers(

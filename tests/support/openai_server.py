@@ -13,6 +13,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
@@ -169,10 +170,8 @@ class OpenAICompatServer:
 
             def _drop(self) -> None:
                 self.close_connection = True
-                try:
+                with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
             def _send_json(
                 self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
@@ -233,7 +232,10 @@ def _tool_calls(reply: Reply) -> list[dict[str, Any]]:
 
 def _completion(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
     tool_calls = _tool_calls(reply)
-    message: dict[str, Any] = {"role": "assistant", "content": None if tool_calls else reply.content}
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": None if tool_calls else reply.content,
+    }
     if tool_calls:
         message["tool_calls"] = tool_calls
     return {

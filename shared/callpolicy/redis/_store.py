@@ -295,16 +295,25 @@ class _RedisCircuit:
             cooldown_ms = 2**40  # held open: no probe until reset
         reply = self._store._script("force")(
             keys=self._keys,
-            args=[target, 1 if hold and state is not None else 0, cooldown_ms,
-                  self._store._ttl_ms(self._config)],
+            args=[
+                target,
+                1 if hold and state is not None else 0,
+                cooldown_ms,
+                self._store._ttl_ms(self._config),
+            ],
         )
         old, failures, _ = reply
         new = _STATES[target]
         if _STATES[_text(old)] is not new:
             self._notify(
                 Transition(
-                    self.key, self.provider, self.model, _STATES[_text(old)], new,
-                    int(failures), "manual",
+                    self.key,
+                    self.provider,
+                    self.model,
+                    _STATES[_text(old)],
+                    new,
+                    int(failures),
+                    "manual",
                     None if new is CircuitState.CLOSED or hold else cooldown_ms / 1000.0,
                 )
             )
@@ -360,9 +369,9 @@ class RedisStore:
                 ("force", _scripts.FORCE),
             )
         }
-        self._async: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[str, Any]
-        ] = weakref.WeakKeyDictionary()
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @classmethod
     def from_url(
