@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +20,12 @@ def openai_server() -> Iterator[OpenAICompatServer]:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    """A real redis-server on 127.0.0.1 for the whole session (flushed per test by users)."""
+    """A real redis-server on 127.0.0.1 for the whole session: the one .ci/run started
+    (``CALLPOLICY_TEST_REDIS_URL``), else one of our own. Tests isolate by key prefix."""
+    url = os.environ.get("CALLPOLICY_TEST_REDIS_URL")
+    if url:
+        yield RedisServer.existing(url)
+        return
     server = RedisServer()
     try:
         yield server

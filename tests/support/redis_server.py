@@ -7,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from urllib.parse import urlparse
 
 import redis
 
@@ -23,7 +24,7 @@ class RedisServer:
     """``redis-server`` on a free loopback port; :meth:`stop` and :meth:`start` simulate an
     outage and its end on the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, start: bool = True) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -34,7 +35,19 @@ class RedisServer:
         self.port = _free_port()
         self._dir = tempfile.mkdtemp(prefix="callpolicy-redis-")
         self._process: subprocess.Popen[bytes] | None = None
-        self.start()
+        self._host = "127.0.0.1"
+        if start:
+            self.start()
+
+    @classmethod
+    def existing(cls, url: str) -> RedisServer:
+        """A server someone else started (CI), used as is: never stopped by the tests."""
+        parsed = urlparse(url)
+        if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"CALLPOLICY_TEST_REDIS_URL must be on loopback, got {url}")
+        server = cls(start=False)
+        server.port = parsed.port or 6379
+        return server
 
     @property
     def url(self) -> str:
