@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar, get_args
@@ -27,6 +28,7 @@ from ._config import BreakerConfig, FallbackOn, RetryPolicy
 from ._errors import CircuitOpenError, add_note
 from ._events import Event, EventKind, Listener, dispatch, logger
 from ._memory import MemoryStore
+from ._report import html_table, text_table
 from ._store import Circuit, CircuitStore, Permit, Transition
 from ._types import CircuitSnapshot, CircuitState, Outcome, split_key
 
@@ -114,6 +116,8 @@ class CallPolicy:
         self._rng = rng or random.Random()
         self._listeners: tuple[Listener, ...] = tuple(listeners)
         self._circuits: dict[str, Circuit] = {}
+        self._fallback_served: dict[str, int] = {}
+        self._counts_lock = threading.Lock()
 
     # -- public inspection and control -----------------------------------------------
     @property
@@ -183,9 +187,17 @@ class CallPolicy:
         """Hold ``key``'s circuit closed (failures not counted) until :meth:`reset`."""
         self.circuit(key).force(CircuitState.CLOSED, hold=True)
 
+    def fallback_served(self) -> dict[str, int]:
+        """How many calls the fallback answered, by the primary's key (this process)."""
+        with self._counts_lock:
+            return dict(self._fallback_served)
+
     def __repr__(self) -> str:
-        states = ", ".join(f"{k}={s.state.value}" for k, s in self.snapshot().items())
-        return f"CallPolicy({states or 'no circuits yet'})"
+        return "CallPolicy\n" + text_table(self.snapshot().values(), self.fallback_served())
+
+    def _repr_html_(self) -> str:
+        """The circuits as a table, for Jupyter."""
+        return html_table(self.snapshot().values(), self.fallback_served())
 
     # -- the guarded call, sync ------------------------------------------------------
     def execute(
@@ -483,6 +495,8 @@ class CallPolicy:
         self, circuit: Circuit, cause: BaseException, classification: Classification | None
     ) -> None:
         refused = isinstance(cause, CircuitOpenError)
+        with self._counts_lock:
+            self._fallback_served[circuit.key] = self._fallback_served.get(circuit.key, 0) + 1
         dispatch(
             Event(
                 EventKind.FALLBACK,
