@@ -11,7 +11,7 @@ import time
 
 from ._harness import Result
 
-SUITES = ["engine", "langchain", "llamaindex"]
+SUITES = ["engine", "memory"]
 
 
 def _machine() -> str:

@@ -18,6 +18,9 @@ from ._types import CircuitState, ErrorClass
 __all__ = ["Event", "EventKind", "Listener", "logger"]
 
 logger = logging.getLogger("callpolicy")
+# A library leaves output to the application: without its own logging configuration,
+# records are dropped rather than printed by logging's last-resort handler.
+logger.addHandler(logging.NullHandler())
 
 
 class EventKind(str, enum.Enum):
