@@ -66,7 +66,8 @@ class Clock:
 
 def show_event(event: Event) -> None:
     if event.kind is EventKind.STATE_CHANGE:
-        print(f"   [event] circuit {event.key}: {event.old_state} -> {event.state} ({event.reason})")
+        change = f"{event.old_state} -> {event.state}"
+        print(f"   [event] circuit {event.key}: {change} ({event.reason})")
 
 
 def main() -> None:

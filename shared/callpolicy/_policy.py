@@ -187,6 +187,14 @@ class CallPolicy:
         """Hold ``key``'s circuit closed (failures not counted) until :meth:`reset`."""
         self.circuit(key).force(CircuitState.CLOSED, hold=True)
 
+    def __copy__(self) -> CallPolicy:
+        # A policy is shared state: a copied model (pydantic model_copy, copy.deepcopy of
+        # a chain) must keep sharing its circuits, not fork them.
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> CallPolicy:
+        return self
+
     def fallback_served(self) -> dict[str, int]:
         """How many calls the fallback answered, by the primary's key (this process)."""
         with self._counts_lock:

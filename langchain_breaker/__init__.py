@@ -1,0 +1,25 @@
+"""langchain_breaker: a LangChain chat model guarded by a circuit breaker, with optional
+retry and a fallback model, on the framework-free :mod:`callpolicy` engine.
+
+>>> from langchain_core.language_models import FakeListChatModel
+>>> from langchain_breaker import CircuitBreakerChatModel
+>>> model = CircuitBreakerChatModel(inner=FakeListChatModel(responses=["hello"]))
+>>> model.invoke("hi").content
+'hello'
+
+The engine's types (``CircuitOpenError``, ``CircuitState``, ``RetryPolicy``, ``CallPolicy``,
+...) are imported from :mod:`callpolicy`.
+"""
+
+from ._chat_model import CircuitBreakerChatModel
+from ._guarded import GuardedRunnable
+from ._route import META_ATTEMPT, META_KEY, META_ROLE, META_STATE
+
+__all__ = [
+    "META_ATTEMPT",
+    "META_KEY",
+    "META_ROLE",
+    "META_STATE",
+    "CircuitBreakerChatModel",
+    "GuardedRunnable",
+]

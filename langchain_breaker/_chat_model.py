@@ -1,0 +1,606 @@
+"""``CircuitBreakerChatModel``: a LangChain chat model that guards another one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from datetime import timedelta
+from typing import Any, cast
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.language_models.model_profile import ModelProfile
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatResult
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
+from langchain_core.tools import BaseTool
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SkipValidation,
+    ValidationInfo,
+    field_validator,
+)
+from typing_extensions import override
+
+from callpolicy import (
+    CallPolicy,
+    CircuitState,
+    CircuitStore,
+    Classifier,
+    ErrorClass,
+    FallbackOn,
+    Listener,
+    RetryPolicy,
+)
+from callpolicy import __version__ as callpolicy_version
+from callpolicy._policy import policy_from_options
+
+from ._guarded import GuardedRunnable
+from ._keys import CircuitKeys
+from ._route import Route
+
+__all__ = ["CircuitBreakerChatModel"]
+
+# The constructor's engine options, passed on to ``CallPolicy`` when not None.
+_ENGINE_OPTIONS = (
+    "failure_threshold",
+    "cooldown",
+    "half_open_max_calls",
+    "success_threshold",
+    "failure_rate_threshold",
+    "window_size",
+    "minimum_calls",
+    "cooldown_multiplier",
+    "max_cooldown",
+    "counted_errors",
+    "retry",
+    "fallback_on",
+    "classifier",
+    "listeners",
+    "store",
+)
+# Fields the route is built from: assigning one later would silently do nothing.
+_FIXED_FIELDS = frozenset(("inner", "fallback", "policy", "key", "fallback_key", *_ENGINE_OPTIONS))
+# Call kwargs that only label traces; a model's private ``_generate`` must not get them.
+_TRACING_KWARGS = ("ls_structured_output_format", "structured_output_format")
+
+
+def _unbind(runnable: Runnable[Any, Any]) -> tuple[BaseChatModel, dict[str, Any]]:
+    """The chat model under a (possibly nested) binding, and the kwargs bound to it."""
+    bound: dict[str, Any] = {}
+    while isinstance(runnable, RunnableBinding):
+        bound = {**runnable.kwargs, **bound}
+        runnable = runnable.bound
+    return cast("BaseChatModel", runnable), bound
+
+
+def _invoked(
+    model: BaseChatModel, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
+) -> Iterator[AIMessageChunk]:
+    # As BaseChatModel streams when streaming is off: one "chunk", the invoked message.
+    yield cast("AIMessageChunk", model.invoke(input, config, **kwargs))
+
+
+async def _ainvoked(
+    model: BaseChatModel, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
+) -> AsyncIterator[AIMessageChunk]:
+    yield cast("AIMessageChunk", await model.ainvoke(input, config, **kwargs))
+
+
+class CircuitBreakerChatModel(BaseChatModel):
+    """A chat model that calls ``inner`` through a circuit breaker, with optional retry
+    and a fallback model.
+
+    ``invoke``, ``ainvoke``, ``batch`` and ``abatch`` go through the engine
+    (:class:`callpolicy.CallPolicy`): the circuit of the inner model's
+    ``provider::model`` key admits or refuses the call, counted failures open it after
+    ``failure_threshold`` in a row, a probe after ``cooldown`` closes it again, retries
+    (off unless ``retry`` is given) pass through the breaker, and ``fallback`` answers
+    when the circuit is open or the inner model failed (per ``fallback_on``).
+
+    ``stream`` and ``astream`` are the inner model's own streams, chunk for chunk: the
+    breaker, retry and fallback do **not** apply to them, since a partly delivered stream
+    can be neither classified with confidence nor replayed on another model. Set
+    ``guard_stream_start=True`` to have the breaker guard a stream's start (admission, and
+    a failure before the first chunk); the chunks still pass untouched. A wrapper with
+    ``disable_streaming=True`` streams by calling ``invoke`` (so through the engine), as
+    any LangChain chat model does.
+
+    Tracing: the wrapper starts no run of its own. Each attempt is one run of the model
+    that answered (the inner model's, or the fallback's), whose metadata says which:
+    ``callpolicy_key`` (the inner model's circuit), ``callpolicy_role`` (``"primary"`` or
+    ``"fallback"``), ``callpolicy_state`` (the circuit's state as the attempt started)
+    and ``callpolicy_attempt``. A streaming callback handler (``astream_events``,
+    LangGraph's ``"messages"`` stream mode) gets the tokens of the answering model, since
+    that model streams internally; tokens of a failed attempt reach it too.
+
+    The circuit key is the inner model's ``ls_provider``/``ls_model_name`` (what traces
+    name: ``openai::gpt-4o-mini``), else its ``model_name``/``model`` attribute, else its
+    class name; ``key=`` names it explicitly. A per-call ``model=`` override uses that
+    model's circuit (``openai::gpt-4o``) and is not passed to the fallback.
+
+    ``bind_tools`` and ``with_structured_output`` bind on the inner model and on the
+    fallback, each in its own provider's format; what they return shares this wrapper's
+    policy, so its circuit state.
+
+    Args:
+        inner: the guarded chat model. Give it ``max_retries=0`` (or few): its own
+            client's retries happen inside one attempt, invisible to the breaker.
+        fallback: answers instead of ``inner`` when the engine says so; runs once, without
+            retries, under its own circuit (``fallback_key``).
+        policy: an engine to share with other wrappers (and the LlamaIndex wrapper): they
+            then share circuit state. Cannot be combined with the engine options below.
+        key, fallback_key: circuit keys, ``provider::model``; derived from the models when
+            not given. The two must differ.
+        failure_threshold, cooldown, half_open_max_calls, success_threshold,
+            failure_rate_threshold, window_size, minimum_calls, cooldown_multiplier,
+            max_cooldown, counted_errors: breaker options (see
+            :class:`callpolicy.BreakerConfig`); durations are seconds or a timedelta.
+        retry: a :class:`callpolicy.RetryPolicy`; off by default.
+        fallback_on: ``"failure"`` (default), ``"open"`` or ``"error"``.
+        classifier: replaces :func:`callpolicy.classify_error`.
+        listeners: callables receiving every :class:`callpolicy.Event`.
+        store: where circuit state lives (:class:`callpolicy.MemoryStore` by default; a
+            Redis store shares it between processes).
+        guard_stream_start: let the breaker guard the start of ``stream``/``astream``.
+
+    Engine options left at ``None`` take the engine's defaults (5 failures, 30 s, one
+    probe). After construction ``policy``, ``key`` and ``fallback_key`` hold the values in
+    use. The wrapper's ``tags``, ``metadata`` and ``callbacks`` are added to every run of
+    the models it calls; its ``rate_limiter`` is acquired once per call; caching belongs
+    on the inner and fallback models (set ``cache`` there). The wrapper is not
+    LangChain-serializable (``dumpd`` gives the "not implemented" form): it holds live
+    circuit state, and ``langchain_core.load`` admits only allow-listed classes anyway.
+
+    Raises:
+        TypeError: ``inner`` or ``fallback`` is not a chat model, ``policy`` is given with
+            engine options, or an engine option has the wrong type (naming the argument).
+        pydantic.ValidationError: a bad engine option value, ``fallback`` is ``inner``,
+            or the two share a circuit key (naming the argument).
+
+    >>> from langchain_core.language_models import FakeListChatModel
+    >>> model = CircuitBreakerChatModel(inner=FakeListChatModel(responses=["hi"]))
+    >>> model.invoke("hello").content
+    'hi'
+    >>> model.state_for()
+    <CircuitState.CLOSED: 'closed'>
+    """
+
+    # LangChain models ignore unknown arguments; a misspelt option must not pass silently.
+    model_config = ConfigDict(extra="forbid")
+
+    inner: BaseChatModel
+    """The guarded chat model."""
+    fallback: BaseChatModel | None = None
+    """Answers when the inner model's circuit is open or it failed (per ``fallback_on``)."""
+    policy: SkipValidation[CallPolicy | None] = Field(default=None, exclude=True)
+    """The engine; shared state when shared. Set after construction."""
+    key: str | None = None
+    """Circuit key of the inner model (derived when not given; set after construction)."""
+    fallback_key: str | None = None
+    """Circuit key of the fallback (derived when not given; set after construction)."""
+
+    # Engine options, validated by the engine (which names the field), not here, so the
+    # rules (a bool is not a number of seconds, ...) live in one place.
+    failure_threshold: SkipValidation[int | None] = None
+    cooldown: SkipValidation[float | timedelta | None] = None
+    half_open_max_calls: SkipValidation[int | None] = None
+    success_threshold: SkipValidation[int | None] = None
+    failure_rate_threshold: SkipValidation[float | None] = None
+    window_size: SkipValidation[int | None] = None
+    minimum_calls: SkipValidation[int | None] = None
+    cooldown_multiplier: SkipValidation[float | None] = None
+    max_cooldown: SkipValidation[float | timedelta | None] = None
+    counted_errors: SkipValidation[frozenset[ErrorClass] | None] = None
+    retry: RetryPolicy | None = None
+    fallback_on: SkipValidation[FallbackOn | None] = None
+    classifier: SkipValidation[Classifier | None] = Field(default=None, exclude=True)
+    listeners: SkipValidation[Sequence[Listener] | None] = Field(default=None, exclude=True)
+    store: SkipValidation[CircuitStore | None] = Field(default=None, exclude=True)
+
+    guard_stream_start: bool = False
+    """Let the breaker guard the start of ``stream``/``astream`` (admission, and a failure
+    before the first chunk: counted, retried, served by the fallback's stream). Chunks
+    still pass untouched, and an error after the first chunk propagates unchanged."""
+
+    _route: Route = PrivateAttr()
+    _keys: CircuitKeys = PrivateAttr()
+    _tools_bound: bool = PrivateAttr(default=False)
+
+    # -- construction ------------------------------------------------------------------
+    @field_validator("inner", "fallback", mode="before")
+    @classmethod
+    def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name == "fallback":
+            return None
+        if not isinstance(value, BaseChatModel):
+            hint = ""
+            if isinstance(value, RunnableBinding) and isinstance(value.bound, BaseChatModel):
+                hint = (
+                    " (a bound model: pass the chat model itself and call bind_tools(), "
+                    "bind() or with_structured_output() on the wrapper)"
+                )
+            elif type(value).__module__.startswith("llama_index"):
+                hint = " (a LlamaIndex model: guard it with llamaindex_breaker.CircuitBreakerLLM)"
+            elif hasattr(value, "invoke"):
+                hint = " (a runnable or completion LLM, not a chat model)"
+            raise TypeError(
+                f"{info.field_name}: expected a LangChain chat model (a BaseChatModel such "
+                f"as ChatOpenAI), got {type(value).__name__}{hint}"
+            )
+        return value
+
+    @override
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        self._add_version("callpolicy", callpolicy_version)
+        inner, fallback = self.inner, self.fallback
+        if fallback is inner:
+            raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
+        keys = CircuitKeys(inner, fallback, key=self.key, fallback_key=self.fallback_key)
+        options = {name: getattr(self, name) for name in _ENGINE_OPTIONS}
+        policy = policy_from_options(self.policy, options, owner=type(self).__name__)
+        # Plain dict writes: these are results, not user input (kept out of fields_set).
+        self.__dict__.update(policy=policy, key=keys.default, fallback_key=keys.fallback)
+        self._keys = keys
+        self._route = Route(
+            policy,
+            keys,
+            inner,
+            fallback,
+            tags=self.tags,
+            metadata=self.metadata,
+            callbacks=self.callbacks,
+        )
+
+    @override
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FIXED_FIELDS:
+            raise AttributeError(
+                f"{name}: fixed at construction (the circuits and the engine are built from "
+                "it); build a new CircuitBreakerChatModel instead"
+            )
+        super().__setattr__(name, value)
+        private = getattr(self, "__pydantic_private__", None)
+        if name in ("tags", "metadata", "callbacks") and private and "_route" in private:
+            route: Route = private["_route"]
+            self._route = route.with_runnables(
+                route.primary,
+                route.fallback,
+                tags=self.tags,
+                metadata=self.metadata,
+                callbacks=self.callbacks,
+            )
+
+    def _rerouted(
+        self, primary: Runnable[Any, Any], fallback: Runnable[Any, Any] | None
+    ) -> CircuitBreakerChatModel:
+        """A copy calling other runnables (bound tools) with the same policy and keys."""
+        clone = self.model_copy()
+        clone._route = self._route.with_runnables(
+            primary, fallback, tags=self.tags, metadata=self.metadata, callbacks=self.callbacks
+        )
+        clone._tools_bound = True
+        return clone
+
+    # -- identity and tracing ----------------------------------------------------------
+    @property
+    @override
+    def _llm_type(self) -> str:
+        return "circuit_breaker"
+
+    @property
+    @override
+    def _identifying_params(self) -> dict[str, Any]:
+        policy = self._route.policy
+        fallback = self.fallback
+        return {
+            "inner": {"_type": self.inner._llm_type, **self.inner._identifying_params},
+            "fallback": None
+            if fallback is None
+            else {"_type": fallback._llm_type, **fallback._identifying_params},
+            "key": self.key,
+            "fallback_key": self.fallback_key,
+            "breaker": policy.breaker.model_dump(mode="json"),
+            "retry": None if policy.retry is None else policy.retry.model_dump(mode="json"),
+            "fallback_on": policy.fallback_on,
+        }
+
+    @override
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """The inner model's: traces name its provider and model."""
+        return self.inner._get_ls_params(stop=stop, **kwargs)
+
+    @override
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        return self.inner.profile
+
+    @override
+    def get_token_ids(self, text: str) -> list[int]:
+        """The inner model's tokenizer (``trim_messages(token_counter=model)`` and the
+        like count as the model that answers when healthy would)."""
+        return self.inner.get_token_ids(text)
+
+    @override
+    def get_num_tokens(self, text: str) -> int:
+        return self.inner.get_num_tokens(text)
+
+    @override
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        return self.inner.get_num_tokens_from_messages(messages, tools=tools)
+
+    @property
+    def model_name(self) -> str:
+        """The inner model's name (as in its circuit key)."""
+        return self._keys.model
+
+    # -- inspection --------------------------------------------------------------------
+    def key_for(self, model_name: str | None = None) -> str:
+        """The circuit key of the inner model, or of ``model_name`` (another model of the
+        inner model's provider, as a per-call ``model=`` override would use)."""
+        return self._keys.for_model(model_name)
+
+    def state_for(self, model_name: str | None = None) -> CircuitState:
+        """The circuit state of the inner model, or of ``model_name`` (another model of
+        the inner model's provider)."""
+        return self._route.policy.state(self._keys.for_model(model_name))
+
+    def _fast_route(self) -> Route:
+        # ``self._route`` goes through pydantic's ``__getattr__`` (a few microseconds);
+        # the private-attribute dict is a plain slot.
+        return self.__pydantic_private__["_route"]  # type: ignore[index,no-any-return]
+
+    # -- guarded calls -----------------------------------------------------------------
+    @override
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        if stop is not None:
+            kwargs["stop"] = stop
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire(blocking=True)
+        return cast("AIMessage", self._fast_route().invoke(input, config, kwargs))
+
+    @override
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        if stop is not None:
+            kwargs["stop"] = stop
+        if self.rate_limiter is not None:
+            await self.rate_limiter.aacquire(blocking=True)
+        return cast("AIMessage", await self._fast_route().ainvoke(input, config, kwargs))
+
+    # -- streams: the inner model's own ------------------------------------------------
+    def _streaming_off(self, kwargs: dict[str, Any]) -> bool:
+        mode = self.disable_streaming
+        return mode is True or (
+            mode == "tool_calling" and (self._tools_bound or bool(kwargs.get("tools")))
+        )
+
+    @override
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        if stop is not None:
+            kwargs["stop"] = stop
+        if self._streaming_off(kwargs):
+            return _invoked(self, input, config, kwargs)  # through the engine
+        if self.guard_stream_start:
+            return self._fast_route().stream_guarded(input, config, kwargs)
+        primary = self._fast_route().primary
+        return cast("Iterator[AIMessageChunk]", primary.stream(input, config, **kwargs))
+
+    @override
+    def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        if stop is not None:
+            kwargs["stop"] = stop
+        if self._streaming_off(kwargs):
+            return _ainvoked(self, input, config, kwargs)
+        if self.guard_stream_start:
+            return self._fast_route().astream_guarded(input, config, kwargs)
+        primary = self._fast_route().primary
+        return cast("AsyncIterator[AIMessageChunk]", primary.astream(input, config, **kwargs))
+
+    # ``stream_events(version="v3")`` streams too: the inner model's own.
+    @override
+    def _chat_model_stream_v3(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self._route.primary.stream_events(input, config, version="v3", stop=stop, **kwargs)
+
+    @override
+    async def _achat_model_stream_v3(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return await self._route.primary.astream_events(
+            input, config, version="v3", stop=stop, **kwargs
+        )
+
+    # -- the legacy generate() path ----------------------------------------------------
+    # ``generate``/``agenerate`` (and ``generate_prompt``) start a run of the wrapper
+    # itself (named for the inner model: ``_get_ls_params``), then call these: every
+    # attempt, of the inner model or the fallback, runs inside that one run.
+    def _legacy_calls(self, kwargs: dict[str, Any]) -> tuple[str, _Legacy, _Legacy | None]:
+        route = self._route
+        key = route.key_of(kwargs)
+        primary = _legacy_call(route.primary, kwargs)
+        if route.fallback is None:
+            return key, primary, None
+        return key, primary, _legacy_call(route.fallback, Route.fallback_kwargs(kwargs))
+
+    @override
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        key, (primary, primary_kwargs), second = self._legacy_calls(kwargs)
+
+        def call() -> ChatResult:
+            return primary._generate_with_cache(
+                messages, stop=stop, run_manager=run_manager, **primary_kwargs
+            )
+
+        call_fallback: Callable[[], ChatResult] | None = None
+        if second is not None:
+            fallback, fallback_kwargs = second
+
+            def call_fallback() -> ChatResult:
+                return fallback._generate_with_cache(
+                    messages, stop=stop, run_manager=run_manager, **fallback_kwargs
+                )
+
+        return self._route.policy.execute(
+            key, call, fallback=call_fallback, fallback_key=self._keys.fallback
+        )
+
+    @override
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        key, (primary, primary_kwargs), second = self._legacy_calls(kwargs)
+
+        async def call() -> ChatResult:
+            return await primary._agenerate_with_cache(
+                messages, stop=stop, run_manager=run_manager, **primary_kwargs
+            )
+
+        call_fallback: Callable[[], Any] | None = None
+        if second is not None:
+            fallback, fallback_kwargs = second
+
+            async def call_fallback() -> ChatResult:
+                return await fallback._agenerate_with_cache(
+                    messages, stop=stop, run_manager=run_manager, **fallback_kwargs
+                )
+
+        return await self._route.policy.aexecute(
+            key, call, fallback=call_fallback, fallback_key=self._keys.fallback
+        )
+
+    # -- binding -----------------------------------------------------------------------
+    @override
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind ``tools`` on the inner model and on the fallback, each in its own format.
+
+        Returns a binding of a copy of this wrapper that calls the two bound models under
+        this wrapper's policy and circuits (a trip seen through it shows in
+        :meth:`state_for`). ``tool_choice`` and ``kwargs`` go to both models.
+        """
+        if tool_choice is not None:
+            kwargs["tool_choice"] = tool_choice
+        primary = _bind_tools("inner", self.inner, tools, kwargs)
+        fallback = None
+        if self.fallback is not None:
+            fallback = _bind_tools("fallback", self.fallback, tools, kwargs)
+        return self._rerouted(primary, fallback).bind()
+
+    @override
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """The inner model's and the fallback's own ``with_structured_output``, called
+        under this wrapper's policy and circuits (see :class:`GuardedRunnable`).
+
+        ``kwargs`` (``method``, ``strict``) go to both models. The engine judges a
+        parsing failure like any error: an ``OutputParserException`` is the caller's kind
+        (not counted; the fallback answers it only with ``fallback_on="error"``), while
+        the bare pydantic ``ValidationError`` some parsers raise classifies as unknown.
+        """
+        primary = _structured("inner", self.inner, schema, include_raw, kwargs)
+        fallback = None
+        if self.fallback is not None:
+            fallback = _structured("fallback", self.fallback, schema, include_raw, kwargs)
+        route = self._route.with_runnables(
+            primary, fallback, tags=self.tags, metadata=self.metadata, callbacks=self.callbacks
+        )
+        return GuardedRunnable(route, guard_stream_start=self.guard_stream_start)
+
+
+_Legacy = tuple[BaseChatModel, dict[str, Any]]
+
+
+def _legacy_call(runnable: Runnable[Any, Any], kwargs: dict[str, Any]) -> _Legacy:
+    """The chat model to call ``_generate_with_cache`` on, and its kwargs (bound ones too,
+    less those that only label traces)."""
+    model, bound = _unbind(runnable)
+    merged = {**bound, **kwargs}
+    for name in _TRACING_KWARGS:
+        merged.pop(name, None)
+    return model, merged
+
+
+def _bind_tools(
+    role: str, model: BaseChatModel, tools: Sequence[Any], kwargs: dict[str, Any]
+) -> Runnable[LanguageModelInput, AIMessage]:
+    try:
+        return model.bind_tools(tools, **kwargs)
+    except NotImplementedError as exc:
+        raise NotImplementedError(
+            f"{role}: {type(model).__name__} does not support bind_tools"
+        ) from exc
+
+
+def _structured(
+    role: str, model: BaseChatModel, schema: Any, include_raw: bool, kwargs: dict[str, Any]
+) -> Runnable[LanguageModelInput, Any]:
+    try:
+        return model.with_structured_output(schema, include_raw=include_raw, **kwargs)
+    except NotImplementedError as exc:
+        raise NotImplementedError(
+            f"{role}: {type(model).__name__} does not support with_structured_output"
+        ) from exc

@@ -1,0 +1,91 @@
+"""A guarded runnable: what ``with_structured_output`` of the wrapper returns.
+
+The inner model and the fallback each build their own structured-output runnable (in
+their own provider's format: OpenAI's JSON schema, Anthropic's tools, ...). This
+runnable calls the inner's through the wrapper's engine and circuit, and the fallback's
+when the engine says so. Like the chat model, it starts no run of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, cast
+
+from langchain_core.runnables import Runnable, RunnableConfig
+from pydantic import BaseModel
+from typing_extensions import override
+
+from ._route import Route
+
+__all__ = ["GuardedRunnable"]
+
+
+class GuardedRunnable(Runnable[Any, Any]):
+    """Calls ``route.primary`` under the route's circuit, ``route.fallback`` instead when
+    the circuit is open or the primary failed (per the policy's ``fallback_on``).
+
+    ``invoke``/``ainvoke`` (so ``batch``/``abatch``) go through the engine; ``stream`` and
+    ``astream`` pass the primary's stream through untouched unless ``guard_stream_start``.
+    """
+
+    def __init__(self, route: Route, *, guard_stream_start: bool = False) -> None:
+        self.route = route
+        self.guard_stream_start = guard_stream_start
+
+    @property
+    def primary(self) -> Runnable[Any, Any]:
+        """The inner model's runnable."""
+        return self.route.primary
+
+    @property
+    def fallback(self) -> Runnable[Any, Any] | None:
+        """The fallback model's runnable, if any."""
+        return self.route.fallback
+
+    @property
+    @override
+    def InputType(self) -> Any:
+        return self.route.primary.InputType
+
+    @property
+    @override
+    def OutputType(self) -> Any:
+        return self.route.primary.OutputType
+
+    @override
+    def get_input_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+        return cast("type[BaseModel]", self.route.primary.get_input_schema(config))
+
+    @override
+    def get_output_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+        return cast("type[BaseModel]", self.route.primary.get_output_schema(config))
+
+    @override
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self.route.invoke(input, config, kwargs)
+
+    @override
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self.route.ainvoke(input, config, kwargs)
+
+    @override
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        if self.guard_stream_start:
+            return self.route.stream_guarded(input, config, kwargs)
+        return self.route.primary.stream(input, config, **kwargs)
+
+    @override
+    def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        if self.guard_stream_start:
+            return self.route.astream_guarded(input, config, kwargs)
+        return self.route.primary.astream(input, config, **kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"GuardedRunnable(key={self.route.keys.default!r}, primary={self.route.primary!r}, "
+            f"fallback={self.route.fallback!r})"
+        )

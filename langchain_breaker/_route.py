@@ -1,0 +1,278 @@
+"""One wrapper's way through the engine: which runnable answers, under which circuit.
+
+A :class:`Route` holds the policy, the circuit keys, and the two runnables it may call
+(the primary, and the fallback if any). Its ``invoke`` hands the engine two zero-argument
+callables; each calls the runnable's *own* ``invoke`` with a run config stamped with
+``callpolicy_*`` metadata. The route itself starts no run, so a trace shows exactly one
+run per attempt, of the model that answered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, Final
+
+from langchain_core.callbacks import Callbacks
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import (
+    ensure_config,
+    merge_configs,
+    var_child_runnable_config,
+)
+
+from callpolicy import CallPolicy
+
+from ._keys import CircuitKeys
+
+__all__ = ["FALLBACK", "META_ATTEMPT", "META_KEY", "META_ROLE", "META_STATE", "PRIMARY", "Route"]
+
+PRIMARY: Final = "primary"
+FALLBACK: Final = "fallback"
+
+# Metadata keys stamped on every attempt's run (so on its LangSmith/LangChain trace).
+META_KEY: Final = "callpolicy_key"
+"""The primary's circuit key (``provider::model``), also on the fallback's runs."""
+META_ROLE: Final = "callpolicy_role"
+"""``"primary"`` or ``"fallback"``: which model answered in this run."""
+META_STATE: Final = "callpolicy_state"
+"""On the fallback's runs: the primary circuit's state as the fallback starts (``open``:
+refused, or this failure opened it; ``closed``: a failure below the threshold;
+``half_open``: its probes were all in flight)."""
+META_ATTEMPT: Final = "callpolicy_attempt"
+"""Which model call of the guarded call this run is: 1, 2, ... (the primary's retries,
+then the fallback; a fallback serving a refused call is call 1)."""
+
+_NOTHING: Final = object()
+
+
+class Route:
+    """The policy, keys and runnables of one wrapper (or one structured-output runnable)."""
+
+    __slots__ = ("callbacks", "fallback", "keys", "metadata", "policy", "primary", "tags")
+
+    def __init__(
+        self,
+        policy: CallPolicy,
+        keys: CircuitKeys,
+        primary: Runnable[Any, Any],
+        fallback: Runnable[Any, Any] | None,
+        *,
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        callbacks: Callbacks = None,
+    ) -> None:
+        self.policy = policy
+        self.keys = keys
+        self.primary = primary
+        self.fallback = fallback
+        self.tags = tags
+        """Tags, metadata and callbacks of the wrapper itself, added to every run."""
+        self.metadata = metadata
+        self.callbacks = callbacks
+
+    def with_runnables(
+        self,
+        primary: Runnable[Any, Any],
+        fallback: Runnable[Any, Any] | None,
+        *,
+        tags: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        callbacks: Callbacks = None,
+    ) -> Route:
+        """A route with the same policy and circuits, calling other runnables."""
+        return Route(
+            self.policy,
+            self.keys,
+            primary,
+            fallback,
+            tags=tags,
+            metadata=metadata,
+            callbacks=callbacks,
+        )
+
+    # -- per-call config -----------------------------------------------------------------
+    def key_of(self, kwargs: Mapping[str, Any]) -> str:
+        """The circuit of this call: the primary's, or a per-call ``model=`` override's."""
+        model = kwargs.get("model") if kwargs else None
+        return self.keys.for_model(model) if isinstance(model, str) else self.keys.default
+
+    def prepare(self, config: RunnableConfig | None, key: str) -> RunnableConfig:
+        """A private copy of the caller's config (with the context's, as LangChain merges
+        it), plus the wrapper's own tags, metadata and callbacks, plus the key."""
+        if config is None and var_child_runnable_config.get() is None:
+            # What ensure_config() would add, the called model's own ensure_config() adds.
+            cfg = RunnableConfig(tags=[], metadata={})
+        else:
+            cfg = ensure_config(config)  # a fresh dict, with fresh tags and metadata
+        tags = self.tags
+        if tags:
+            cfg["tags"] = [*cfg["tags"], *(t for t in tags if t not in cfg["tags"])]
+        if self.metadata:
+            cfg["metadata"].update(self.metadata)
+        if self.callbacks is not None:
+            cfg = merge_configs(cfg, {"callbacks": self.callbacks})
+        cfg["metadata"][META_KEY] = key
+        return cfg
+
+    @staticmethod
+    def stamp(cfg: RunnableConfig, role: str, attempt: int) -> RunnableConfig:
+        """Label ``cfg`` for one attempt. Mutates in place: the model called copies what it
+        keeps (``ensure_config``), so one dict serves every attempt of a call."""
+        metadata = cfg["metadata"]
+        metadata[META_ROLE] = role
+        metadata[META_ATTEMPT] = attempt
+        if attempt > 1:
+            cfg.pop("run_id", None)  # a caller's run id names the first run only
+        return cfg
+
+    def stamp_fallback(self, cfg: RunnableConfig, key: str, attempt: int) -> RunnableConfig:
+        """:meth:`stamp` for the fallback, with the state of the primary's circuit (read
+        here, off the hot path: with a Redis store, reading it is a round trip)."""
+        try:
+            state = self.policy.circuit(key).snapshot().state.value
+        except Exception:  # a label must not cost the answer (a store out of reach)
+            state = "unknown"
+        cfg["metadata"][META_STATE] = state
+        return self.stamp(cfg, FALLBACK, attempt)
+
+    @staticmethod
+    def fallback_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Call kwargs for the fallback: a ``model=`` override names a primary's model."""
+        if "model" not in kwargs:
+            return kwargs
+        return {name: value for name, value in kwargs.items() if name != "model"}
+
+    # -- invoke --------------------------------------------------------------------------
+    def invoke(self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]) -> Any:
+        key = self.key_of(kwargs)
+        cfg = self.prepare(config, key)
+        primary = self.primary
+        attempt = 0
+
+        def call() -> Any:
+            nonlocal attempt
+            attempt += 1
+            return primary.invoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+
+        fallback = self.fallback
+        if fallback is None:
+            return self.policy.execute(key, call)
+
+        def call_fallback() -> Any:
+            return fallback.invoke(
+                input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
+            )
+
+        return self.policy.execute(
+            key, call, fallback=call_fallback, fallback_key=self.keys.fallback
+        )
+
+    async def ainvoke(
+        self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
+    ) -> Any:
+        key = self.key_of(kwargs)
+        cfg = self.prepare(config, key)
+        primary = self.primary
+        attempt = 0
+
+        async def call() -> Any:
+            nonlocal attempt
+            attempt += 1
+            return await primary.ainvoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+
+        fallback = self.fallback
+        if fallback is None:
+            return await self.policy.aexecute(key, call)
+
+        async def call_fallback() -> Any:
+            return await fallback.ainvoke(
+                input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
+            )
+
+        return await self.policy.aexecute(
+            key, call, fallback=call_fallback, fallback_key=self.keys.fallback
+        )
+
+    # -- streams whose start is guarded (opt-in) -----------------------------------------
+    def stream_guarded(
+        self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
+    ) -> Iterator[Any]:
+        """Stream with the breaker guarding only the start: admission, and a failure before
+        the first chunk (counted, retried, or served by the fallback's stream). Once a
+        chunk is out, the chunks pass through untouched and a later error propagates as is.
+        """
+        key = self.key_of(kwargs)
+        cfg = self.prepare(config, key)
+        attempt = 0
+
+        def start(runnable: Runnable[Any, Any], role: str, call_kwargs: dict[str, Any]) -> Any:
+            nonlocal attempt
+            attempt += 1
+            labelled = (
+                self.stamp(cfg, PRIMARY, attempt)
+                if role == PRIMARY
+                else self.stamp_fallback(cfg, key, attempt)
+            )
+            chunks = iter(runnable.stream(input, labelled, **call_kwargs))
+            try:
+                first = next(chunks)
+            except StopIteration:
+                return chunks, _NOTHING
+            return chunks, first
+
+        fallback = self.fallback
+        chunks, first = self.policy.execute(
+            key,
+            lambda: start(self.primary, PRIMARY, kwargs),
+            fallback=None
+            if fallback is None
+            else lambda: start(fallback, FALLBACK, self.fallback_kwargs(kwargs)),
+            fallback_key=self.keys.fallback,
+        )
+        if first is not _NOTHING:
+            yield first
+        yield from chunks
+
+    async def astream_guarded(
+        self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        """Async :meth:`stream_guarded`."""
+        key = self.key_of(kwargs)
+        cfg = self.prepare(config, key)
+        attempt = 0
+
+        async def start(
+            runnable: Runnable[Any, Any], role: str, call_kwargs: dict[str, Any]
+        ) -> tuple[AsyncIterator[Any], Any]:
+            nonlocal attempt
+            attempt += 1
+            labelled = (
+                self.stamp(cfg, PRIMARY, attempt)
+                if role == PRIMARY
+                else self.stamp_fallback(cfg, key, attempt)
+            )
+            chunks = aiter(runnable.astream(input, labelled, **call_kwargs))
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                return chunks, _NOTHING
+            return chunks, first
+
+        fallback = self.fallback
+        chunks, first = await self.policy.aexecute(
+            key,
+            lambda: start(self.primary, PRIMARY, kwargs),
+            fallback=None
+            if fallback is None
+            else lambda: start(fallback, FALLBACK, self.fallback_kwargs(kwargs)),
+            fallback_key=self.keys.fallback,
+        )
+        try:
+            if first is not _NOTHING:
+                yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -1,0 +1,688 @@
+"""``CircuitBreakerLLM``: a LlamaIndex LLM whose calls go through a callpolicy engine.
+
+The adapter is thin: it turns each LlamaIndex call into a zero-argument callable for
+:meth:`callpolicy.CallPolicy.execute` / :meth:`~callpolicy.CallPolicy.aexecute`, keyed by the
+model's ``provider::model``, and lets the engine decide (breaker, retry, fallback). It
+never formats prompts or tools itself: the model that answers does, with its own
+conventions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+)
+from llama_index.core.llms import LLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SkipValidation,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from callpolicy import (
+    CallPolicy,
+    CircuitState,
+    CircuitStore,
+    Classifier,
+    ErrorClass,
+    FallbackOn,
+    Listener,
+    RetryPolicy,
+)
+from callpolicy._policy import policy_from_options
+
+from ._keys import CircuitKeys, model_name_of
+from ._route import Route
+from ._served import fallback_mark
+from ._spans import unspanned
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
+
+__all__ = ["CircuitBreakerLLM"]
+
+# Prompt settings LlamaIndex applies in the *calling* LLM (predict, structured_predict,
+# chat engines read them from the LLM they were given), so the wrapper takes the inner
+# model's unless told otherwise: wrapping must not change the prompts sent.
+_INHERITED_FROM_INNER = (
+    "callback_manager",
+    "system_prompt",
+    "messages_to_prompt",
+    "completion_to_prompt",
+    "output_parser",
+    "pydantic_program_mode",
+    "query_wrapper_prompt",
+)
+
+# The engine options, handed to policy_from_options() as given (None: not given).
+_ENGINE_OPTIONS = (
+    "failure_threshold",
+    "cooldown",
+    "half_open_max_calls",
+    "success_threshold",
+    "failure_rate_threshold",
+    "window_size",
+    "minimum_calls",
+    "cooldown_multiplier",
+    "max_cooldown",
+    "counted_errors",
+    "retry",
+    "fallback_on",
+    "classifier",
+    "listeners",
+    "store",
+)
+
+
+class CircuitBreakerLLM(FunctionCallingLLM):
+    """A LlamaIndex LLM guarded by a circuit breaker per ``provider::model``, with optional
+    retry and a fallback model. Use it wherever LlamaIndex takes an LLM.
+
+    >>> from llama_index.core.llms import MockLLM
+    >>> llm = CircuitBreakerLLM(inner=MockLLM(), failure_threshold=3, cooldown=30)
+    >>> llm.complete("hi").text
+    'hi'
+    >>> llm.state_for()
+    <CircuitState.CLOSED: 'closed'>
+
+    **What goes through the engine.** ``chat``, ``achat``, ``complete``, ``acomplete``,
+    ``chat_with_tools`` and ``achat_with_tools`` (and everything built on them: ``predict``,
+    ``structured_predict``, ``predict_and_call``, query and chat engines, agents run with
+    ``streaming=False``). A call is refused with :class:`callpolicy.CircuitOpenError` while
+    the inner model's circuit is open, unless the fallback answers instead.
+
+    **What does not.** ``stream_chat``, ``astream_chat``, ``stream_complete``,
+    ``astream_complete``, ``stream_chat_with_tools`` and ``astream_chat_with_tools`` pass
+    through to the inner model untouched (its own deltas, in order; its errors unchanged)
+    and neither count toward nor are refused by the breaker: a stream fails after some of
+    its output has reached the caller, where neither a retry nor a fallback can answer
+    instead without duplicating it (the LangChain wrapper follows the same rule). With
+    ``guard_stream_start=True`` the breaker guards a stream's *start*: admission, and a
+    failure before the first chunk (counted, retried, or answered by the fallback's
+    stream, its chunks marked); the chunks still pass untouched, and an error after the
+    first chunk propagates as is, uncounted. Agents stream by default
+    (``FunctionAgent(streaming=True)``): set it, or ``streaming=False``, for the breaker
+    to protect them.
+
+    **Tools.** The wrapper is always a ``FunctionCallingLLM``; ``metadata`` is the inner
+    model's, so LlamaIndex uses tool calling exactly when the inner model supports it.
+    ``chat_with_tools`` calls ``inner.chat_with_tools`` (or ``fallback.chat_with_tools``),
+    so each model formats the tools its own way, and ``get_tool_calls_from_response``
+    hands a response to the model that produced it. A fallback that is not a
+    ``FunctionCallingLLM`` serves plain calls only: tool calls then have no fallback.
+
+    **Fallback responses** carry ``additional_kwargs["callpolicy"] == {"served_by":
+    "fallback", "key": ..., "model": ...}`` (see :func:`llamaindex_breaker.served_by`).
+    Pipelines that return strings (query engines) can watch the engine's events instead:
+    ``listeners=[...]`` receives a ``FALLBACK`` event per fallback.
+
+    **Instrumentation.** The wrapper opens no dispatcher span and fires no LLM events of
+    its own: the model that answers does (``LLMChatStartEvent`` names it in
+    ``model_dict``), so each call shows one set of events. A failed primary attempt shows
+    as that model's dropped span before the fallback's. Old-style callbacks work too: a
+    ``callback_manager`` given to or assigned to the wrapper (``Settings`` and query
+    engines assign one) is passed on to the inner and fallback models; without one, the
+    wrapper uses the inner model's.
+
+    Args:
+        inner: the model to guard (a ``llama_index.core.llms.LLM``). Turn off its own
+            retries (``max_retries=0`` for OpenAI) so the breaker sees every failure, and
+            use ``retry=`` instead.
+        fallback: answers when the inner model's circuit is open or (per ``fallback_on``)
+            its call failed. It runs once, with the same arguments, under its own circuit
+            (unguarded if its key is the inner model's: another endpoint of the same
+            model must not share the circuit that refused the primary). Prompts were
+            formatted with the wrapper's settings (taken from ``inner``).
+        policy: the engine to use; share one between wrappers (LlamaIndex and LangChain)
+            to share circuit state. Cannot be combined with the engine options below.
+        key: circuit key of the inner model; default ``"<class name, lowercased>::
+            <metadata.model_name>"``, e.g. ``"openai::gpt-4o-mini"`` — the key the
+            LangChain wrapper gives ``ChatOpenAI(model="gpt-4o-mini")``, so both share a
+            circuit through a shared policy. A per-call ``model=`` keyword keys that call
+            under ``"<provider>::<that model>"`` (and is not passed to the fallback).
+        fallback_key: likewise for the fallback; must differ from ``key``.
+        failure_threshold, cooldown, half_open_max_calls, success_threshold,
+            failure_rate_threshold, window_size, minimum_calls, cooldown_multiplier,
+            max_cooldown, counted_errors: breaker options (see
+            :class:`callpolicy.BreakerConfig`); durations are seconds or a timedelta.
+        retry: a :class:`callpolicy.RetryPolicy`; no retries by default.
+        fallback_on: ``"failure"`` (default), ``"open"`` or ``"error"``.
+        classifier: replaces :func:`callpolicy.classify_error`.
+        listeners: callables receiving every :class:`callpolicy.Event`.
+        store: where circuit state lives (:class:`callpolicy.MemoryStore` by default).
+        guard_stream_start: let the breaker guard the start of every stream method.
+
+    Engine options left at ``None`` take the engine's defaults (5 failures, 30 s, one
+    probe). After construction ``policy``, ``key`` and ``fallback_key`` hold the values
+    in use. The wrapper's ``system_prompt``, ``messages_to_prompt``,
+    ``completion_to_prompt``, ``output_parser``, ``pydantic_program_mode``,
+    ``query_wrapper_prompt`` and ``callback_manager`` default to the inner model's. The
+    wrapper's own ``rate_limiter`` (none by default; the inner model keeps its own) is
+    acquired once per call, streams included, before the engine sees the call.
+
+    Raises:
+        TypeError: ``inner`` or ``fallback`` is not a LlamaIndex LLM, ``policy`` is given
+            with engine options, or ``policy``, ``retry``, ``classifier``, ``key`` has the
+            wrong type (the error names the argument).
+        pydantic.ValidationError: a bad engine option value, ``fallback`` is ``inner``,
+            ``fallback_key`` equals ``key`` or comes without a fallback (the error names
+            the argument).
+
+    ``inner``, ``fallback``, ``policy``, the keys and the engine options are frozen: build
+    a new wrapper to change them (they are resolved once, at construction).
+    """
+
+    inner: LLM = Field(frozen=True, description="The guarded model.")
+    fallback: LLM | None = Field(
+        default=None,
+        frozen=True,
+        description="Answers when the inner model's circuit is open or it failed.",
+    )
+    policy: SkipValidation[CallPolicy | None] = Field(
+        default=None, frozen=True, exclude=True, description="The callpolicy engine."
+    )
+    key: str | None = Field(
+        default=None, frozen=True, description="Circuit key of the inner model."
+    )
+    fallback_key: str | None = Field(
+        default=None, frozen=True, description="Circuit key of the fallback."
+    )
+
+    # Engine options: validated by the engine (which names the field), not here, so the
+    # rules (a bool is not a number of seconds, ...) live in one place.
+    failure_threshold: SkipValidation[int | None] = Field(default=None, frozen=True)
+    cooldown: SkipValidation[float | timedelta | None] = Field(default=None, frozen=True)
+    half_open_max_calls: SkipValidation[int | None] = Field(default=None, frozen=True)
+    success_threshold: SkipValidation[int | None] = Field(default=None, frozen=True)
+    failure_rate_threshold: SkipValidation[float | None] = Field(default=None, frozen=True)
+    window_size: SkipValidation[int | None] = Field(default=None, frozen=True)
+    minimum_calls: SkipValidation[int | None] = Field(default=None, frozen=True)
+    cooldown_multiplier: SkipValidation[float | None] = Field(default=None, frozen=True)
+    max_cooldown: SkipValidation[float | timedelta | None] = Field(default=None, frozen=True)
+    counted_errors: SkipValidation[frozenset[ErrorClass] | None] = Field(default=None, frozen=True)
+    retry: SkipValidation[RetryPolicy | None] = Field(default=None, frozen=True)
+    fallback_on: SkipValidation[FallbackOn | None] = Field(default=None, frozen=True)
+    classifier: SkipValidation[Classifier | None] = Field(default=None, frozen=True, exclude=True)
+    listeners: SkipValidation[Sequence[Listener] | None] = Field(
+        default=None, frozen=True, exclude=True
+    )
+    store: SkipValidation[CircuitStore | None] = Field(default=None, frozen=True, exclude=True)
+    guard_stream_start: bool = Field(
+        default=False, description="Let the breaker guard the start of streams (opt-in)."
+    )
+
+    _route: Route = PrivateAttr()
+
+    # -- construction ------------------------------------------------------------------
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_prompt_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            inner = data.get("inner")
+            if isinstance(inner, LLM):
+                missing = {
+                    name: getattr(inner, name)
+                    for name in _INHERITED_FROM_INNER
+                    if name not in data and getattr(inner, name, None) is not None
+                }
+                if missing:
+                    data = {**missing, **data}
+        return data
+
+    @field_validator("inner", "fallback", mode="before")
+    @classmethod
+    def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name == "fallback":
+            return None
+        if not isinstance(value, LLM):
+            hint = ""
+            if type(value).__module__.startswith("langchain"):
+                hint = (
+                    " (a LangChain model: guard it with langchain_breaker."
+                    "CircuitBreakerChatModel, or wrap it in llama_index.llms.langchain."
+                    "LangChainLLM first)"
+                )
+            raise TypeError(
+                f"{info.field_name}: expected a LlamaIndex LLM (llama_index.core.llms.LLM), "
+                f"got {type(value).__name__}{hint}"
+            )
+        return value
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        inner, fallback = self.inner, self.fallback
+        if fallback is inner:
+            raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
+        for name in ("key", "fallback_key"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TypeError(f"{name}: expected a non-empty string, got {value!r}")
+        if fallback is None and self.fallback_key is not None:
+            raise ValueError("fallback_key: given without a fallback")
+        keys = CircuitKeys(inner, fallback, key=self.key, fallback_key=self.fallback_key)
+        options = {name: getattr(self, name) for name in _ENGINE_OPTIONS}
+        policy = policy_from_options(self.policy, options, owner=type(self).__name__)
+        tool_fallback = (
+            fallback
+            if isinstance(fallback, FunctionCallingLLM)
+            and fallback.metadata.is_function_calling_model
+            else None
+        )
+        # The values in use, for inspection (the fields are frozen: set them directly).
+        self.__dict__.update(policy=policy, key=keys.default, fallback_key=keys.fallback)
+        self._route = Route(policy, keys, tool_fallback)
+        if self.callback_manager is not inner.callback_manager:  # given, not inherited
+            self._share_callback_manager(self.callback_manager)
+
+    def _share_callback_manager(self, manager: Any) -> None:
+        # The models fire the callback events, so they need the manager given to the
+        # wrapper (Settings and query engines assign one), as they would unwrapped.
+        for model in (self.__dict__.get("inner"), self.__dict__.get("fallback")):
+            if model is not None:
+                model.callback_manager = manager
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "callback_manager":
+            self._share_callback_manager(value)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "CircuitBreakerLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        """The inner model's metadata (context window, output size, model name, chat and
+        function calling support)."""
+        return self.inner.metadata
+
+    # -- inspection ------------------------------------------------------------------
+    def key_for(self, model_name: str | None = None) -> str:
+        """The circuit key of the inner model by default; of the fallback when
+        ``model_name`` is the fallback's ``metadata.model_name``; else of ``model_name`` as
+        another model of the inner model's provider (a per-call ``model=`` override)."""
+        keys = _route_of(self).keys
+        if (
+            model_name is not None
+            and model_name == keys.fallback_model
+            and keys.fallback is not None
+            and model_name != keys.model
+        ):
+            return keys.fallback
+        return keys.for_model(model_name)
+
+    def state_for(self, model_name: str | None = None) -> CircuitState:
+        """The state of the circuit :meth:`key_for` names (the inner model's by default)."""
+        return _route_of(self).policy.state(self.key_for(model_name))
+
+    # -- the guarded calls -------------------------------------------------------------
+    @unspanned
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire()
+        route, inner, fallback = _route_of(self), self.inner, self.fallback
+        return route.run(
+            route.key_of(kwargs),
+            lambda: inner.chat(messages, **kwargs),
+            None
+            if fallback is None
+            else lambda: fallback.chat(messages, **route.fallback_kwargs(kwargs)),
+        )
+
+    @unspanned
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        if self.rate_limiter is not None:
+            await self.rate_limiter.async_acquire()
+        route, inner, fallback = _route_of(self), self.inner, self.fallback
+        return await route.arun(
+            route.key_of(kwargs),
+            lambda: inner.achat(messages, **kwargs),
+            None
+            if fallback is None
+            else lambda: fallback.achat(messages, **route.fallback_kwargs(kwargs)),
+        )
+
+    @unspanned
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire()
+        route, inner, fallback = _route_of(self), self.inner, self.fallback
+        return route.run(
+            route.key_of(kwargs),
+            lambda: inner.complete(prompt, formatted=formatted, **kwargs),
+            None
+            if fallback is None
+            else lambda: fallback.complete(
+                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
+            ),
+        )
+
+    @unspanned
+    async def acomplete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponse:
+        if self.rate_limiter is not None:
+            await self.rate_limiter.async_acquire()
+        route, inner, fallback = _route_of(self), self.inner, self.fallback
+        return await route.arun(
+            route.key_of(kwargs),
+            lambda: inner.acomplete(prompt, formatted=formatted, **kwargs),
+            None
+            if fallback is None
+            else lambda: fallback.acomplete(
+                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
+            ),
+        )
+
+    # -- streams: the inner model's own, unless guard_stream_start -----------------------
+    @unspanned
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire()
+        inner, fallback = self.inner, self.fallback
+        if not self.guard_stream_start:
+            return inner.stream_chat(messages, **kwargs)
+        route = _route_of(self)
+        return route.stream(
+            route.key_of(kwargs),
+            lambda: inner.stream_chat(messages, **kwargs),
+            None
+            if fallback is None
+            else lambda: fallback.stream_chat(messages, **route.fallback_kwargs(kwargs)),
+        )
+
+    @unspanned
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage], **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        if self.rate_limiter is not None:
+            await self.rate_limiter.async_acquire()
+        inner, fallback = self.inner, self.fallback
+        if not self.guard_stream_start:
+            return await inner.astream_chat(messages, **kwargs)
+        route = _route_of(self)
+        return await route.astream(
+            route.key_of(kwargs),
+            lambda: inner.astream_chat(messages, **kwargs),
+            None
+            if fallback is None
+            else lambda: fallback.astream_chat(messages, **route.fallback_kwargs(kwargs)),
+        )
+
+    @unspanned
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseGen:
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire()
+        inner, fallback = self.inner, self.fallback
+        if not self.guard_stream_start:
+            return inner.stream_complete(prompt, formatted=formatted, **kwargs)
+        route = _route_of(self)
+        return route.stream(
+            route.key_of(kwargs),
+            lambda: inner.stream_complete(prompt, formatted=formatted, **kwargs),
+            None
+            if fallback is None
+            else lambda: fallback.stream_complete(
+                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
+            ),
+        )
+
+    @unspanned
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        if self.rate_limiter is not None:
+            await self.rate_limiter.async_acquire()
+        inner, fallback = self.inner, self.fallback
+        if not self.guard_stream_start:
+            return await inner.astream_complete(prompt, formatted=formatted, **kwargs)
+        route = _route_of(self)
+        return await route.astream(
+            route.key_of(kwargs),
+            lambda: inner.astream_complete(prompt, formatted=formatted, **kwargs),
+            None
+            if fallback is None
+            else lambda: fallback.astream_complete(
+                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
+            ),
+        )
+
+    # -- tool calling --------------------------------------------------------------------
+    def _tool_model(self) -> FunctionCallingLLM:
+        inner = self.inner
+        if not isinstance(inner, FunctionCallingLLM):
+            raise ValueError(
+                f"{type(inner).__name__} ({model_name_of(inner)}) is not a FunctionCallingLLM: "
+                "it cannot call tools"
+            )
+        return inner
+
+    def chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        """``inner.chat_with_tools`` through the engine; the fallback (when it can call
+        tools) prepares the tools its own way."""
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire()
+        inner, route = self._tool_model(), _route_of(self)
+        fallback = route.tool_fallback
+        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        # Integrations append user_msg to chat_history in place (OpenAI does): every
+        # attempt gets its own copy, or a retry or the fallback would see it twice.
+        return route.run(
+            route.key_of(kwargs),
+            lambda: inner.chat_with_tools(
+                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
+            ),
+            None
+            if fallback is None
+            else lambda: fallback.chat_with_tools(
+                tools,
+                user_msg=user_msg,
+                chat_history=_copy(chat_history),
+                **route.fallback_kwargs(options),
+            ),
+        )
+
+    async def achat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        """Async :meth:`chat_with_tools`."""
+        if self.rate_limiter is not None:
+            await self.rate_limiter.async_acquire()
+        inner, route = self._tool_model(), _route_of(self)
+        fallback = route.tool_fallback
+        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        return await route.arun(
+            route.key_of(kwargs),
+            lambda: inner.achat_with_tools(
+                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
+            ),
+            None
+            if fallback is None
+            else lambda: fallback.achat_with_tools(
+                tools,
+                user_msg=user_msg,
+                chat_history=_copy(chat_history),
+                **route.fallback_kwargs(options),
+            ),
+        )
+
+    def stream_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponseGen:
+        """``inner.stream_chat_with_tools``, untouched (streams bypass the breaker), unless
+        ``guard_stream_start``."""
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire()
+        inner = self._tool_model()
+        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        if not self.guard_stream_start:
+            return inner.stream_chat_with_tools(
+                tools, user_msg=user_msg, chat_history=chat_history, **options
+            )
+        route = _route_of(self)
+        fallback = route.tool_fallback
+        return route.stream(
+            route.key_of(kwargs),
+            lambda: inner.stream_chat_with_tools(
+                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
+            ),
+            None
+            if fallback is None
+            else lambda: fallback.stream_chat_with_tools(
+                tools,
+                user_msg=user_msg,
+                chat_history=_copy(chat_history),
+                **route.fallback_kwargs(options),
+            ),
+        )
+
+    async def astream_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponseAsyncGen:
+        """``inner.astream_chat_with_tools``, untouched (streams bypass the breaker), unless
+        ``guard_stream_start``."""
+        if self.rate_limiter is not None:
+            await self.rate_limiter.async_acquire()
+        inner = self._tool_model()
+        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        if not self.guard_stream_start:
+            return await inner.astream_chat_with_tools(
+                tools, user_msg=user_msg, chat_history=chat_history, **options
+            )
+        route = _route_of(self)
+        fallback = route.tool_fallback
+        return await route.astream(
+            route.key_of(kwargs),
+            lambda: inner.astream_chat_with_tools(
+                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
+            ),
+            None
+            if fallback is None
+            else lambda: fallback.astream_chat_with_tools(
+                tools,
+                user_msg=user_msg,
+                chat_history=_copy(chat_history),
+                **route.fallback_kwargs(options),
+            ),
+        )
+
+    @unspanned
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The inner model's preparation (the wrapper's own ``chat_with_tools`` never uses
+        this: each model prepares its own call)."""
+        return self._tool_model()._prepare_chat_with_tools_compat(
+            tools,
+            user_msg=user_msg,
+            chat_history=chat_history,
+            verbose=verbose,
+            allow_parallel_tool_calls=allow_parallel_tool_calls,
+            tool_required=tool_required,
+            **kwargs,
+        )
+
+    def get_tool_calls_from_response(
+        self,
+        response: ChatResponse,
+        error_on_no_tool_call: bool = True,
+        **kwargs: Any,
+    ) -> list[ToolSelection]:
+        """The tool calls in ``response``, parsed by the model that produced it (the
+        fallback for a response marked as its, else the inner model)."""
+        model: LLM = self.inner
+        mark = fallback_mark(response)
+        if (
+            mark is not None
+            and self.fallback is not None
+            and mark.get("key") == _route_of(self).keys.fallback
+        ):
+            model = self.fallback
+        if not isinstance(model, FunctionCallingLLM):
+            if error_on_no_tool_call:
+                raise ValueError(
+                    f"{type(model).__name__} ({model_name_of(model)}) is not a "
+                    "FunctionCallingLLM: its responses carry no tool calls"
+                )
+            return []
+        return model.get_tool_calls_from_response(
+            response, error_on_no_tool_call=error_on_no_tool_call, **kwargs
+        )
+
+
+def _route_of(llm: CircuitBreakerLLM) -> Route:
+    """``llm._route``, read straight from pydantic's private storage: the attribute
+    lookup goes through ``BaseModel.__getattr__``, which costs microseconds per call."""
+    private: dict[str, Any] = llm.__pydantic_private__  # type: ignore[assignment]
+    route: Route = private["_route"]
+    return route
+
+
+def _copy(history: list[ChatMessage] | None) -> list[ChatMessage] | None:
+    return None if history is None else list(history)
+
+
+def _tool_options(
+    verbose: bool, allow_parallel_tool_calls: bool, tool_required: bool, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    options = {"verbose": verbose, "allow_parallel_tool_calls": allow_parallel_tool_calls}
+    if tool_required:
+        # Only when set: integrations predating tool_required do not accept it.
+        options["tool_required"] = True
+    options.update(kwargs)
+    return options

@@ -1,0 +1,184 @@
+"""One wrapper's way through the engine: which circuit a call counts against, and how a
+call and its fallback (or, opt-in, a stream's start) are handed to the policy.
+
+The wrapper's methods build zero-argument callables that call a model's *own* method
+(``inner.chat``, ``fallback.achat_with_tools``, ...); the route hands them to
+:meth:`callpolicy.CallPolicy.execute`/``aexecute`` and marks what the fallback returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+)
+from typing import Any, Final, TypeVar
+
+from llama_index.core.base.llms.types import ChatResponse, CompletionResponse
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+
+from callpolicy import CallPolicy
+
+from ._keys import CircuitKeys
+from ._served import mark_fallback
+
+__all__ = ["Route"]
+
+R = TypeVar("R", ChatResponse, CompletionResponse)
+
+_NOTHING: Final = object()
+
+
+class Route:
+    """The policy and circuit keys of one wrapper, resolved once at construction."""
+
+    __slots__ = ("keys", "policy", "tool_fallback")
+
+    def __init__(
+        self, policy: CallPolicy, keys: CircuitKeys, tool_fallback: FunctionCallingLLM | None
+    ) -> None:
+        self.policy = policy
+        self.keys = keys
+        self.tool_fallback = tool_fallback
+        """The fallback when it can call tools; tool calls have no fallback otherwise."""
+
+    def key_of(self, kwargs: Mapping[str, Any]) -> str:
+        """The circuit of this call: the inner model's, or a per-call ``model=`` override's."""
+        model = kwargs.get("model") if kwargs else None
+        return self.keys.for_model(model) if isinstance(model, str) else self.keys.default
+
+    @staticmethod
+    def fallback_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Call kwargs for the fallback: a ``model=`` override names an inner model."""
+        if "model" not in kwargs:
+            return kwargs
+        return {name: value for name, value in kwargs.items() if name != "model"}
+
+    def run(self, key: str, call: Callable[[], R], fallback: Callable[[], R] | None) -> R:
+        """``call()`` under ``key``'s breaker; ``fallback()`` (marked) answers instead when
+        the engine says so."""
+        if fallback is None:
+            return self.policy.execute(key, call)
+        keys = self.keys
+        model = keys.fallback_model or "unknown"
+
+        def from_fallback() -> R:
+            return mark_fallback(fallback(), keys.fallback, model)
+
+        return self.policy.execute(key, call, fallback=from_fallback, fallback_key=keys.fallback)
+
+    async def arun(
+        self,
+        key: str,
+        call: Callable[[], Awaitable[R]],
+        fallback: Callable[[], Awaitable[R]] | None,
+    ) -> R:
+        """Async :meth:`run`: the callables return awaitables."""
+        if fallback is None:
+            return await self.policy.aexecute(key, call)
+        keys = self.keys
+        model = keys.fallback_model or "unknown"
+
+        async def from_fallback() -> R:
+            return mark_fallback(await fallback(), keys.fallback, model)
+
+        return await self.policy.aexecute(
+            key, call, fallback=from_fallback, fallback_key=keys.fallback
+        )
+
+    # -- streams whose start is guarded (opt-in) -----------------------------------------
+    def stream(
+        self,
+        key: str,
+        start: Callable[[], Iterator[R]],
+        fallback: Callable[[], Iterator[R]] | None,
+    ) -> Generator[R, None, None]:
+        """A stream whose start the breaker guards: admission, and a failure before the
+        first chunk (counted, retried, or answered by the fallback's stream, whose chunks
+        are marked). Once a chunk is out, chunks pass untouched and a later error
+        propagates as is, uncounted. The stream is opened before this returns."""
+        keys = self.keys
+        model = keys.fallback_model or "unknown"
+
+        def open_fallback() -> tuple[Iterator[R], Any]:
+            assert fallback is not None
+            chunks, first = _open(fallback)
+            marked = (mark_fallback(chunk, keys.fallback, model) for chunk in chunks)
+            if first is not _NOTHING:
+                first = mark_fallback(first, keys.fallback, model)
+            return marked, first
+
+        chunks, first = self.policy.execute(
+            key,
+            lambda: _open(start),
+            fallback=None if fallback is None else open_fallback,
+            fallback_key=keys.fallback,
+        )
+        return _chain(first, chunks)
+
+    async def astream(
+        self,
+        key: str,
+        start: Callable[[], Awaitable[AsyncIterator[R]]],
+        fallback: Callable[[], Awaitable[AsyncIterator[R]]] | None,
+    ) -> AsyncGenerator[R, None]:
+        """Async :meth:`stream`."""
+        keys = self.keys
+        model = keys.fallback_model or "unknown"
+
+        async def open_fallback() -> tuple[AsyncIterator[R], Any]:
+            assert fallback is not None
+            chunks, first = await _aopen(fallback)
+            if first is not _NOTHING:
+                first = mark_fallback(first, keys.fallback, model)
+            return _amarked(chunks, keys.fallback, model), first
+
+        chunks, first = await self.policy.aexecute(
+            key,
+            lambda: _aopen(start),
+            fallback=None if fallback is None else open_fallback,
+            fallback_key=keys.fallback,
+        )
+        return _achain(first, chunks)
+
+
+def _open(start: Callable[[], Iterator[R]]) -> tuple[Iterator[R], Any]:
+    """Start a stream and wait for its first chunk (``_NOTHING`` if it is empty)."""
+    chunks = iter(start())
+    try:
+        return chunks, next(chunks)
+    except StopIteration:
+        return chunks, _NOTHING
+
+
+async def _aopen(start: Callable[[], Awaitable[AsyncIterator[R]]]) -> tuple[AsyncIterator[R], Any]:
+    chunks = await start()
+    try:
+        return chunks, await chunks.__anext__()
+    except StopAsyncIteration:
+        return chunks, _NOTHING
+
+
+def _chain(first: Any, rest: Iterator[R]) -> Generator[R, None, None]:
+    if first is not _NOTHING:
+        yield first
+    yield from rest
+
+
+async def _achain(first: Any, rest: AsyncIterator[R]) -> AsyncGenerator[R, None]:
+    if first is not _NOTHING:
+        yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _amarked(
+    chunks: AsyncIterator[R], key: str | None, model: str
+) -> AsyncGenerator[R, None]:
+    async for chunk in chunks:
+        yield mark_fallback(chunk, key, model)
