@@ -11,7 +11,7 @@ import time
 
 from ._harness import Result
 
-SUITES = ["engine", "memory"]
+SUITES = ["engine", "langchain", "llamaindex", "memory"]
 
 
 def _machine() -> str:

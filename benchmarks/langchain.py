@@ -1,0 +1,160 @@
+"""Figures 2 and 4: the LangChain wrapper next to the bare model and to
+``with_retry().with_fallbacks()``, with nothing failing; the cost of an open circuit;
+10,000 concurrent ``ainvoke`` on one event loop; 16 threads through ``invoke``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from langchain_core.language_models import FakeListChatModel
+
+from callpolicy import CallPolicy, CircuitOpenError
+from langchain_breaker import CircuitBreakerChatModel
+
+from ._fakes import AsyncEchoChatModel
+from ._harness import Result, ratio_rows
+
+
+def _overhead(quick: bool) -> list[Result]:
+    bare = FakeListChatModel(responses=["ok"])
+    fallback = FakeListChatModel(responses=["fallback"])
+    guarded = CircuitBreakerChatModel(inner=bare, fallback=fallback, fallback_key="fb::fake")
+    composed = bare.with_retry().with_fallbacks([fallback])
+    timings = ratio_rows(
+        {
+            "bare": lambda: bare.invoke("hi"),
+            "wrapper": lambda: guarded.invoke("hi"),
+            "with_retry_fallbacks": lambda: composed.invoke("hi"),
+        },
+        loops=200 if quick else 2_000,
+        repeats=3 if quick else 9,
+    )
+    vs_bare = [w / b for w, b in zip(timings["wrapper"], timings["bare"], strict=True)]
+    vs_composed = [
+        w / c for w, c in zip(timings["wrapper"], timings["with_retry_fallbacks"], strict=True)
+    ]
+    bare_us = statistics.median(timings["bare"]) / 1000
+    return [
+        Result(
+            "langchain: invoke, breaker+fallback, healthy / bare FakeListChatModel.invoke",
+            vs_bare,
+            "<= 1.10",
+            statistics.median(vs_bare) <= 1.10,
+            f"bare {bare_us:.0f} us, wrapper {statistics.median(timings['wrapper']) / 1000:.0f} us",
+        ),
+        Result(
+            "langchain: invoke, breaker+fallback / with_retry().with_fallbacks([fb])",
+            vs_composed,
+            "< 1.00",
+            statistics.median(vs_composed) < 1.0,
+            f"with_retry+with_fallbacks "
+            f"{statistics.median(timings['with_retry_fallbacks']) / 1000:.0f} us",
+        ),
+    ]
+
+
+def _open_circuit(quick: bool) -> list[Result]:
+    primary = FakeListChatModel(responses=["never"])
+    fallback = FakeListChatModel(responses=["fallback"])
+    policy = CallPolicy()
+    routed = CircuitBreakerChatModel(
+        inner=primary, fallback=fallback, fallback_key="fb::fake", policy=policy
+    )
+    refusing = CircuitBreakerChatModel(inner=primary, policy=policy)
+    policy.force_open(routed.key_for())
+
+    def refuse() -> None:
+        with contextlib.suppress(CircuitOpenError):
+            refusing.invoke("hi")
+
+    timings = ratio_rows(
+        {
+            "bare_fallback": lambda: fallback.invoke("hi"),
+            "routed": lambda: routed.invoke("hi"),
+            "refused": refuse,
+        },
+        loops=200 if quick else 2_000,
+        repeats=3 if quick else 9,
+    )
+    added_us = [
+        (r - b) / 1000 for r, b in zip(timings["routed"], timings["bare_fallback"], strict=True)
+    ]
+    refused_us = [t / 1000 for t in timings["refused"]]
+    return [
+        Result(
+            "langchain: circuit open, routed to fallback: added us vs bare fallback",
+            added_us,
+            "<= 50 us",
+            statistics.median(added_us) <= 50,
+            "absolute microseconds, not a ratio",
+        ),
+        Result(
+            "langchain: circuit open, no fallback: us per refused call",
+            refused_us,
+            "<= 50 us",
+            statistics.median(refused_us) <= 50,
+            "absolute microseconds (CircuitOpenError raised and caught)",
+        ),
+    ]
+
+
+def _concurrency(quick: bool) -> list[Result]:
+    tasks = 1_000 if quick else 10_000
+    bare = AsyncEchoChatModel()
+    guarded = CircuitBreakerChatModel(inner=bare)
+
+    async def storm(model: AsyncEchoChatModel | CircuitBreakerChatModel) -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(model.ainvoke("hi") for _ in range(tasks)))
+        return time.perf_counter() - start
+
+    ratios = []
+    for repeat in range(3 if quick else 5):
+        order = [bare, guarded] if repeat % 2 == 0 else [guarded, bare]
+        seconds = {id(m): asyncio.run(storm(m)) for m in order}
+        ratios.append(seconds[id(guarded)] / seconds[id(bare)])
+
+    threads, per_thread = 16, (20 if quick else 200)
+    sync_bare = FakeListChatModel(responses=["ok"])
+    sync_guarded = CircuitBreakerChatModel(inner=sync_bare)
+
+    def threaded(model: FakeListChatModel | CircuitBreakerChatModel) -> float:
+        def work() -> None:
+            for _ in range(per_thread):
+                model.invoke("hi")
+
+        with ThreadPoolExecutor(threads) as pool:
+            start = time.perf_counter()
+            for future in [pool.submit(work) for _ in range(threads)]:
+                future.result()
+            return time.perf_counter() - start
+
+    thread_ratios = []
+    for repeat in range(3 if quick else 5):
+        pair = [sync_bare, sync_guarded] if repeat % 2 == 0 else [sync_guarded, sync_bare]
+        seconds = {id(m): threaded(m) for m in pair}
+        thread_ratios.append(seconds[id(sync_guarded)] / seconds[id(sync_bare)])
+    return [
+        Result(
+            f"langchain: {tasks:,} concurrent ainvoke, one loop / without the wrapper",
+            ratios,
+            "<= 1.10",
+            statistics.median(ratios) <= 1.10,
+            "native-async fake model",
+        ),
+        Result(
+            f"langchain: {threads} threads x {per_thread} invoke / without the wrapper",
+            thread_ratios,
+            "<= 1.10",
+            statistics.median(thread_ratios) <= 1.10,
+            "FakeListChatModel",
+        ),
+    ]
+
+
+def run(*, quick: bool) -> list[Result]:
+    return [*_overhead(quick), *_open_circuit(quick), *_concurrency(quick)]
