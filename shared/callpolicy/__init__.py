@@ -16,6 +16,12 @@ and fallback, for LLM calls. Framework-free; the LangChain and LlamaIndex wrappe
 'served by the fallback'
 """
 
+from ._budget import Budget, BudgetUsage, MissingPriceError, Price, Usage
+from ._budget_store import BudgetExceededError, BudgetStore, MemoryBudgetStore, Reservation
+from ._cache import CacheStats, CacheStatus, ResponseCache
+from ._cache_backend import CacheBackend, MemoryCacheBackend
+from ._cache_key import cache_key
+from ._cache_sqlite import SQLiteCacheBackend
 from ._classify import Classification, Classifier, classify_error, retry_after_from_headers
 from ._config import (
     DEFAULT_COUNTED_ERRORS,
@@ -28,6 +34,7 @@ from ._errors import CallPolicyError, CircuitOpenError
 from ._events import Event, EventKind, Listener
 from ._memory import MemoryStore
 from ._policy import CallPolicy
+from ._request import CallRequest
 from ._store import Circuit, CircuitStore, Permit, Transition
 from ._types import CircuitSnapshot, CircuitState, ErrorClass, Outcome, circuit_key, split_key
 
@@ -35,7 +42,15 @@ __all__ = [
     "DEFAULT_COUNTED_ERRORS",
     "DEFAULT_RETRYABLE_ERRORS",
     "BreakerConfig",
+    "Budget",
+    "BudgetExceededError",
+    "BudgetStore",
+    "BudgetUsage",
+    "CacheBackend",
+    "CacheStats",
+    "CacheStatus",
     "CallPolicy",
+    "CallRequest",
     "CallPolicyError",
     "Circuit",
     "CircuitOpenError",
@@ -49,11 +64,20 @@ __all__ = [
     "EventKind",
     "FallbackOn",
     "Listener",
+    "MemoryBudgetStore",
+    "MemoryCacheBackend",
     "MemoryStore",
+    "MissingPriceError",
     "Outcome",
     "Permit",
+    "Price",
+    "Reservation",
+    "ResponseCache",
     "RetryPolicy",
+    "SQLiteCacheBackend",
     "Transition",
+    "Usage",
+    "cache_key",
     "circuit_key",
     "classify_error",
     "retry_after_from_headers",

@@ -29,6 +29,9 @@ class EventKind(str, enum.Enum):
     """A call was refused because the circuit is open (before any fallback)."""
     RETRY = "retry"
     FALLBACK = "fallback"
+    CACHE_HIT = "cache_hit"
+    """An answer served from the response cache (``reason``: hit, shared or stale)."""
+    BUDGET_REFUSED = "budget_refused"
 
     def __str__(self) -> str:
         return self.value
@@ -94,8 +97,10 @@ Listener = Callable[[Event], None]
 def _level(event: Event) -> int:
     if event.kind is EventKind.STATE_CHANGE:
         return logging.WARNING if event.state is CircuitState.OPEN else logging.INFO
-    if event.kind is EventKind.REFUSED:
+    if event.kind in (EventKind.REFUSED, EventKind.CACHE_HIT):
         return logging.DEBUG
+    if event.kind is EventKind.BUDGET_REFUSED:
+        return logging.WARNING
     return logging.INFO
 
 
@@ -115,6 +120,10 @@ def _describe(event: Event) -> str:
     if event.kind is EventKind.FALLBACK:
         cause = event.error_type or "open circuit"
         return f"fallback serving {where} ({cause}, {event.error_class or event.state})"
+    if event.kind is EventKind.CACHE_HIT:
+        return f"cache {event.reason} for {where}"
+    if event.kind is EventKind.BUDGET_REFUSED:
+        return f"budget refused {where}: {event.reason}"
     return f"refused {where}: circuit {event.state}"
 
 

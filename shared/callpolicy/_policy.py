@@ -23,12 +23,17 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar, get_args
 
+from ._budget import Budget, Usage
+from ._budget_store import BudgetExceededError
+from ._cache import ResponseCache
+from ._cache_key import cache_key
 from ._classify import Classification, Classifier, classify_error
 from ._config import BreakerConfig, FallbackOn, RetryPolicy
 from ._errors import CircuitOpenError, add_note
 from ._events import Event, EventKind, Listener, dispatch, logger
 from ._memory import MemoryStore
 from ._report import html_table, text_table
+from ._request import CallRequest
 from ._store import Circuit, CircuitStore, Permit, Transition
 from ._types import CircuitSnapshot, CircuitState, Outcome, split_key
 
@@ -216,6 +221,9 @@ class CallPolicy:
         *,
         fallback: Callable[[], T] | None = None,
         fallback_key: str | None = None,
+        budget: Budget | None = None,
+        cache: ResponseCache | None = None,
+        request: CallRequest[T] | None = None,
     ) -> T:
         """Run ``call()`` under ``key``'s breaker, with retry and fallback as configured.
 
@@ -223,7 +231,13 @@ class CallPolicy:
         primary failed; it runs under ``fallback_key``'s breaker when one is given, once,
         without retries. Errors propagate unchanged: a refused call raises
         :class:`CircuitOpenError`, a failed one the provider's own exception.
+
+        With a ``cache`` and/or a ``budget`` (``request`` then describes the call), the
+        order is cache -> budget -> fallback -> retry -> breaker: a hit costs no budget,
+        and a call the budget refuses (:class:`BudgetExceededError`) reaches no model.
         """
+        if budget is not None or cache is not None:
+            return self._cached(key, call, fallback, fallback_key, budget, cache, request)
         circuit = self._circuits.get(key) or self.circuit(key)
         try:
             permit = circuit.admit()
@@ -300,11 +314,16 @@ class CallPolicy:
         *,
         fallback: Callable[[], Awaitable[T]] | None = None,
         fallback_key: str | None = None,
+        budget: Budget | None = None,
+        cache: ResponseCache | None = None,
+        request: CallRequest[T] | None = None,
     ) -> T:
         """Async :meth:`execute`: ``call`` and ``fallback`` return awaitables.
 
         No lock is held across an ``await``; a cancelled call frees its probe slot.
         """
+        if budget is not None or cache is not None:
+            return await self._acached(key, call, fallback, fallback_key, budget, cache, request)
         circuit = self._circuits.get(key) or self.circuit(key)
         native = circuit.is_async_native
         try:
@@ -402,6 +421,125 @@ class CallPolicy:
             self._refused(circuit, refusal)
             self._note_gave_up(last_error, circuit, attempt - 1, started, "the circuit opened")
             return None
+
+    # -- the outer policies: cache, then budget ---------------------------------------
+    def _cached(
+        self,
+        key: str,
+        call: Callable[[], T],
+        fallback: Callable[[], T] | None,
+        fallback_key: str | None,
+        budget: Budget | None,
+        cache: ResponseCache | None,
+        request: CallRequest[T] | None,
+    ) -> T:
+        request = _require_request(request)
+
+        def budgeted() -> T:
+            if budget is None:
+                return self.execute(key, call, fallback=fallback, fallback_key=fallback_key)
+            try:
+                reservation = budget.reserve(key, budget.estimate(request.input_text()))
+            except BudgetExceededError as refusal:
+                self._budget_refused(key, refusal)
+                raise
+            answered = [key]
+            routed = None
+            if fallback is not None:
+
+                def routed() -> T:
+                    answered[0] = fallback_key or key
+                    return fallback()
+
+            try:
+                result = self.execute(key, call, fallback=routed, fallback_key=fallback_key)
+            except CircuitOpenError:
+                budget.release(reservation, refund_call=answered[0] == key)
+                raise
+            except BaseException:
+                budget.release(reservation)
+                raise
+            budget.commit(reservation, _usage(request, result), key=answered[0])
+            return result
+
+        if cache is None:
+            return budgeted()
+        encode, decode = request.encode, request.decode
+        if encode is None or decode is None:
+            raise TypeError("request: encode and decode are needed when a cache is given")
+        value, status = cache.get_or_compute(
+            _cache_key(key, request), budgeted, encode=encode, decode=decode
+        )
+        return self._served_from_cache(key, request, value, status)
+
+    async def _acached(
+        self,
+        key: str,
+        call: Callable[[], Awaitable[T]],
+        fallback: Callable[[], Awaitable[T]] | None,
+        fallback_key: str | None,
+        budget: Budget | None,
+        cache: ResponseCache | None,
+        request: CallRequest[T] | None,
+    ) -> T:
+        request = _require_request(request)
+
+        async def budgeted() -> T:
+            if budget is None:
+                return await self.aexecute(key, call, fallback=fallback, fallback_key=fallback_key)
+            try:
+                reservation = await budget.areserve(key, budget.estimate(request.input_text()))
+            except BudgetExceededError as refusal:
+                self._budget_refused(key, refusal)
+                raise
+            answered = [key]
+            routed = None
+            if fallback is not None:
+
+                async def routed() -> T:
+                    answered[0] = fallback_key or key
+                    return await fallback()
+
+            try:
+                result = await self.aexecute(key, call, fallback=routed, fallback_key=fallback_key)
+            except CircuitOpenError:
+                await budget.arelease(reservation, refund_call=answered[0] == key)
+                raise
+            except BaseException:
+                await budget.arelease(reservation)
+                raise
+            await budget.acommit(reservation, _usage(request, result), key=answered[0])
+            return result
+
+        if cache is None:
+            return await budgeted()
+        encode, decode = request.encode, request.decode
+        if encode is None or decode is None:
+            raise TypeError("request: encode and decode are needed when a cache is given")
+        value, status = await cache.aget_or_compute(
+            _cache_key(key, request), budgeted, encode=encode, decode=decode
+        )
+        return self._served_from_cache(key, request, value, status)
+
+    def _budget_refused(self, key: str, refusal: BudgetExceededError) -> None:
+        provider, model = split_key(key)
+        dispatch(
+            Event(
+                EventKind.BUDGET_REFUSED,
+                key,
+                provider,
+                model,
+                reason=f"{refusal.kind}: {refusal.consumed} of {refusal.limit}",
+            ),
+            self._listeners,
+        )
+
+    def _served_from_cache(self, key: str, request: CallRequest[T], value: T, status: str) -> T:
+        if status == "miss":
+            return value
+        provider, model = split_key(key)
+        dispatch(Event(EventKind.CACHE_HIT, key, provider, model, reason=status), self._listeners)
+        return request.mark(value, status) if request.mark is not None else value
 
     # -- decisions shared by sync and async ----------------------------------------------
     def _judge(self, exc: BaseException) -> tuple[Classification, Outcome]:
@@ -517,6 +655,23 @@ class CallPolicy:
             ),
             self._listeners,
         )
+
+
+def _require_request(request: CallRequest[T] | None) -> CallRequest[T]:
+    if request is None:
+        raise TypeError("request: a CallRequest is needed when a budget or cache is given")
+    return request
+
+
+def _usage(request: CallRequest[T], result: T) -> Usage | None:
+    if request.usage is None:
+        return None
+    return Usage.from_report(request.usage(result))
+
+
+def _cache_key(key: str, request: CallRequest[T]) -> str:
+    # The breaker key (provider and model) is always part of the cache key.
+    return cache_key({"callpolicy_key": key, "request": request.describe()})
 
 
 def policy_from_options(

@@ -1,0 +1,574 @@
+"""The response cache: a hit returns the full answer and costs nothing downstream.
+
+:class:`ResponseCache` sits outermost (cache -> budget -> fallback -> retry -> breaker ->
+model): a hit spends no budget, takes no breaker slot and makes no model call. It works on
+JSON-able dicts: the adapters encode a framework answer (content, tool calls, usage,
+response metadata) to a dict and decode it back, and the cache stores JSON text — never
+pickle, so a cache file can never run code. What it adds to a plain key-value store:
+
+- **freshness**: ``ttl`` per entry, checked by the cache (the stored envelope carries the
+  creation and expiry times, wall clock, so they survive a restart);
+- **single flight**: concurrent identical misses collapse into one model call
+  (:meth:`ResponseCache.get_or_compute`); waiters get their own decoded copy of the
+  leader's answer, or its exception; errors are never cached;
+- **stale answers**, optional: with ``serve_stale_when_open=True`` an expired entry is kept
+  ``stale_ttl`` longer and served — marked ``"stale"`` — when the call fails because the
+  circuit is open and no fallback answered (:class:`~callpolicy.CircuitOpenError`);
+- **robustness**: an entry that is not valid JSON, or that the adapter cannot decode, is a
+  miss with a warning (and is deleted), never a crash; a backend failure is a miss too.
+
+The key is :func:`~callpolicy.cache_key` of the request (see ``_cache_key``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+
+from ._cache_backend import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    CacheBackend,
+    MemoryCacheBackend,
+)
+from ._config import Seconds
+from ._errors import CircuitOpenError
+from ._flight import Flight, SingleFlight
+
+__all__ = ["CacheStats", "CacheStatus", "ResponseCache"]
+
+logger = logging.getLogger("callpolicy")
+
+T = TypeVar("T")
+
+CacheStatus = Literal["hit", "miss", "shared", "stale"]
+"""Where an answer from :meth:`ResponseCache.get_or_compute` came from.
+
+- ``"hit"``: a fresh cached entry;
+- ``"miss"``: this caller's own model call (now cached);
+- ``"shared"``: another caller's identical call, in the air when this one asked (single
+  flight) — no model call of its own, like a hit;
+- ``"stale"``: an expired entry, served because the circuit is open.
+"""
+
+_VERSION = 1
+_MISS: Any = object()
+
+
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a bool")
+    return value
+
+
+_Count = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
+
+
+class _CacheOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", title="ResponseCache")
+
+    ttl: Seconds | None = Field(default=None, gt=0)
+    max_entries: _Count | None = None
+    max_bytes: _Count | None = None
+    serve_stale_when_open: StrictBool = False
+    stale_ttl: Seconds | None = Field(default=86_400.0, gt=0)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """Counts since the cache was made (or :meth:`ResponseCache.clear`)."""
+
+    hits: int
+    misses: int
+    """Lookups that found nothing fresh and called the model."""
+    shared: int
+    """Callers served by another caller's identical call in the air (single flight)."""
+    stale: int
+    errors: int
+    """Model calls that raised (never cached)."""
+    unreadable: int
+    """Entries that could not be read or decoded (each was a miss, with a warning)."""
+    entries: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class ResponseCache:
+    """Cached model answers by request key, with TTL, LRU bounds and single flight.
+
+    Args:
+        backend: where entries live: a :class:`MemoryCacheBackend` (the default),
+            a :class:`SQLiteCacheBackend`, or any :class:`CacheBackend`.
+        ttl: seconds (or a ``timedelta``) an answer stays fresh; None (default): until
+            evicted.
+        max_entries, max_bytes: bounds of the default memory backend (10 000 entries,
+            64 MiB); give a backend its own bounds instead.
+        serve_stale_when_open: off by default. When on, an expired answer is kept
+            ``stale_ttl`` more seconds and served, marked ``"stale"``, when the call
+            fails with :class:`~callpolicy.CircuitOpenError` (the circuit is open and no
+            fallback answered).
+        stale_ttl: how long past its ``ttl`` an answer may be served stale (default one
+            day; None: until evicted).
+        clock: wall-clock seconds (``time.time``): stored times must survive a restart.
+
+    >>> cache = ResponseCache(ttl=3600)
+    >>> calls = []
+    >>> def ask():
+    ...     calls.append(1)
+    ...     return {"content": "Paris"}
+    >>> cache.get_or_compute("k1", ask, encode=dict, decode=dict)
+    ({'content': 'Paris'}, 'miss')
+    >>> cache.get_or_compute("k1", ask, encode=dict, decode=dict)
+    ({'content': 'Paris'}, 'hit')
+    >>> len(calls)
+    1
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: CacheBackend | None = None,
+        ttl: float | timedelta | None = None,
+        max_entries: int | None = None,
+        max_bytes: int | None = None,
+        serve_stale_when_open: bool = False,
+        stale_ttl: float | timedelta | None = 86_400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        options = _CacheOptions(
+            ttl=ttl,
+            max_entries=max_entries,
+            max_bytes=max_bytes,
+            serve_stale_when_open=serve_stale_when_open,
+            stale_ttl=stale_ttl,
+        )
+        if not callable(clock):
+            raise TypeError("clock: expected a callable returning wall-clock seconds")
+        if backend is None:
+            backend = MemoryCacheBackend(
+                max_entries=options.max_entries or DEFAULT_MAX_ENTRIES,
+                max_bytes=options.max_bytes or DEFAULT_MAX_BYTES,
+                clock=clock,
+            )
+        elif not isinstance(backend, CacheBackend):
+            raise TypeError(f"backend: {type(backend).__name__} does not implement CacheBackend")
+        elif options.max_entries is not None or options.max_bytes is not None:
+            raise TypeError(
+                "max_entries/max_bytes bound the default memory backend; "
+                "give your backend its own bounds instead"
+            )
+        self.backend: CacheBackend = backend
+        self.ttl: float | None = options.ttl
+        self.serve_stale_when_open: bool = options.serve_stale_when_open
+        self.stale_ttl: float | None = options.stale_ttl
+        # How long the backend keeps an entry: its freshness, plus the stale grace period.
+        self._keep: float | None = options.ttl
+        if options.serve_stale_when_open and options.ttl is not None:
+            self._keep = None if options.stale_ttl is None else options.ttl + options.stale_ttl
+        self._clock = clock
+        self._flights = SingleFlight()
+        self._stats_lock = threading.Lock()
+        self._counts = dict.fromkeys(
+            ("hits", "misses", "shared", "stale", "errors", "unreadable"), 0
+        )
+
+    # -- plain access ----------------------------------------------------------------
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The fresh payload under ``key`` (a new dict each time), or None."""
+        found = self._open(key, self._read(key), stale_ok=False)
+        self._count("misses" if found is None else "hits")
+        return found
+
+    def set(self, key: str, payload: Mapping[str, Any]) -> bool:
+        """Store ``payload`` (JSON-able) under ``key``; False, with a warning, if it is not
+        JSON-able (then nothing is stored)."""
+        text = self._envelope(key, payload)
+        if text is None:
+            return False
+        self._write(key, text)
+        return True
+
+    def get_stale(self, key: str) -> dict[str, Any] | None:
+        """The payload under ``key`` even if expired (within ``stale_ttl`` when serving
+        stale answers; a backend drops expired entries otherwise), or None."""
+        return self._open(key, self._read(key), stale_ok=True)
+
+    def delete(self, key: str) -> None:
+        self.backend.delete(key)
+
+    def clear(self) -> None:
+        """Remove every entry and zero the counts."""
+        self.backend.clear()
+        with self._stats_lock:
+            self._counts = dict.fromkeys(self._counts, 0)
+
+    def stats(self) -> CacheStats:
+        with self._stats_lock:
+            counts = dict(self._counts)
+        return CacheStats(entries=len(self.backend), **counts)
+
+    async def aget(self, key: str) -> dict[str, Any] | None:
+        """Async :meth:`get`."""
+        found = self._open(key, await self._aread(key), stale_ok=False)
+        self._count("misses" if found is None else "hits")
+        return found
+
+    async def aset(self, key: str, payload: Mapping[str, Any]) -> bool:
+        """Async :meth:`set`."""
+        text = self._envelope(key, payload)
+        if text is None:
+            return False
+        await self._awrite(key, text)
+        return True
+
+    async def aget_stale(self, key: str) -> dict[str, Any] | None:
+        """Async :meth:`get_stale`."""
+        return self._open(key, await self._aread(key), stale_ok=True)
+
+    # -- the guarded call, sync ------------------------------------------------------
+    def get_or_compute(
+        self,
+        key: str,
+        compute: Callable[[], T],
+        *,
+        encode: Callable[[T], Mapping[str, Any]],
+        decode: Callable[[dict[str, Any]], T],
+    ) -> tuple[T, CacheStatus]:
+        """The answer under ``key``, or ``compute()``'s (then cached), with where it came
+        from (:data:`CacheStatus`).
+
+        Concurrent callers of one key that all miss make one ``compute()`` call (single
+        flight, across threads and asyncio tasks); the others get ``decode`` of its
+        encoded answer — their own copy — or its exception. An exception is never cached.
+        ``encode`` turns an answer into a JSON-able dict and ``decode`` turns it back; an
+        answer that does not encode is returned but not cached (with a warning).
+        """
+        while True:
+            text = self._read(key)
+            if text is not None:
+                value = self._decoded(key, text, decode, stale_ok=False)
+                if value is not _MISS:
+                    self._count("hits")
+                    return value, "hit"
+            flight, leader = self._flights.join(key)
+            if leader:
+                return self._lead(key, flight, compute, encode, decode)
+            if not self._flights.wait(flight) or flight.alone:
+                return self._compute_alone(key, compute, decode)
+            if flight.error is not None:
+                stale = self._stale(key, flight.error, decode)
+                if stale is not _MISS:
+                    return stale, "stale"
+                raise flight.error
+            served = self._shared(key, flight, decode)
+            if served is not _MISS:
+                return served, "shared"
+            # Abandoned, or its answer did not decode: look again, perhaps to lead.
+
+    def _lead(
+        self,
+        key: str,
+        flight: Flight,
+        compute: Callable[[], T],
+        encode: Callable[[T], Mapping[str, Any]],
+        decode: Callable[[dict[str, Any]], T],
+    ) -> tuple[T, CacheStatus]:
+        text: str | None = None
+        error: BaseException | None = None
+        alone = False
+        try:
+            # Another leader may have stored the answer between our lookup and our lead.
+            found = self._read(key)
+            if found is not None:
+                value = self._decoded(key, found, decode, stale_ok=False)
+                if value is not _MISS:
+                    text = found
+                    self._count("hits")
+                    return value, "hit"
+            self._count("misses")
+            try:
+                value = compute()
+            except Exception as exc:
+                error = exc
+                self._count("errors")
+                stale = self._stale(key, exc, decode)
+                if stale is not _MISS:
+                    return stale, "stale"
+                raise
+            text = self._encoded(key, value, encode)
+            if text is not None:
+                self._write(key, text)
+            alone = text is None
+            return value, "miss"
+        finally:
+            # Also on cancellation or an interrupt (neither text nor error: abandoned, and
+            # the waiters try again rather than wait forever).
+            self._flights.finish(key, flight, text=text, error=error, alone=alone)
+
+    def _compute_alone(
+        self, key: str, compute: Callable[[], T], decode: Callable[[dict[str, Any]], T]
+    ) -> tuple[T, CacheStatus]:
+        self._count("misses")
+        try:
+            return compute(), "miss"
+        except Exception as exc:
+            self._count("errors")
+            stale = self._stale(key, exc, decode)
+            if stale is not _MISS:
+                return stale, "stale"
+            raise
+
+    def _shared(self, key: str, flight: Flight, decode: Callable[[dict[str, Any]], T]) -> Any:
+        """A waiter's own copy of the leader's answer (``_MISS``: abandoned, or it did not
+        decode; look again)."""
+        if flight.text is None:
+            return _MISS
+        value = self._decoded(key, flight.text, decode, stale_ok=True, stored=False)
+        if value is not _MISS:
+            self._count("shared")
+        return value
+
+    # -- the guarded call, async -----------------------------------------------------
+    async def aget_or_compute(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[T]],
+        *,
+        encode: Callable[[T], Mapping[str, Any]],
+        decode: Callable[[dict[str, Any]], T],
+    ) -> tuple[T, CacheStatus]:
+        """Async :meth:`get_or_compute`: ``compute`` returns an awaitable. Collapses with
+        sync callers of the same key too. No lock is held across an ``await``; a leader
+        that is cancelled leaves its waiters to try again (one of them leads)."""
+        while True:
+            text = await self._aread(key)
+            if text is not None:
+                value = self._decoded(key, text, decode, stale_ok=False)
+                if value is not _MISS:
+                    self._count("hits")
+                    return value, "hit"
+            flight, leader = self._flights.join(key)
+            if leader:
+                return await self._alead(key, flight, compute, encode, decode)
+            if not await self._flights.await_(flight) or flight.alone:
+                return await self._acompute_alone(key, compute, decode)
+            if flight.error is not None:
+                stale = await self._astale(key, flight.error, decode)
+                if stale is not _MISS:
+                    return stale, "stale"
+                raise flight.error
+            served = self._shared(key, flight, decode)
+            if served is not _MISS:
+                return served, "shared"
+
+    async def _alead(
+        self,
+        key: str,
+        flight: Flight,
+        compute: Callable[[], Awaitable[T]],
+        encode: Callable[[T], Mapping[str, Any]],
+        decode: Callable[[dict[str, Any]], T],
+    ) -> tuple[T, CacheStatus]:
+        text: str | None = None
+        error: BaseException | None = None
+        alone = False
+        try:
+            found = await self._aread(key)
+            if found is not None:
+                value = self._decoded(key, found, decode, stale_ok=False)
+                if value is not _MISS:
+                    text = found
+                    self._count("hits")
+                    return value, "hit"
+            self._count("misses")
+            try:
+                value = await compute()
+            except Exception as exc:
+                error = exc
+                self._count("errors")
+                stale = await self._astale(key, exc, decode)
+                if stale is not _MISS:
+                    return stale, "stale"
+                raise
+            text = self._encoded(key, value, encode)
+            alone = text is None
+            if text is not None:
+                await self._awrite(key, text)
+            return value, "miss"
+        finally:
+            self._flights.finish(key, flight, text=text, error=error, alone=alone)
+
+    async def _acompute_alone(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[T]],
+        decode: Callable[[dict[str, Any]], T],
+    ) -> tuple[T, CacheStatus]:
+        self._count("misses")
+        try:
+            return await compute(), "miss"
+        except Exception as exc:
+            self._count("errors")
+            stale = await self._astale(key, exc, decode)
+            if stale is not _MISS:
+                return stale, "stale"
+            raise
+
+    # -- stale answers ------------------------------------------------------------------
+    def _stale(self, key: str, exc: BaseException, decode: Callable[[dict[str, Any]], T]) -> Any:
+        if not (self.serve_stale_when_open and isinstance(exc, CircuitOpenError)):
+            return _MISS
+        return self._stale_from(key, self._read(key), exc, decode)
+
+    async def _astale(
+        self, key: str, exc: BaseException, decode: Callable[[dict[str, Any]], T]
+    ) -> Any:
+        if not (self.serve_stale_when_open and isinstance(exc, CircuitOpenError)):
+            return _MISS
+        return self._stale_from(key, await self._aread(key), exc, decode)
+
+    def _stale_from(
+        self,
+        key: str,
+        text: str | None,
+        exc: BaseException,
+        decode: Callable[[dict[str, Any]], T],
+    ) -> Any:
+        if text is None:
+            return _MISS
+        value = self._decoded(key, text, decode, stale_ok=True)
+        if value is not _MISS:
+            self._count("stale")
+            logger.info("callpolicy cache: serving a stale answer for %s (%s)", key, exc)
+        return value
+
+    # -- encoding ----------------------------------------------------------------------
+    def _envelope(self, key: str, payload: Mapping[str, Any]) -> str | None:
+        now = self._clock()
+        envelope = {
+            "v": _VERSION,
+            "created": now,
+            "expires": None if self.ttl is None else now + self.ttl,
+            "payload": payload,
+        }
+        try:
+            if not isinstance(payload, Mapping):
+                raise TypeError(f"expected a dict, got {type(payload).__name__}")
+            return json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            logger.warning("callpolicy cache: answer for %s not cached, not JSON: %s", key, exc)
+            return None
+
+    def _encoded(self, key: str, value: T, encode: Callable[[T], Mapping[str, Any]]) -> str | None:
+        try:
+            payload = encode(value)
+        except Exception as exc:
+            logger.warning(
+                "callpolicy cache: answer for %s not cached, encode failed: %r", key, exc
+            )
+            return None
+        return self._envelope(key, payload)
+
+    def _open(self, key: str, text: str | None, *, stale_ok: bool) -> dict[str, Any] | None:
+        """The payload of a stored envelope if fresh (or ``stale_ok``); None otherwise. An
+        unreadable envelope is deleted, with a warning."""
+        if text is None:
+            return None
+        try:
+            envelope = json.loads(text)
+            if not isinstance(envelope, dict) or envelope.get("v") != _VERSION:
+                raise ValueError("not a callpolicy cache entry")
+            payload = envelope["payload"]
+            expires = envelope["expires"]
+            if not isinstance(payload, dict) or not (
+                expires is None or isinstance(expires, (int, float))
+            ):
+                raise ValueError("malformed cache entry")
+        except (ValueError, KeyError, TypeError) as exc:
+            self._unreadable(key, exc)
+            return None
+        if not stale_ok and expires is not None and expires <= self._clock():
+            return None
+        return payload
+
+    def _decoded(
+        self,
+        key: str,
+        text: str,
+        decode: Callable[[dict[str, Any]], T],
+        *,
+        stale_ok: bool,
+        stored: bool = True,
+    ) -> Any:
+        payload = self._open(key, text, stale_ok=stale_ok)
+        if payload is None:
+            return _MISS
+        try:
+            return decode(payload)
+        except Exception as exc:
+            self._unreadable(key, exc, stored=stored)
+            return _MISS
+
+    def _unreadable(self, key: str, why: object, *, stored: bool = True) -> None:
+        self._count("unreadable")
+        logger.warning(
+            "callpolicy cache: unreadable entry %s (%r); treated as a miss%s",
+            key,
+            why,
+            " and removed" if stored else "",
+        )
+        if stored:
+            try:
+                self.backend.delete(key)
+            except Exception as exc:
+                logger.debug("callpolicy cache: could not delete %s: %r", key, exc)
+
+    # -- backend access: a failing backend is a miss, never a failed call ----------------
+    def _read(self, key: str) -> str | None:
+        try:
+            return self.backend.get(key)
+        except Exception as exc:
+            logger.warning("callpolicy cache: lookup of %s failed: %r", key, exc)
+            return None
+
+    async def _aread(self, key: str) -> str | None:
+        backend = self.backend
+        try:
+            if backend.is_async_native:
+                return await backend.aget(key)
+            return backend.get(key)
+        except Exception as exc:
+            logger.warning("callpolicy cache: lookup of %s failed: %r", key, exc)
+            return None
+
+    def _write(self, key: str, text: str) -> None:
+        try:
+            self.backend.set(key, text, ttl=self._keep)
+        except Exception as exc:
+            logger.warning("callpolicy cache: could not store %s: %r", key, exc)
+
+    async def _awrite(self, key: str, text: str) -> None:
+        backend = self.backend
+        try:
+            if backend.is_async_native:
+                await backend.aset(key, text, ttl=self._keep)
+            else:
+                backend.set(key, text, ttl=self._keep)
+        except Exception as exc:
+            logger.warning("callpolicy cache: could not store %s: %r", key, exc)
+
+    def _count(self, name: str) -> None:
+        with self._stats_lock:
+            self._counts[name] += 1
+
+    def __repr__(self) -> str:
+        return f"ResponseCache(backend={self.backend!r}, ttl={self.ttl!r})"
