@@ -377,7 +377,12 @@ class Budget:
             per_key=per_key,
         )
         if store is not None and not isinstance(store, BudgetStore):
-            raise TypeError(f"store: {type(store).__name__} does not implement BudgetStore")
+            # A shared store that carries several kinds of state (RedisStore) hands out
+            # its budget store, so the same object can be given to every policy.
+            as_budget_store = getattr(store, "budget_store", None)
+            if not callable(as_budget_store):
+                raise TypeError(f"store: {type(store).__name__} does not implement BudgetStore")
+            store = as_budget_store()
         if not callable(estimate_tokens):
             raise TypeError("estimate_tokens: expected a callable taking the prompt's text")
         self.max_calls: int | None = options.max_calls

@@ -160,7 +160,13 @@ class ResponseCache:
                 clock=clock,
             )
         elif not isinstance(backend, CacheBackend):
-            raise TypeError(f"backend: {type(backend).__name__} does not implement CacheBackend")
+            # A shared store (RedisStore) hands out its cache backend.
+            as_backend = getattr(backend, "cache_backend", None)
+            if not callable(as_backend):
+                raise TypeError(
+                    f"backend: {type(backend).__name__} does not implement CacheBackend"
+                )
+            backend = as_backend()
         elif options.max_entries is not None or options.max_bytes is not None:
             raise TypeError(
                 "max_entries/max_bytes bound the default memory backend; "

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -223,6 +224,8 @@ def retry_after_from_headers(headers: Any, *, now: Callable[[], float] = time.ti
             when = parsedate_to_datetime(raw)
         except (TypeError, ValueError, IndexError):
             return None
+        if when.tzinfo is None:  # "-0000" or no zone (asctime): HTTP dates are always UTC
+            when = when.replace(tzinfo=timezone.utc)
         return max(when.timestamp() - now(), 0.0)
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 

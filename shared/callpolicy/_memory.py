@@ -205,9 +205,10 @@ class _MemoryCircuit:
         self._consecutive_trips = 0
         self._in_flight = 0
         self._clear_window()
-        transition = self._move(_CLOSED, reason)
-        self._closed_permit = Permit(self._generation, probe=False)
-        return transition
+        # The new period's permit before the state: admit() reads the state without the
+        # lock, and a call that sees CLOSED must get a permit of this period, not the last.
+        self._closed_permit = Permit(self._generation + 1, probe=False)
+        return self._move(_CLOSED, reason)
 
     def _clear_window(self) -> None:
         if self._window is not None:

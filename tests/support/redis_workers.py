@@ -60,3 +60,40 @@ def probe_and_hold(
         policy.execute(KEY, model)
     except CircuitOpenError:
         results.put("refused")
+
+
+def reserve_many(url: str, prefix: str, attempts: int, results: Any) -> None:
+    """Try ``attempts`` reservations against a shared 10-call budget; report successes."""
+    from callpolicy import Budget, BudgetExceededError
+
+    budget = Budget(max_calls=10, store=RedisStore.from_url(url, prefix=prefix))
+    granted = 0
+    for _ in range(attempts):
+        try:
+            reservation = budget.reserve(KEY, 1)
+        except BudgetExceededError:
+            continue
+        budget.commit(reservation, None)
+        granted += 1
+    results.put(granted)
+
+
+def cached_call(url: str, prefix: str, results: Any) -> None:
+    """One cached call through a shared Redis cache; report where the answer came from."""
+    from callpolicy import CallRequest, ResponseCache
+
+    store = RedisStore.from_url(url, prefix=prefix)
+    policy = CallPolicy(store=store)
+    request: CallRequest[dict[str, str]] = CallRequest(
+        describe=lambda: {"messages": ["what is 2+2?"]},
+        encode=lambda answer: answer,
+        decode=lambda payload: payload,
+        mark=lambda answer, status: {**answer, "status": status},
+    )
+    answer = policy.execute(
+        KEY,
+        lambda: {"text": "4", "status": "model"},
+        cache=ResponseCache(backend=store),
+        request=request,
+    )
+    results.put(answer["status"])

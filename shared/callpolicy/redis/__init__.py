@@ -4,6 +4,8 @@
 >>> store = RedisStore.from_url("redis://127.0.0.1:6379/0", prefix="callpolicy")  # doctest: +SKIP
 """
 
+from ._budget import BudgetUnavailableError, RedisBudgetStore
+from ._cache import RedisCacheBackend
 from ._store import RedisStore
 
-__all__ = ["RedisStore"]
+__all__ = ["BudgetUnavailableError", "RedisBudgetStore", "RedisCacheBackend", "RedisStore"]

@@ -13,16 +13,13 @@ import asyncio
 import inspect
 import logging
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import redis
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._config import BreakerConfig
 from .._errors import CircuitOpenError
@@ -30,12 +27,14 @@ from .._memory import MemoryStore
 from .._store import Circuit, Permit, Transition, TransitionListener
 from .._types import CircuitSnapshot, CircuitState, Outcome, split_key
 from . import _scripts
+from ._budget import RedisBudgetStore
+from ._cache import RedisCacheBackend
+from ._connection import UNREACHABLE, Health, text
 
 __all__ = ["RedisStore"]
 
 logger = logging.getLogger("callpolicy.redis")
 
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 _OUTCOME_CODES = {Outcome.SUCCESS: "s", Outcome.FAILURE: "f", Outcome.IGNORED: "i"}
 _STATES = {s.value: s for s in CircuitState}
 _ASYNC_CLIENT_SETTINGS = frozenset(inspect.signature(aioredis.Redis.__init__).parameters) - {
@@ -52,51 +51,6 @@ class _RedisPermit(Permit):
         self.permit_id = permit_id
         self.clean = clean
         """Admitted while closed with no failure on record: a success changes nothing."""
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class _Health:
-    """Whether Redis is thought reachable, and when to try again if not."""
-
-    def __init__(self, *, backoff_base: float, backoff_max: float) -> None:
-        self._lock = threading.Lock()
-        self._down_since: float | None = None
-        self._retry_at = 0.0
-        self._backoff = backoff_base
-        self._base = backoff_base
-        self._max = backoff_max
-
-    def usable(self) -> bool:
-        return self._down_since is None or time.monotonic() >= self._retry_at
-
-    def failed(self, exc: BaseException) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if self._down_since is None:
-                self._down_since = now
-                self._backoff = self._base
-                logger.warning(
-                    "callpolicy: Redis unreachable (%s); circuits use local state until it "
-                    "answers again",
-                    type(exc).__name__,
-                )
-            else:
-                self._backoff = min(self._backoff * 2, self._max)
-            self._retry_at = now + self._backoff
-
-    def succeeded(self) -> None:
-        if self._down_since is None:
-            return
-        with self._lock:
-            if self._down_since is not None:
-                logger.info(
-                    "callpolicy: Redis reachable again after %.1fs; shared state resumes",
-                    time.monotonic() - self._down_since,
-                )
-                self._down_since = None
 
 
 class _RedisCircuit:
@@ -144,7 +98,7 @@ class _RedisCircuit:
     # -- results of the scripts ------------------------------------------------------
     def _admitted(self, reply: Sequence[Any], permit_id: str) -> Permit:
         decision, generation, failures, retry_in_ms, moved = reply
-        moved = _text(moved)
+        moved = text(moved)
         if moved:
             self._notify(
                 Transition(
@@ -170,8 +124,8 @@ class _RedisCircuit:
 
     def _recorded(self, reply: Sequence[Any]) -> CircuitState:
         state, old, reason, failures, cooldown_ms = reply
-        new = _STATES[_text(state)]
-        old_text = _text(old)
+        new = _STATES[text(state)]
+        old_text = text(old)
         if old_text:
             self._notify(
                 Transition(
@@ -181,7 +135,7 @@ class _RedisCircuit:
                     _STATES[old_text],
                     new,
                     int(failures),
-                    _text(reason),
+                    text(reason),
                     cooldown_ms / 1000.0 if new is CircuitState.OPEN else None,
                 )
             )
@@ -208,13 +162,13 @@ class _RedisCircuit:
 
     # -- sync ----------------------------------------------------------------------
     def admit(self) -> Permit:
-        health = self._store._health
+        health = self._store.health
         if not health.usable():
             return self._local.admit()
         permit_id = uuid.uuid4().hex
         try:
             reply = self._store._script("admit")(keys=self._keys, args=self._admit_args(permit_id))
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             health.failed(exc)
             return self._local.admit()
         health.succeeded()
@@ -229,22 +183,22 @@ class _RedisCircuit:
             reply = self._store._script("record")(
                 keys=self._keys, args=self._outcome_args(permit, outcome)
             )
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             # The outcome is lost to the shared state; a probe's lease frees its slot.
-            self._store._health.failed(exc)
+            self._store.health.failed(exc)
             return CircuitState.CLOSED
         return self._recorded(reply)
 
     # -- async ---------------------------------------------------------------------
     async def aadmit(self) -> Permit:
-        health = self._store._health
+        health = self._store.health
         if not health.usable():
             return self._local.admit()
         permit_id = uuid.uuid4().hex
         try:
             script = self._store._ascript("admit")
             reply = await script(keys=self._keys, args=self._admit_args(permit_id))
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             health.failed(exc)
             return self._local.admit()
         health.succeeded()
@@ -258,8 +212,8 @@ class _RedisCircuit:
         try:
             script = self._store._ascript("record")
             reply = await script(keys=self._keys, args=self._outcome_args(permit, outcome))
-        except _UNREACHABLE as exc:
-            self._store._health.failed(exc)
+        except UNREACHABLE as exc:
+            self._store.health.failed(exc)
             return CircuitState.CLOSED
         return self._recorded(reply)
 
@@ -267,11 +221,11 @@ class _RedisCircuit:
     def snapshot(self) -> CircuitSnapshot:
         try:
             reply = self._store._script("snapshot")(keys=self._keys, args=[])
-        except _UNREACHABLE as exc:
-            self._store._health.failed(exc)
+        except UNREACHABLE as exc:
+            self._store.health.failed(exc)
             return self._local.snapshot()
         state, failures, retry_in_ms, trips, probes, hold, calls, bad = reply
-        state_value = _STATES[_text(state)]
+        state_value = _STATES[text(state)]
         return CircuitSnapshot(
             key=self.key,
             provider=self.provider,
@@ -304,13 +258,13 @@ class _RedisCircuit:
         )
         old, failures, _ = reply
         new = _STATES[target]
-        if _STATES[_text(old)] is not new:
+        if _STATES[text(old)] is not new:
             self._notify(
                 Transition(
                     self.key,
                     self.provider,
                     self.model,
-                    _STATES[_text(old)],
+                    _STATES[text(old)],
                     new,
                     int(failures),
                     "manual",
@@ -356,7 +310,7 @@ class RedisStore:
         self.prefix = prefix
         self._lease_ms = int(probe_lease * 1000)
         self._key_ttl = key_ttl
-        self._health = _Health(backoff_base=backoff_base, backoff_max=backoff_max)
+        self.health = Health(backoff_base=backoff_base, backoff_max=backoff_max)
         self._local = MemoryStore()
         self._circuits: dict[str, _RedisCircuit] = {}
         self._lock = threading.Lock()
@@ -388,6 +342,27 @@ class RedisStore:
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
         )
         return cls(client, prefix=prefix, **options)
+
+    @property
+    def key_ttl_ms(self) -> int:
+        """Milliseconds after its last change that an idle key expires."""
+        return int(self._key_ttl * 1000)
+
+    def budget_store(
+        self, *, on_unavailable: Literal["open", "closed"] = "open"
+    ) -> RedisBudgetStore:
+        """Budget counters on this Redis: ``Budget(..., store=store.budget_store())``.
+
+        ``on_unavailable`` decides what happens while Redis is unreachable: ``"open"``
+        (default) lets calls go on, counted locally and added to the shared counters when
+        Redis is back; ``"closed"`` refuses them (:class:`BudgetUnavailableError`)."""
+        return RedisBudgetStore(self, on_unavailable=on_unavailable)
+
+    def cache_backend(
+        self, *, max_entries: int = 10_000, max_bytes: int = 256 * 1024 * 1024
+    ) -> RedisCacheBackend:
+        """Cached answers on this Redis: ``ResponseCache(backend=store.cache_backend())``."""
+        return RedisCacheBackend(self, max_entries=max_entries, max_bytes=max_bytes)
 
     def _ttl_ms(self, config: BreakerConfig) -> int:
         longest = config.max_cooldown or config.cooldown_for(1)
@@ -439,7 +414,7 @@ class RedisStore:
         pattern = f"{self.prefix}:cb:{{*}}"
         found = []
         for raw in self.client.scan_iter(match=pattern, count=500):
-            name = _text(raw)
+            name = text(raw)
             inner = name[len(self.prefix) + 5 : -1]
             found.append(inner)
         return sorted(found)

@@ -1,0 +1,159 @@
+"""Cached answers on Redis, shared by every process: JSON text under a key, with a TTL and
+an LRU bound on entries and bytes kept by Lua scripts (one round trip per get or set).
+
+Scripts name the entries they evict at run time, which a standalone Redis (or a
+replicated one) allows; on Redis Cluster use one cache prefix per hash slot.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._cache_backend import BackendBounds, entry_size
+from ._connection import UNREACHABLE, text
+
+if TYPE_CHECKING:
+    from ._store import RedisStore
+
+__all__ = ["RedisCacheBackend"]
+
+# KEYS: entry, lru, sizes, bytes, clock. ARGV: key -> payload or nil
+GET = """
+local v = redis.call('GET', KEYS[1])
+if not v then
+  local size = redis.call('HGET', KEYS[3], ARGV[1])
+  if size then
+    redis.call('HDEL', KEYS[3], ARGV[1])
+    redis.call('DECRBY', KEYS[4], size)
+    redis.call('ZREM', KEYS[2], ARGV[1])
+  end
+  return false
+end
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[5]), ARGV[1])
+return v
+"""
+
+# KEYS: lru, sizes, bytes, clock. ARGV: key, payload, ttl_ms (0: none), size, max_entries,
+#       max_bytes, entry prefix -> 1 stored, 0 too big
+SET = """
+local size = tonumber(ARGV[4])
+if size > tonumber(ARGV[6]) then return 0 end
+local entry = ARGV[7] .. ARGV[1]
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if old then redis.call('DECRBY', KEYS[3], old) end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', entry, ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('SET', entry, ARGV[2])
+end
+redis.call('HSET', KEYS[2], ARGV[1], size)
+redis.call('INCRBY', KEYS[3], size)
+redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[4]), ARGV[1])
+while redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[5])
+    or tonumber(redis.call('GET', KEYS[3]) or '0') > tonumber(ARGV[6]) do
+  local popped = redis.call('ZPOPMIN', KEYS[1])
+  if #popped == 0 then break end
+  local victim = popped[1]
+  local victim_size = redis.call('HGET', KEYS[2], victim)
+  if victim_size then
+    redis.call('HDEL', KEYS[2], victim)
+    redis.call('DECRBY', KEYS[3], victim_size)
+  end
+  redis.call('DEL', ARGV[7] .. victim)
+end
+return 1
+"""
+
+# KEYS: entry, lru, sizes, bytes. ARGV: key
+DELETE = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local size = redis.call('HGET', KEYS[3], ARGV[1])
+if size then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('DECRBY', KEYS[4], size)
+end
+return 1
+"""
+
+
+class RedisCacheBackend:
+    """A :class:`~callpolicy.CacheBackend` on Redis; get one from
+    ``RedisStore.cache_backend()``. An unreachable Redis is a miss (and a skipped store),
+    never an error: the cache is an optimisation."""
+
+    is_async_native = False  # one short loopback round trip on the sync client
+
+    def __init__(self, store: RedisStore, *, max_entries: int, max_bytes: int) -> None:
+        bounds = BackendBounds(max_entries=max_entries, max_bytes=max_bytes)
+        self._store = store
+        self.max_entries = bounds.max_entries
+        self.max_bytes = bounds.max_bytes
+        base = f"{store.prefix}:cache"
+        self._entry_prefix = f"{base}:e:"
+        self._lru, self._sizes = f"{base}:lru", f"{base}:sizes"
+        self._bytes, self._clock = f"{base}:bytes", f"{base}:clock"
+        client = store.client
+        self._get = client.register_script(GET)
+        self._set = client.register_script(SET)
+        self._delete = client.register_script(DELETE)
+
+    def get(self, key: str) -> str | None:
+        if not self._store.health.usable():
+            return None
+        try:
+            found = self._get(
+                keys=[self._entry_prefix + key, self._lru, self._sizes, self._bytes, self._clock],
+                args=[key],
+            )
+        except UNREACHABLE as exc:
+            self._store.health.failed(exc)
+            return None
+        self._store.health.succeeded()
+        return None if found is None else text(found)
+
+    def set(self, key: str, payload: str, *, ttl: float | None) -> None:
+        if not self._store.health.usable():
+            return
+        try:
+            self._set(
+                keys=[self._lru, self._sizes, self._bytes, self._clock],
+                args=[
+                    key,
+                    payload,
+                    0 if ttl is None else max(int(ttl * 1000), 1),
+                    entry_size(key, payload),
+                    self.max_entries,
+                    self.max_bytes,
+                    self._entry_prefix,
+                ],
+            )
+        except UNREACHABLE as exc:
+            self._store.health.failed(exc)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._delete(
+                keys=[self._entry_prefix + key, self._lru, self._sizes, self._bytes], args=[key]
+            )
+        except UNREACHABLE as exc:
+            self._store.health.failed(exc)
+
+    def clear(self) -> None:
+        client = self._store.client
+        names = list(client.scan_iter(match=f"{self._entry_prefix}*", count=1000))
+        names += [self._lru, self._sizes, self._bytes, self._clock]
+        for start in range(0, len(names), 500):
+            client.delete(*names[start : start + 500])
+
+    def __len__(self) -> int:
+        return int(self._store.client.zcard(self._lru))
+
+    async def aget(self, key: str) -> str | None:
+        return self.get(key)
+
+    async def aset(self, key: str, payload: str, *, ttl: float | None) -> None:
+        self.set(key, payload, ttl=ttl)
+
+    async def adelete(self, key: str) -> None:
+        self.delete(key)
