@@ -1,21 +1,41 @@
 """Events: what the engine tells listeners and the ``logging`` module.
 
-Every state change, refusal, retry and fallback becomes one :class:`Event`. Listeners
-are called synchronously, outside every lock; one that raises is logged, never
+Every state change, refusal, retry, fallback, cache hit and budget refusal becomes one
+:class:`Event`. Listeners are called outside every lock; one that raises is logged, never
 propagated, so observability cannot break a call.
+
+A listener may be ``async def`` (anything whose call returns an awaitable). Where it runs:
+
+- **inside a running event loop** (the event fired in an ``aexecute``, or in a sync call
+  made from a coroutine): it is scheduled as a task on that loop and the call goes on at
+  once; the engine keeps a reference to the task until it ends
+  (``await policy.flush_listeners()`` waits for them);
+- **outside any loop** (a plain thread): it runs to completion in that thread, on a
+  private event loop, before the call goes on — events arrive in order, as with a sync
+  listener.
+
+Either way it is cancelled after ``listener_timeout`` seconds (a ``CallPolicy`` option,
+5 s by default), so a hung listener can neither block a thread forever nor pile up
+tasks; a timeout or an exception is logged, never raised.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, MutableSet, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ._store import Transition
 from ._types import CircuitState, ErrorClass
 
-__all__ = ["Event", "EventKind", "Listener", "logger"]
+__all__ = ["DEFAULT_LISTENER_TIMEOUT", "Event", "EventKind", "Listener", "logger"]
+
+DEFAULT_LISTENER_TIMEOUT = 5.0
+"""Seconds an async listener may run before it is cancelled."""
 
 logger = logging.getLogger("callpolicy")
 # A library leaves output to the application: without its own logging configuration,
@@ -91,7 +111,8 @@ class Event:
         }
 
 
-Listener = Callable[[Event], None]
+Listener = Callable[[Event], "Awaitable[object] | None"]
+"""A callable taking an :class:`Event`: a plain function, or an ``async def`` one."""
 
 
 def _level(event: Event) -> int:
@@ -127,16 +148,89 @@ def _describe(event: Event) -> str:
     return f"refused {where}: circuit {event.state}"
 
 
-def dispatch(event: Event, listeners: Sequence[Listener]) -> None:
-    """Log ``event`` and hand it to each listener; a failing listener is logged, not raised."""
+def dispatch(
+    event: Event,
+    listeners: Sequence[Listener],
+    *,
+    timeout: float = DEFAULT_LISTENER_TIMEOUT,
+    pending: MutableSet[asyncio.Task[None]] | None = None,
+) -> None:
+    """Log ``event`` and hand it to each listener; a failing listener is logged, not raised.
+
+    An awaitable returned by a listener is run as the module docstring says: as a task
+    (added to ``pending`` until it ends) in a running loop, else to completion here.
+    """
     level = _level(event)
     if logger.isEnabledFor(level):
         logger.log(level, _describe(event), extra=event.log_extra())
     for listener in listeners:
         try:
-            listener(event)
+            result = listener(event)
         except Exception:
             logger.exception("callpolicy listener %r failed on %s event", listener, event.kind)
+            continue
+        if result is not None and inspect.isawaitable(result):
+            _run_async(result, listener, event, timeout, pending)
+
+
+def _run_async(
+    awaitable: Awaitable[object],
+    listener: Listener,
+    event: Event,
+    timeout: float,
+    pending: MutableSet[asyncio.Task[None]] | None,
+) -> None:
+    guarded = _guarded(awaitable, listener, event, timeout)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is not None:
+        task = loop.create_task(guarded)
+        if pending is None:
+            pending = _PENDING
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        return
+    # No loop in this thread: a private one, never installed as the thread's current
+    # loop (asyncio.run would leave the thread with none set afterwards).
+    private = asyncio.new_event_loop()
+    try:
+        private.run_until_complete(guarded)
+        private.run_until_complete(private.shutdown_asyncgens())
+    except Exception:  # pragma: no cover - _guarded logs its own failures
+        logger.exception("callpolicy async listener %r could not run", listener)
+    finally:
+        private.close()
+
+
+_PENDING: set[asyncio.Task[None]] = set()
+"""Tasks of async listeners dispatched without a ``pending`` set of their own."""
+
+
+def _guarded(
+    awaitable: Awaitable[object], listener: Listener, event: Event, timeout: float
+) -> Coroutine[Any, Any, None]:
+    async def run() -> None:
+        try:
+            await asyncio.wait_for(_awaited(awaitable), timeout)
+        except asyncio.TimeoutError:
+            logger.error(
+                "callpolicy async listener %r timed out after %ss on %s event",
+                listener,
+                timeout,
+                event.kind,
+            )
+        except Exception:
+            logger.exception(
+                "callpolicy async listener %r failed on %s event", listener, event.kind
+            )
+
+    return run()
+
+
+async def _awaited(awaitable: Awaitable[object]) -> None:
+    await awaitable
 
 
 EventSink = Callable[[Event], None]

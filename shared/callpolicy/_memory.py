@@ -239,6 +239,8 @@ class _MemoryCircuit:
             )
 
     def force(self, state: CircuitState | None, *, hold: bool) -> None:
+        if state is _HALF_OPEN:
+            raise ValueError(f"state: cannot force a circuit to {state!s}")
         with self._lock:
             before = self._state
             self._hold = hold and state is not None

@@ -21,6 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar, get_args
 
 from ._budget import Budget, Usage
@@ -30,12 +31,12 @@ from ._cache_key import cache_key
 from ._classify import Classification, Classifier, classify_error
 from ._config import BreakerConfig, FallbackOn, RetryPolicy
 from ._errors import CircuitOpenError, add_note
-from ._events import Event, EventKind, Listener, dispatch, logger
+from ._events import DEFAULT_LISTENER_TIMEOUT, Event, EventKind, Listener, dispatch, logger
 from ._memory import MemoryStore
 from ._report import html_table, text_table
 from ._request import CallRequest
 from ._store import Circuit, CircuitStore, Permit, Transition
-from ._types import CircuitSnapshot, CircuitState, Outcome, split_key
+from ._types import CircuitSnapshot, CircuitState, ErrorClass, KeyMetrics, Outcome, split_key
 
 __all__ = ["CallPolicy"]
 
@@ -45,6 +46,62 @@ _SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
 _IGNORED = Outcome.IGNORED
 _FALLBACK_MODES: tuple[str, ...] = get_args(FallbackOn)
+
+
+class _Tally:
+    """One key's circuit and this policy's counts for it.
+
+    ``successes`` is bumped without a lock on the hot path (a plain ``+=`` on a slot: under
+    heavy threading, a rare increment may be lost); every other count changes under the
+    policy's counts lock.
+    """
+
+    __slots__ = (
+        "budget_refusals",
+        "cache_hits",
+        "cache_misses",
+        "cancelled",
+        "circuit",
+        "failures",
+        "fallbacks",
+        "ignored",
+        "refusals",
+        "retries",
+        "successes",
+    )
+
+    def __init__(self, circuit: Circuit) -> None:
+        self.circuit = circuit
+        self.successes = 0
+        self.failures: dict[ErrorClass, int] = {}
+        self.ignored: dict[ErrorClass, int] = {}
+        self.cancelled = 0
+        self.refusals = 0
+        self.retries = 0
+        self.fallbacks = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.budget_refusals = 0
+
+    def metrics(self) -> KeyMetrics:
+        circuit = self.circuit
+        failures, ignored = dict(self.failures), dict(self.ignored)
+        return KeyMetrics(
+            key=circuit.key,
+            provider=circuit.provider,
+            model=circuit.model,
+            calls=self.successes + sum(failures.values()) + sum(ignored.values()) + self.cancelled,
+            successes=self.successes,
+            failures=failures,
+            ignored=ignored,
+            cancelled=self.cancelled,
+            refusals=self.refusals,
+            retries=self.retries,
+            fallbacks=self.fallbacks,
+            cache_hits=self.cache_hits,
+            cache_misses=self.cache_misses,
+            budget_refusals=self.budget_refusals,
+        )
 
 
 class CallPolicy:
@@ -65,7 +122,9 @@ class CallPolicy:
         clock: monotonic seconds, for the deadline of retries and the memory store's
             cooldowns; inject a fake one in tests.
         sleep, async_sleep: how to wait between retries (injectable likewise).
-        listeners: called with every :class:`Event` (also see :meth:`add_listener`).
+        listeners: called with every :class:`Event` (also see :meth:`add_listener`);
+            ``async def`` listeners too (see :mod:`callpolicy._events` for where they run).
+        listener_timeout: seconds an async listener may run before it is cancelled.
         rng: the source of retry jitter.
 
     >>> policy = CallPolicy(failure_threshold=2, cooldown=30)
@@ -87,6 +146,7 @@ class CallPolicy:
         sleep: Callable[[float], object] = time.sleep,
         async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         listeners: Iterable[Listener] = (),
+        listener_timeout: float = DEFAULT_LISTENER_TIMEOUT,
         rng: random.Random | None = None,
         **breaker_options: Any,
     ) -> None:
@@ -110,6 +170,16 @@ class CallPolicy:
         for name, fn in (("clock", clock), ("sleep", sleep), ("async_sleep", async_sleep)):
             if not callable(fn):
                 raise TypeError(f"{name}: expected a callable")
+        if isinstance(listener_timeout, bool) or not isinstance(listener_timeout, (int, float)):
+            raise TypeError("listener_timeout: expected a number of seconds")
+        if not 0 < listener_timeout < float("inf"):
+            raise ValueError(
+                f"listener_timeout: expected a positive number, got {listener_timeout}"
+            )
+        listeners = tuple(listeners)
+        for listener in listeners:
+            if not callable(listener):
+                raise TypeError("listeners: expected callables taking an Event")
         self.breaker = breaker
         self.retry = retry
         self.fallback_on: FallbackOn = fallback_on
@@ -119,9 +189,10 @@ class CallPolicy:
         self._sleep = sleep
         self._async_sleep = async_sleep
         self._rng = rng or random.Random()
-        self._listeners: tuple[Listener, ...] = tuple(listeners)
-        self._circuits: dict[str, Circuit] = {}
-        self._fallback_served: dict[str, int] = {}
+        self._listeners: tuple[Listener, ...] = listeners
+        self._listener_timeout = float(listener_timeout)
+        self._listener_tasks: set[asyncio.Task[None]] = set()
+        self._tallies: dict[str, _Tally] = {}
         self._counts_lock = threading.Lock()
 
     # -- public inspection and control -----------------------------------------------
@@ -138,6 +209,16 @@ class CallPolicy:
     def remove_listener(self, listener: Listener) -> None:
         self._listeners = tuple(x for x in self._listeners if x is not listener)
 
+    async def flush_listeners(self) -> None:
+        """Wait until the async listeners this policy scheduled on the running event loop
+        have finished (each is bounded by ``listener_timeout``)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            mine = [t for t in list(self._listener_tasks) if t.get_loop() is loop]
+            if not mine:
+                return
+            await asyncio.wait(mine)
+
     def classify(self, exc: BaseException) -> Classification:
         """Classify ``exc`` with this policy's classifier (falls back to the built-in one
         if a user classifier fails, and logs that failure)."""
@@ -153,28 +234,51 @@ class CallPolicy:
 
     def circuit(self, key: str) -> Circuit:
         """The circuit of ``key`` (``provider::model``), created on first use."""
-        circuit = self._circuits.get(key)
-        if circuit is None:
-            provider, model = split_key(key)
-            circuit = self._store.circuit(
-                key,
-                provider=provider,
-                model=model,
-                config=self.breaker,
-                on_transition=self._on_transition,
-            )
-            self._circuits[key] = circuit
-        return circuit
+        return (self._tallies.get(key) or self._tally(key)).circuit
+
+    def _tally(self, key: str) -> _Tally:
+        with self._counts_lock:
+            tally = self._tallies.get(key)
+            if tally is not None:
+                return tally
+        provider, model = split_key(key)
+        circuit = self._store.circuit(
+            key,
+            provider=provider,
+            model=model,
+            config=self.breaker,
+            on_transition=self._on_transition,
+        )
+        with self._counts_lock:
+            # The store hands out one circuit per key, so a racing creator built the same.
+            return self._tallies.setdefault(key, _Tally(circuit))
 
     def state(self, key: str) -> CircuitState:
         """The state of ``key``'s circuit (CLOSED for a key never called)."""
         return self.circuit(key).snapshot().state
 
     def snapshot(self) -> dict[str, CircuitSnapshot]:
-        """Every known circuit's state, by key."""
+        """Every known circuit's state, by key, each with this policy's :class:`KeyMetrics`
+        (``metrics``)."""
         found = {c.key: c for c in self._store.circuits()}
-        found.update(self._circuits)
-        return {key: circuit.snapshot() for key, circuit in sorted(found.items())}
+        tallies = dict(self._tallies)
+        found.update((key, tally.circuit) for key, tally in tallies.items())
+        counts = self.metrics()
+        return {
+            key: replace(
+                circuit.snapshot(),
+                metrics=counts.get(key)
+                or KeyMetrics(key=key, provider=circuit.provider, model=circuit.model),
+            )
+            for key, circuit in sorted(found.items())
+        }
+
+    def metrics(self) -> dict[str, KeyMetrics]:
+        """This policy's counts (calls, successes, failures by class, refusals, retries,
+        fallbacks, cache hits and misses, budget refusals), by key. Local to this process
+        and cheap: no store is asked, unlike :meth:`snapshot`."""
+        with self._counts_lock:
+            return {key: tally.metrics() for key, tally in sorted(self._tallies.items())}
 
     def trip(self, key: str) -> None:
         """Open ``key``'s circuit now, for one cooldown (then probes resume)."""
@@ -203,7 +307,7 @@ class CallPolicy:
     def fallback_served(self) -> dict[str, int]:
         """How many calls the fallback answered, by the primary's key (this process)."""
         with self._counts_lock:
-            return dict(self._fallback_served)
+            return {key: t.fallbacks for key, t in self._tallies.items() if t.fallbacks}
 
     def __repr__(self) -> str:
         return "CallPolicy\n" + text_table(self.snapshot().values(), self.fallback_served())
@@ -238,7 +342,8 @@ class CallPolicy:
         """
         if budget is not None or cache is not None:
             return self._cached(key, call, fallback, fallback_key, budget, cache, request)
-        circuit = self._circuits.get(key) or self.circuit(key)
+        tally = self._tallies.get(key) or self._tally(key)
+        circuit = tally.circuit
         try:
             permit = circuit.admit()
         except CircuitOpenError as refusal:
@@ -254,6 +359,7 @@ class CallPolicy:
                 result = call()
             except Exception as exc:
                 classification, outcome = self._judge(exc)
+                self._count_error(tally, classification, outcome)
                 state = circuit.record(permit, outcome)
                 delay = self._next_delay(circuit, exc, classification, state, attempt, started)
                 if delay is not None:
@@ -263,14 +369,20 @@ class CallPolicy:
                     if next_permit is not None:
                         permit = next_permit
                         continue
-                    outcome = _FAILURE  # the circuit is open now: a fallback is due
+                    if fallback is not None:  # refused mid-retry: open, so every mode falls back
+                        return self._run_fallback(
+                            circuit, fallback, fallback_key, exc, classification
+                        )
+                    raise
                 if fallback is not None and self._wants_fallback(outcome):
                     return self._run_fallback(circuit, fallback, fallback_key, exc, classification)
                 raise
             except BaseException:
                 circuit.record(permit, _IGNORED)  # cancelled or interrupted: free the slot
+                self._count_cancelled(tally)
                 raise
             circuit.record(permit, _SUCCESS)
+            tally.successes += 1
             return result
 
     def _run_fallback(
@@ -286,23 +398,32 @@ class CallPolicy:
             if fallback_key is None:
                 return fallback()
             return self._guard_once(
-                self._circuits.get(fallback_key) or self.circuit(fallback_key), fallback
+                self._tallies.get(fallback_key) or self._tally(fallback_key), fallback
             )
         except Exception as exc:
             self._note_fallback_failure(exc, circuit, cause)
             raise
 
-    def _guard_once(self, circuit: Circuit, call: Callable[[], T]) -> T:
-        permit = circuit.admit()
+    def _guard_once(self, tally: _Tally, call: Callable[[], T]) -> T:
+        circuit = tally.circuit
+        try:
+            permit = circuit.admit()
+        except CircuitOpenError as refusal:
+            self._refused(circuit, refusal)
+            raise
         try:
             result = call()
         except Exception as exc:
-            circuit.record(permit, self._judge(exc)[1])
+            classification, outcome = self._judge(exc)
+            self._count_error(tally, classification, outcome)
+            circuit.record(permit, outcome)
             raise
         except BaseException:
             circuit.record(permit, _IGNORED)
+            self._count_cancelled(tally)
             raise
         circuit.record(permit, _SUCCESS)
+        tally.successes += 1
         return result
 
     # -- the guarded call, async -----------------------------------------------------
@@ -324,7 +445,8 @@ class CallPolicy:
         """
         if budget is not None or cache is not None:
             return await self._acached(key, call, fallback, fallback_key, budget, cache, request)
-        circuit = self._circuits.get(key) or self.circuit(key)
+        tally = self._tallies.get(key) or self._tally(key)
+        circuit = tally.circuit
         native = circuit.is_async_native
         try:
             permit = await circuit.aadmit() if native else circuit.admit()
@@ -341,6 +463,7 @@ class CallPolicy:
                 result = await call()
             except Exception as exc:
                 classification, outcome = self._judge(exc)
+                self._count_error(tally, classification, outcome)
                 state = (
                     await circuit.arecord(permit, outcome)
                     if native
@@ -354,7 +477,11 @@ class CallPolicy:
                     if next_permit is not None:
                         permit = next_permit
                         continue
-                    outcome = _FAILURE  # the circuit is open now: a fallback is due
+                    if fallback is not None:  # refused mid-retry: open, so every mode falls back
+                        return await self._arun_fallback(
+                            circuit, fallback, fallback_key, exc, classification
+                        )
+                    raise
                 if fallback is not None and self._wants_fallback(outcome):
                     return await self._arun_fallback(
                         circuit, fallback, fallback_key, exc, classification
@@ -364,6 +491,7 @@ class CallPolicy:
                 # Cancelled (CancelledError), interrupted or exiting: free the slot.
                 # Recording here never awaits for the memory store, so it completes
                 # even inside a cancelled task.
+                self._count_cancelled(tally)
                 if native:
                     await asyncio.shield(circuit.arecord(permit, _IGNORED))
                 else:
@@ -373,6 +501,7 @@ class CallPolicy:
                 await circuit.arecord(permit, _SUCCESS)
             else:
                 circuit.record(permit, _SUCCESS)
+            tally.successes += 1
             return result
 
     async def _arun_fallback(
@@ -388,28 +517,36 @@ class CallPolicy:
             if fallback_key is None:
                 return await fallback()
             return await self._aguard_once(
-                self._circuits.get(fallback_key) or self.circuit(fallback_key), fallback
+                self._tallies.get(fallback_key) or self._tally(fallback_key), fallback
             )
         except Exception as exc:
             self._note_fallback_failure(exc, circuit, cause)
             raise
 
-    async def _aguard_once(self, circuit: Circuit, call: Callable[[], Awaitable[T]]) -> T:
+    async def _aguard_once(self, tally: _Tally, call: Callable[[], Awaitable[T]]) -> T:
+        circuit = tally.circuit
         native = circuit.is_async_native
-        permit = await circuit.aadmit() if native else circuit.admit()
+        try:
+            permit = await circuit.aadmit() if native else circuit.admit()
+        except CircuitOpenError as refusal:
+            self._refused(circuit, refusal)
+            raise
         try:
             result = await call()
         except Exception as exc:
-            outcome = self._judge(exc)[1]
+            classification, outcome = self._judge(exc)
+            self._count_error(tally, classification, outcome)
             await circuit.arecord(permit, outcome) if native else circuit.record(permit, outcome)
             raise
         except BaseException:
+            self._count_cancelled(tally)
             if native:
                 await asyncio.shield(circuit.arecord(permit, _IGNORED))
             else:
                 circuit.record(permit, _IGNORED)
             raise
         await circuit.arecord(permit, _SUCCESS) if native else circuit.record(permit, _SUCCESS)
+        tally.successes += 1
         return result
 
     async def _aadmit_retry(
@@ -467,8 +604,13 @@ class CallPolicy:
         encode, decode = request.encode, request.decode
         if encode is None or decode is None:
             raise TypeError("request: encode and decode are needed when a cache is given")
+
+        def computed() -> T:
+            self._count_cache_miss(key)
+            return budgeted()
+
         value, status = cache.get_or_compute(
-            _cache_key(key, request), budgeted, encode=encode, decode=decode
+            _cache_key(key, request), computed, encode=encode, decode=decode
         )
         return self._served_from_cache(key, request, value, status)
 
@@ -516,29 +658,45 @@ class CallPolicy:
         encode, decode = request.encode, request.decode
         if encode is None or decode is None:
             raise TypeError("request: encode and decode are needed when a cache is given")
+
+        async def computed() -> T:
+            self._count_cache_miss(key)
+            return await budgeted()
+
         value, status = await cache.aget_or_compute(
-            _cache_key(key, request), budgeted, encode=encode, decode=decode
+            _cache_key(key, request), computed, encode=encode, decode=decode
         )
         return self._served_from_cache(key, request, value, status)
 
     def _budget_refused(self, key: str, refusal: BudgetExceededError) -> None:
+        tally = self._tallies.get(key) or self._tally(key)
+        with self._counts_lock:
+            tally.budget_refusals += 1
         provider, model = split_key(key)
-        dispatch(
+        self._dispatch(
             Event(
                 EventKind.BUDGET_REFUSED,
                 key,
                 provider,
                 model,
                 reason=f"{refusal.kind}: {refusal.consumed} of {refusal.limit}",
-            ),
-            self._listeners,
+                error_type=type(refusal).__name__,
+            )
         )
+
+    def _count_cache_miss(self, key: str) -> None:
+        tally = self._tallies.get(key) or self._tally(key)
+        with self._counts_lock:
+            tally.cache_misses += 1
 
     def _served_from_cache(self, key: str, request: CallRequest[T], value: T, status: str) -> T:
         if status == "miss":
             return value
+        tally = self._tallies.get(key) or self._tally(key)
+        with self._counts_lock:
+            tally.cache_hits += 1
         provider, model = split_key(key)
-        dispatch(Event(EventKind.CACHE_HIT, key, provider, model, reason=status), self._listeners)
+        self._dispatch(Event(EventKind.CACHE_HIT, key, provider, model, reason=status))
         return request.mark(value, status) if request.mark is not None else value
 
     # -- decisions shared by sync and async ----------------------------------------------
@@ -567,7 +725,8 @@ class CallPolicy:
                 self._note_gave_up(exc, circuit, attempt, started, "not retryable")
             return None
         if state is not CircuitState.CLOSED:
-            self._note_gave_up(exc, circuit, attempt, started, "the circuit opened")
+            why = "the circuit opened" if state is CircuitState.OPEN else f"the circuit is {state}"
+            self._note_gave_up(exc, circuit, attempt, started, why)
             return None
         if attempt >= retry.max_attempts:
             self._note_gave_up(exc, circuit, attempt, started, "attempts exhausted")
@@ -576,7 +735,10 @@ class CallPolicy:
         if retry.deadline is not None and self._clock() - started + delay > retry.deadline:
             self._note_gave_up(exc, circuit, attempt, started, "deadline reached")
             return None
-        dispatch(
+        tally = self._tallies.get(circuit.key) or self._tally(circuit.key)
+        with self._counts_lock:
+            tally.retries += 1
+        self._dispatch(
             Event(
                 EventKind.RETRY,
                 circuit.key,
@@ -586,8 +748,7 @@ class CallPolicy:
                 error_type=type(exc).__name__,
                 attempt=attempt,
                 delay=delay,
-            ),
-            self._listeners,
+            )
         )
         return delay
 
@@ -619,12 +780,33 @@ class CallPolicy:
             f"failed with {type(cause).__name__}",
         )
 
-    # -- events --------------------------------------------------------------------------
+    # -- counts and events -----------------------------------------------------------------
+    def _count_error(self, tally: _Tally, classification: Classification, outcome: Outcome) -> None:
+        counts = tally.failures if outcome is _FAILURE else tally.ignored
+        error_class = classification.error_class
+        with self._counts_lock:
+            counts[error_class] = counts.get(error_class, 0) + 1
+
+    def _count_cancelled(self, tally: _Tally) -> None:
+        with self._counts_lock:
+            tally.cancelled += 1
+
+    def _dispatch(self, event: Event) -> None:
+        dispatch(
+            event,
+            self._listeners,
+            timeout=self._listener_timeout,
+            pending=self._listener_tasks,
+        )
+
     def _on_transition(self, transition: Transition) -> None:
-        dispatch(Event.from_transition(transition), self._listeners)
+        self._dispatch(Event.from_transition(transition))
 
     def _refused(self, circuit: Circuit, refusal: CircuitOpenError) -> None:
-        dispatch(
+        tally = self._tallies.get(circuit.key) or self._tally(circuit.key)
+        with self._counts_lock:
+            tally.refusals += 1
+        self._dispatch(
             Event(
                 EventKind.REFUSED,
                 circuit.key,
@@ -633,17 +815,17 @@ class CallPolicy:
                 state=CircuitState.OPEN if refusal.retry_in != 0.0 else CircuitState.HALF_OPEN,
                 failures=refusal.failures,
                 delay=refusal.retry_in,
-            ),
-            self._listeners,
+            )
         )
 
     def _emit_fallback(
         self, circuit: Circuit, cause: BaseException, classification: Classification | None
     ) -> None:
         refused = isinstance(cause, CircuitOpenError)
+        tally = self._tallies.get(circuit.key) or self._tally(circuit.key)
         with self._counts_lock:
-            self._fallback_served[circuit.key] = self._fallback_served.get(circuit.key, 0) + 1
-        dispatch(
+            tally.fallbacks += 1
+        self._dispatch(
             Event(
                 EventKind.FALLBACK,
                 circuit.key,
@@ -652,8 +834,7 @@ class CallPolicy:
                 state=CircuitState.OPEN if refused else None,
                 error_class=None if classification is None else classification.error_class,
                 error_type=None if refused else type(cause).__name__,
-            ),
-            self._listeners,
+            )
         )
 
 

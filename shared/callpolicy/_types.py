@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["CircuitSnapshot", "CircuitState", "ErrorClass", "Outcome", "circuit_key", "split_key"]
+__all__ = [
+    "CircuitSnapshot",
+    "CircuitState",
+    "ErrorClass",
+    "KeyMetrics",
+    "Outcome",
+    "circuit_key",
+    "split_key",
+]
 
 KEY_SEPARATOR = "::"
 
@@ -67,6 +77,68 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class KeyMetrics:
+    """What one :class:`~callpolicy.CallPolicy` did for one key, in this process, since the
+    policy was created (``CallPolicy.metrics()``, ``CircuitSnapshot.metrics``).
+
+    Every count only grows (``reset`` of a circuit does not clear them), so they export
+    as monotonic counters. Each admitted attempt ends as exactly one of a success, a
+    counted failure, an ignored error or a cancellation; ``calls`` is their sum, so an
+    attempt still in flight is not in it yet.
+    """
+
+    key: str
+    provider: str
+    model: str
+    calls: int = 0
+    """Attempts admitted to the model that have finished (retries and probes included)."""
+    successes: int = 0
+    failures: Mapping[ErrorClass, int] = field(default_factory=dict)
+    """Counted failures (their class is in ``counted_errors``), by error class."""
+    ignored: Mapping[ErrorClass, int] = field(default_factory=dict)
+    """Errors the breaker did not count (the caller's fault), by error class."""
+    cancelled: int = 0
+    """Attempts ended by a cancellation, an interrupt or another ``BaseException``."""
+    refusals: int = 0
+    """Calls and retries refused because the circuit was open (or its probes all taken)."""
+    retries: int = 0
+    """Retries scheduled (one per wait before another attempt)."""
+    fallbacks: int = 0
+    """Calls of this key handed to the fallback (whether or not the fallback then answered)."""
+    cache_hits: int = 0
+    """Answers from the response cache: fresh hits, shared single-flight answers, stale ones."""
+    cache_misses: int = 0
+    """Cache lookups that ran the call themselves (a stale answer served after a failed
+    call counts as a miss and a hit)."""
+    budget_refusals: int = 0
+    """Calls the budget refused (budget usage itself: ``Budget.usage()``)."""
+
+    @property
+    def failure_count(self) -> int:
+        """Counted failures of every class."""
+        return sum(self.failures.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: error classes as their string values."""
+        return {
+            "key": self.key,
+            "provider": self.provider,
+            "model": self.model,
+            "calls": self.calls,
+            "successes": self.successes,
+            "failures": {str(c): n for c, n in self.failures.items()},
+            "ignored": {str(c): n for c, n in self.ignored.items()},
+            "cancelled": self.cancelled,
+            "refusals": self.refusals,
+            "retries": self.retries,
+            "fallbacks": self.fallbacks,
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "budget_refusals": self.budget_refusals,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class CircuitSnapshot:
     """A point-in-time view of one circuit, as returned by ``CallPolicy.snapshot()``."""
 
@@ -85,3 +157,7 @@ class CircuitSnapshot:
     """Set when the state was forced by hand (``force_open``/``force_closed``)."""
     calls_in_window: int = 0
     failures_in_window: int = 0
+    metrics: KeyMetrics | None = field(default=None, compare=False)
+    """This policy's counts for the key in this process (set by ``CallPolicy.snapshot()``;
+    None from a store's own snapshot, as in ``python -m callpolicy status``). Not part of
+    equality: two snapshots of the same circuit state are equal whatever was counted."""

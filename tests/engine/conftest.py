@@ -1,0 +1,79 @@
+"""Shared fixtures of the engine suite: a clock and a sleeper that only move when told.
+
+No engine test waits on real time: cooldowns pass by advancing :class:`FakeClock`, and
+retry delays are recorded by :class:`FakeSleeper` (which advances the clock instead).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from callpolicy import Event, EventKind
+
+
+class FakeClock:
+    """Monotonic seconds that move only when a test advances them."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeSleeper:
+    """A ``sleep``/``async_sleep`` pair that records each delay and advances the clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.delays: list[float] = []
+        self.on_sleep: list[object] = []
+        """Callables run (in order, one per sleep) during a sleep, to act mid-retry."""
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        self.clock.advance(seconds)
+        if self.on_sleep:
+            action = self.on_sleep.pop(0)
+            if callable(action):
+                action()
+
+    async def asleep(self, seconds: float) -> None:
+        self(seconds)
+
+
+class EventLog:
+    """A listener that keeps every event."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: EventKind) -> list[Event]:
+        return [event for event in self.events if event.kind is kind]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def sleeper(clock: FakeClock) -> FakeSleeper:
+    return FakeSleeper(clock)
+
+
+@pytest.fixture
+def events() -> EventLog:
+    return EventLog()
+
+
+@pytest.fixture(params=["sync", "async"])
+def mode(request: pytest.FixtureRequest) -> str:
+    """Run a test through ``execute`` and again through ``aexecute``."""
+    return str(request.param)
