@@ -36,7 +36,15 @@ from ._memory import MemoryStore
 from ._policy import CallPolicy
 from ._request import CallRequest
 from ._store import Circuit, CircuitStore, Permit, Transition
-from ._types import CircuitSnapshot, CircuitState, ErrorClass, Outcome, circuit_key, split_key
+from ._types import (
+    CircuitSnapshot,
+    CircuitState,
+    ErrorClass,
+    KeyMetrics,
+    Outcome,
+    circuit_key,
+    split_key,
+)
 
 __all__ = [
     "DEFAULT_COUNTED_ERRORS",
@@ -63,6 +71,7 @@ __all__ = [
     "Event",
     "EventKind",
     "FallbackOn",
+    "KeyMetrics",
     "Listener",
     "MemoryBudgetStore",
     "MemoryCacheBackend",

@@ -111,7 +111,7 @@ class Event:
         }
 
 
-Listener = Callable[[Event], "Awaitable[object] | None"]
+Listener = Callable[[Event], Awaitable[object] | None]
 """A callable taking an :class:`Event`: a plain function, or an ``async def`` one."""
 
 

@@ -123,7 +123,8 @@ class CallPolicy:
             cooldowns; inject a fake one in tests.
         sleep, async_sleep: how to wait between retries (injectable likewise).
         listeners: called with every :class:`Event` (also see :meth:`add_listener`);
-            ``async def`` listeners too (see :mod:`callpolicy._events` for where they run).
+            ``async def`` listeners too: a task when the event fires in a running event
+            loop, else run to completion in the calling thread (docs/how-it-works.md).
         listener_timeout: seconds an async listener may run before it is cancelled.
         rng: the source of retry jitter.
 
