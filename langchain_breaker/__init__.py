@@ -13,10 +13,12 @@ The engine's types (``CircuitOpenError``, ``CircuitState``, ``RetryPolicy``, ``C
 
 from ._chat_model import CircuitBreakerChatModel
 from ._guarded import GuardedRunnable
+from ._outer import META_CACHE
 from ._route import META_ATTEMPT, META_KEY, META_ROLE, META_STATE
 
 __all__ = [
     "META_ATTEMPT",
+    "META_CACHE",
     "META_KEY",
     "META_ROLE",
     "META_STATE",

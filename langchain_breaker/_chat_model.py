@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any, cast
 
+from langchain_core.caches import BaseCache
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
@@ -23,16 +24,19 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from callpolicy import (
+    Budget,
     CallPolicy,
+    CallRequest,
     CircuitState,
     CircuitStore,
     Classifier,
     ErrorClass,
     FallbackOn,
     Listener,
+    ResponseCache,
     RetryPolicy,
 )
 from callpolicy import __version__ as callpolicy_version
@@ -40,6 +44,7 @@ from callpolicy._policy import policy_from_options
 
 from ._guarded import GuardedRunnable
 from ._keys import CircuitKeys
+from ._outer import TRACING_KWARGS, ChatCodec, Outer, StructuredCodec, unbind
 from ._route import Route
 
 __all__ = ["CircuitBreakerChatModel"]
@@ -63,18 +68,15 @@ _ENGINE_OPTIONS = (
     "store",
 )
 # Fields the route is built from: assigning one later would silently do nothing.
-_FIXED_FIELDS = frozenset(("inner", "fallback", "policy", "key", "fallback_key", *_ENGINE_OPTIONS))
-# Call kwargs that only label traces; a model's private ``_generate`` must not get them.
-_TRACING_KWARGS = ("ls_structured_output_format", "structured_output_format")
+_FIXED_FIELDS = frozenset(
+    ("inner", "fallback", "policy", "key", "fallback_key", "budget", "cache", *_ENGINE_OPTIONS)
+)
 
 
 def _unbind(runnable: Runnable[Any, Any]) -> tuple[BaseChatModel, dict[str, Any]]:
     """The chat model under a (possibly nested) binding, and the kwargs bound to it."""
-    bound: dict[str, Any] = {}
-    while isinstance(runnable, RunnableBinding):
-        bound = {**runnable.kwargs, **bound}
-        runnable = runnable.bound
-    return cast("BaseChatModel", runnable), bound
+    model, bound = unbind(runnable)
+    return cast("BaseChatModel", model), bound
 
 
 def _invoked(
@@ -146,18 +148,31 @@ class CircuitBreakerChatModel(BaseChatModel):
         store: where circuit state lives (:class:`callpolicy.MemoryStore` by default; a
             Redis store shares it between processes).
         guard_stream_start: let the breaker guard the start of ``stream``/``astream``.
+        budget: a :class:`callpolicy.Budget`: every call is checked first and refused with
+            :class:`callpolicy.BudgetExceededError` before it reaches a model; usage is
+            read from the answer's ``usage_metadata`` (a call without it counts by its
+            estimate, in ``estimated_calls``); streams are counted as their chunks pass,
+            never refused. With ``max_cost_usd``, both models must be in its price table.
+        cache: a :class:`callpolicy.ResponseCache` (memory, SQLite, ...), outermost: a hit
+            is the full answer, a copy marked ``response_metadata["callpolicy_cache"]``
+            (``"hit"``, ``"shared"``, ``"stale"``), and costs no budget, breaker slot or
+            model call. Streams are not cached. A LangChain cache is refused here: give it
+            to the inner model.
 
     Engine options left at ``None`` take the engine's defaults (5 failures, 30 s, one
     probe). After construction ``policy``, ``key`` and ``fallback_key`` hold the values in
     use. The wrapper's ``tags``, ``metadata`` and ``callbacks`` are added to every run of
-    the models it calls; its ``rate_limiter`` is acquired once per call; caching belongs
-    on the inner and fallback models (set ``cache`` there). The wrapper is not
+    the models it calls; its ``rate_limiter`` is acquired once per call (a cache hit
+    included); LangChain caches belong on the inner and fallback models. The wrapper is not
     LangChain-serializable (``dumpd`` gives the "not implemented" form): it holds live
     circuit state, and ``langchain_core.load`` admits only allow-listed classes anyway.
 
     Raises:
         TypeError: ``inner`` or ``fallback`` is not a chat model, ``policy`` is given with
-            engine options, or an engine option has the wrong type (naming the argument).
+            engine options, an engine option has the wrong type, ``budget`` is not a
+            ``Budget`` or ``cache`` not a ``ResponseCache`` (naming the argument).
+        callpolicy.MissingPriceError: ``budget`` has ``max_cost_usd`` and no price for
+            the inner model or the fallback (naming it).
         pydantic.ValidationError: a bad engine option value, ``fallback`` is ``inner``,
             or the two share a circuit key (naming the argument).
 
@@ -201,6 +216,16 @@ class CircuitBreakerChatModel(BaseChatModel):
     listeners: SkipValidation[Sequence[Listener] | None] = Field(default=None, exclude=True)
     store: SkipValidation[CircuitStore | None] = Field(default=None, exclude=True)
 
+    budget: SkipValidation[Budget | None] = Field(default=None, exclude=True)
+    """Limits on calls, tokens and dollars (:class:`callpolicy.Budget`), checked before
+    every call; shared by the bound copies and structured-output runnables."""
+    cache: SkipValidation[ResponseCache | BaseCache | bool | None] = Field(  # type: ignore[assignment]
+        default=None, exclude=True
+    )
+    """The wrapper's response cache (:class:`callpolicy.ResponseCache`), outermost: a hit
+    costs no budget, no breaker slot and no model call. ``None`` or ``False``: none. A
+    LangChain ``BaseCache`` (or ``True``) is refused: it belongs on the inner model."""
+
     guard_stream_start: bool = False
     """Let the breaker guard the start of ``stream``/``astream`` (admission, and a failure
     before the first chunk: counted, retried, served by the fallback's stream). Chunks
@@ -233,6 +258,37 @@ class CircuitBreakerChatModel(BaseChatModel):
             )
         return value
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _check_budget(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, Budget):
+            raise TypeError(
+                f"budget: expected a callpolicy.Budget or None, got {type(value).__name__}"
+            )
+        return value
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _check_cache(cls, value: Any) -> Any:
+        if value is None or value is False or isinstance(value, ResponseCache):
+            return value
+        if value is True or isinstance(value, BaseCache):
+            given = (
+                "True (LangChain's global cache)"
+                if value is True
+                else f"a LangChain {type(value).__name__}"
+            )
+            raise TypeError(
+                f"cache: got {given}; CircuitBreakerChatModel takes a "
+                "callpolicy.ResponseCache (keyed on every message, tool schema and "
+                "parameter, with single flight), or None/False. A LangChain cache belongs "
+                "on the model it caches: inner=ChatOpenAI(..., cache=InMemoryCache()), or "
+                "set_llm_cache() for every model"
+            )
+        raise TypeError(
+            f"cache: expected a callpolicy.ResponseCache or None, got {type(value).__name__}"
+        )
+
     @override
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
@@ -243,6 +299,17 @@ class CircuitBreakerChatModel(BaseChatModel):
         keys = CircuitKeys(inner, fallback, key=self.key, fallback_key=self.fallback_key)
         options = {name: getattr(self, name) for name in _ENGINE_OPTIONS}
         policy = policy_from_options(self.policy, options, owner=type(self).__name__)
+        budget = self.budget
+        if budget is not None:
+            # A max_cost_usd budget must be able to price both models: fail now, naming
+            # the model, not at the first call (or the first fallback, mid-outage).
+            budget.require_price(keys.default)
+            if keys.fallback is not None:
+                budget.require_price(keys.fallback)
+        cache = self.cache if isinstance(self.cache, ResponseCache) else None
+        outer = None
+        if budget is not None or cache is not None:
+            outer = Outer(budget, cache, ChatCodec(inner))
         # Plain dict writes: these are results, not user input (kept out of fields_set).
         self.__dict__.update(policy=policy, key=keys.default, fallback_key=keys.fallback)
         self._keys = keys
@@ -254,6 +321,7 @@ class CircuitBreakerChatModel(BaseChatModel):
             tags=self.tags,
             metadata=self.metadata,
             callbacks=self.callbacks,
+            outer=outer,
         )
 
     @override
@@ -274,6 +342,16 @@ class CircuitBreakerChatModel(BaseChatModel):
                 metadata=self.metadata,
                 callbacks=self.callbacks,
             )
+
+    @override
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
+        # The budget and the cache are shared state, as the policy is: a deep copy (of a
+        # chain, say) keeps spending the same budget and reading the same cache.
+        memo = {} if memo is None else memo
+        for shared in (self.budget, self.cache):
+            if isinstance(shared, (Budget, ResponseCache)):
+                memo.setdefault(id(shared), shared)
+        return super().__deepcopy__(memo)
 
     def _rerouted(
         self, primary: Runnable[Any, Any], fallback: Runnable[Any, Any] | None
@@ -406,10 +484,14 @@ class CircuitBreakerChatModel(BaseChatModel):
             kwargs["stop"] = stop
         if self._streaming_off(kwargs):
             return _invoked(self, input, config, kwargs)  # through the engine
+        route = self._fast_route()
         if self.guard_stream_start:
-            return self._fast_route().stream_guarded(input, config, kwargs)
-        primary = self._fast_route().primary
-        return cast("Iterator[AIMessageChunk]", primary.stream(input, config, **kwargs))
+            chunks = route.stream_guarded(input, config, kwargs)
+        else:
+            chunks = route.primary.stream(input, config, **kwargs)
+        if route.outer is not None:
+            chunks = route.metered(chunks, input, kwargs)
+        return cast("Iterator[AIMessageChunk]", chunks)
 
     @override
     def astream(
@@ -424,10 +506,14 @@ class CircuitBreakerChatModel(BaseChatModel):
             kwargs["stop"] = stop
         if self._streaming_off(kwargs):
             return _ainvoked(self, input, config, kwargs)
+        route = self._fast_route()
         if self.guard_stream_start:
-            return self._fast_route().astream_guarded(input, config, kwargs)
-        primary = self._fast_route().primary
-        return cast("AsyncIterator[AIMessageChunk]", primary.astream(input, config, **kwargs))
+            chunks = route.astream_guarded(input, config, kwargs)
+        else:
+            chunks = route.primary.astream(input, config, **kwargs)
+        if route.outer is not None:
+            chunks = route.ametered(chunks, input, kwargs)
+        return cast("AsyncIterator[AIMessageChunk]", chunks)
 
     # ``stream_events(version="v3")`` streams too: the inner model's own.
     @override
@@ -466,6 +552,43 @@ class CircuitBreakerChatModel(BaseChatModel):
             return key, primary, None
         return key, primary, _legacy_call(route.fallback, Route.fallback_kwargs(kwargs))
 
+    def _legacy_request(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> CallRequest[ChatResult]:
+        # Described as invoke() describes the same call (the entry serves both paths).
+        return ChatCodec(self.inner).legacy_request(messages, stop, kwargs)
+
+    # The wrapper's own LangChain cache layer: a ResponseCache is not a LangChain cache
+    # (LangChain's ``_generate_with_cache`` would raise "Asked to cache, but no cache
+    # found", or use the global cache on top of it); the engine applies it in _generate.
+    @override
+    def _generate_with_cache(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if not isinstance(self.cache, ResponseCache):
+            return super()._generate_with_cache(messages, stop, run_manager, **kwargs)
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire(blocking=True)
+        return self._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+
+    @override
+    async def _agenerate_with_cache(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if not isinstance(self.cache, ResponseCache):
+            return await super()._agenerate_with_cache(messages, stop, run_manager, **kwargs)
+        if self.rate_limiter is not None:
+            await self.rate_limiter.aacquire(blocking=True)
+        return await self._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
+
     @override
     def _generate(
         self,
@@ -490,8 +613,19 @@ class CircuitBreakerChatModel(BaseChatModel):
                     messages, stop=stop, run_manager=run_manager, **fallback_kwargs
                 )
 
+        outer = self._route.outer
+        if outer is None:
+            return self._route.policy.execute(
+                key, call, fallback=call_fallback, fallback_key=self._keys.fallback
+            )
         return self._route.policy.execute(
-            key, call, fallback=call_fallback, fallback_key=self._keys.fallback
+            key,
+            call,
+            fallback=call_fallback,
+            fallback_key=self._keys.fallback,
+            budget=outer.budget,
+            cache=outer.cache,
+            request=self._legacy_request(messages, stop, primary_kwargs),
         )
 
     @override
@@ -518,8 +652,19 @@ class CircuitBreakerChatModel(BaseChatModel):
                     messages, stop=stop, run_manager=run_manager, **fallback_kwargs
                 )
 
+        outer = self._route.outer
+        if outer is None:
+            return await self._route.policy.aexecute(
+                key, call, fallback=call_fallback, fallback_key=self._keys.fallback
+            )
         return await self._route.policy.aexecute(
-            key, call, fallback=call_fallback, fallback_key=self._keys.fallback
+            key,
+            call,
+            fallback=call_fallback,
+            fallback_key=self._keys.fallback,
+            budget=outer.budget,
+            cache=outer.cache,
+            request=self._legacy_request(messages, stop, primary_kwargs),
         )
 
     # -- binding -----------------------------------------------------------------------
@@ -565,8 +710,16 @@ class CircuitBreakerChatModel(BaseChatModel):
         fallback = None
         if self.fallback is not None:
             fallback = _structured("fallback", self.fallback, schema, include_raw, kwargs)
+        outer = self._route.outer
+        if outer is not None:
+            outer = outer.with_codec(StructuredCodec(self.inner, schema, include_raw, kwargs))
         route = self._route.with_runnables(
-            primary, fallback, tags=self.tags, metadata=self.metadata, callbacks=self.callbacks
+            primary,
+            fallback,
+            tags=self.tags,
+            metadata=self.metadata,
+            callbacks=self.callbacks,
+            outer=outer,
         )
         return GuardedRunnable(route, guard_stream_start=self.guard_stream_start)
 
@@ -579,7 +732,7 @@ def _legacy_call(runnable: Runnable[Any, Any], kwargs: dict[str, Any]) -> _Legac
     less those that only label traces)."""
     model, bound = _unbind(runnable)
     merged = {**bound, **kwargs}
-    for name in _TRACING_KWARGS:
+    for name in TRACING_KWARGS:
         merged.pop(name, None)
     return model, merged
 

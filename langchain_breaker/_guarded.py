@@ -24,8 +24,11 @@ class GuardedRunnable(Runnable[Any, Any]):
     """Calls ``route.primary`` under the route's circuit, ``route.fallback`` instead when
     the circuit is open or the primary failed (per the policy's ``fallback_on``).
 
-    ``invoke``/``ainvoke`` (so ``batch``/``abatch``) go through the engine; ``stream`` and
-    ``astream`` pass the primary's stream through untouched unless ``guard_stream_start``.
+    ``invoke``/``ainvoke`` (so ``batch``/``abatch``) go through the engine, with the
+    wrapper's budget and cache if any (a cached answer is the parsed object, or with
+    ``include_raw`` the raw message too, marked); ``stream`` and ``astream`` pass the
+    primary's stream through untouched unless ``guard_stream_start``. With a budget, a
+    stream counts as one call, by its estimate (parsed chunks report no usage).
     """
 
     def __init__(self, route: Route, *, guard_stream_start: bool = False) -> None:
@@ -72,17 +75,23 @@ class GuardedRunnable(Runnable[Any, Any]):
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
+        route = self.route
         if self.guard_stream_start:
-            return self.route.stream_guarded(input, config, kwargs)
-        return self.route.primary.stream(input, config, **kwargs)
+            chunks = route.stream_guarded(input, config, kwargs)
+        else:
+            chunks = route.primary.stream(input, config, **kwargs)
+        return chunks if route.outer is None else route.metered(chunks, input, kwargs)
 
     @override
     def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
+        route = self.route
         if self.guard_stream_start:
-            return self.route.astream_guarded(input, config, kwargs)
-        return self.route.primary.astream(input, config, **kwargs)
+            chunks = route.astream_guarded(input, config, kwargs)
+        else:
+            chunks = route.primary.astream(input, config, **kwargs)
+        return chunks if route.outer is None else route.ametered(chunks, input, kwargs)
 
     def __repr__(self) -> str:
         return (

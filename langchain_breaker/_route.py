@@ -10,7 +10,7 @@ run per attempt, of the model that answered.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -23,6 +23,7 @@ from langchain_core.runnables.config import (
 from callpolicy import CallPolicy
 
 from ._keys import CircuitKeys
+from ._outer import Outer, ametered, metered
 
 __all__ = ["FALLBACK", "META_ATTEMPT", "META_KEY", "META_ROLE", "META_STATE", "PRIMARY", "Route"]
 
@@ -43,12 +44,13 @@ META_ATTEMPT: Final = "callpolicy_attempt"
 then the fallback; a fallback serving a refused call is call 1)."""
 
 _NOTHING: Final = object()
+_SAME: Final = object()
 
 
 class Route:
     """The policy, keys and runnables of one wrapper (or one structured-output runnable)."""
 
-    __slots__ = ("callbacks", "fallback", "keys", "metadata", "policy", "primary", "tags")
+    __slots__ = ("callbacks", "fallback", "keys", "metadata", "outer", "policy", "primary", "tags")
 
     def __init__(
         self,
@@ -60,6 +62,7 @@ class Route:
         tags: Sequence[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         callbacks: Callbacks = None,
+        outer: Outer | None = None,
     ) -> None:
         self.policy = policy
         self.keys = keys
@@ -69,6 +72,9 @@ class Route:
         """Tags, metadata and callbacks of the wrapper itself, added to every run."""
         self.metadata = metadata
         self.callbacks = callbacks
+        self.outer = outer
+        """The budget and cache, and how calls are described for them; None without
+        either (then the route never builds a request: the hot path is unchanged)."""
 
     def with_runnables(
         self,
@@ -78,8 +84,10 @@ class Route:
         tags: Sequence[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         callbacks: Callbacks = None,
+        outer: object = _SAME,
     ) -> Route:
-        """A route with the same policy and circuits, calling other runnables."""
+        """A route with the same policy and circuits (and budget and cache, unless
+        ``outer`` is given), calling other runnables."""
         return Route(
             self.policy,
             self.keys,
@@ -88,6 +96,7 @@ class Route:
             tags=tags,
             metadata=metadata,
             callbacks=callbacks,
+            outer=self.outer if outer is _SAME else cast("Outer | None", outer),
         )
 
     # -- per-call config -----------------------------------------------------------------
@@ -155,16 +164,28 @@ class Route:
             return primary.invoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
 
         fallback = self.fallback
-        if fallback is None:
+        outer = self.outer
+        if fallback is None and outer is None:
             return self.policy.execute(key, call)
 
         def call_fallback() -> Any:
+            assert fallback is not None
             return fallback.invoke(
                 input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
             )
 
+        if outer is None:
+            return self.policy.execute(
+                key, call, fallback=call_fallback, fallback_key=self.keys.fallback
+            )
         return self.policy.execute(
-            key, call, fallback=call_fallback, fallback_key=self.keys.fallback
+            key,
+            call,
+            fallback=None if fallback is None else call_fallback,
+            fallback_key=self.keys.fallback,
+            budget=outer.budget,
+            cache=outer.cache,
+            request=outer.request(self.primary, input, kwargs),
         )
 
     async def ainvoke(
@@ -181,17 +202,47 @@ class Route:
             return await primary.ainvoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
 
         fallback = self.fallback
-        if fallback is None:
+        outer = self.outer
+        if fallback is None and outer is None:
             return await self.policy.aexecute(key, call)
 
         async def call_fallback() -> Any:
+            assert fallback is not None
             return await fallback.ainvoke(
                 input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
             )
 
+        if outer is None:
+            return await self.policy.aexecute(
+                key, call, fallback=call_fallback, fallback_key=self.keys.fallback
+            )
         return await self.policy.aexecute(
-            key, call, fallback=call_fallback, fallback_key=self.keys.fallback
+            key,
+            call,
+            fallback=None if fallback is None else call_fallback,
+            fallback_key=self.keys.fallback,
+            budget=outer.budget,
+            cache=outer.cache,
+            request=outer.request(self.primary, input, kwargs),
         )
+
+    # -- streams: metered by the budget, if any -------------------------------------------
+    def metered(self, chunks: Iterator[Any], input: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
+        """``chunks`` as they are, or, with a budget, each chunk (the same object) counted
+        as it passes: the usage it reports, and the stream as one call."""
+        outer = self.outer
+        if outer is None or outer.budget is None:
+            return chunks
+        return metered(chunks, outer.budget, self.key_of(kwargs), lambda: outer.estimate(input))
+
+    def ametered(
+        self, chunks: AsyncIterator[Any], input: Any, kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        """Async :meth:`metered`."""
+        outer = self.outer
+        if outer is None or outer.budget is None:
+            return chunks
+        return ametered(chunks, outer.budget, self.key_of(kwargs), lambda: outer.estimate(input))
 
     # -- streams whose start is guarded (opt-in) -----------------------------------------
     def stream_guarded(

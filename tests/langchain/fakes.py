@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
@@ -327,3 +328,63 @@ class Events:
 
     def kinds(self) -> list[str]:
         return [event.kind.value for event in self.events]
+
+
+class SlowChatModel(ScriptedChatModel):
+    """A :class:`ScriptedChatModel` that takes ``delay`` seconds per call (``time.sleep``
+    in threads, ``asyncio.sleep`` on a loop), so that concurrent callers overlap."""
+
+    delay: float = 0.05
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        time.sleep(self.delay)
+        return super()._generate(messages, stop, run_manager, **kwargs)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        await asyncio.sleep(self.delay)
+        return super()._generate(messages, stop, None, **kwargs)
+
+
+class FixedChunksChatModel(ScriptedChatModel):
+    """Streams exactly the chunk objects given to :meth:`set_chunks` (so a test can check
+    that what reaches the caller is the very same objects), counting each stream."""
+
+    _chunks_given: list[AIMessageChunk] = PrivateAttr(default_factory=list)
+
+    def set_chunks(self, chunks: list[AIMessageChunk]) -> None:
+        self._chunks_given = chunks
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: Any = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        self._calls.append(kwargs)
+        yield from self._chunks_given
+
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: Any = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        self._calls.append(kwargs)
+        for chunk in self._chunks_given:
+            yield chunk

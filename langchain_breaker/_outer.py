@@ -1,0 +1,641 @@
+"""The outer policies, budget and response cache, as the LangChain wrapper uses them.
+
+The engine applies them (cache -> budget -> fallback -> retry -> breaker -> model); the
+adapter only *describes* a call as a :class:`callpolicy.CallRequest`: what changes its
+answer (for the cache key), its input text (for the budget's estimate), and how its answer
+becomes JSON and back (for the cache) and what it used (for the budget). Nothing here runs
+unless a budget or a cache is given: without them a route has no :class:`Outer` at all.
+
+Three kinds of call are described:
+
+- a chat model call (``invoke``; the answer an ``AIMessage``),
+- the same call on the legacy ``generate()`` path (the answer a ``ChatResult``; its entry
+  is interchangeable with the ``invoke`` one),
+- a structured-output call (``with_structured_output``; the answer a pydantic object, a
+  dict, or ``{"raw", "parsed", "parsing_error"}`` with ``include_raw=True``).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import datetime
+import decimal
+import enum
+import functools
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import PurePath
+from typing import Any, Final
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    message_to_dict,
+    messages_from_dict,
+)
+from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.runnables import Runnable, RunnableBinding
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel, SecretBytes, SecretStr
+
+from callpolicy import Budget, CallRequest, ResponseCache, Usage
+
+__all__ = [
+    "META_CACHE",
+    "TRACING_KWARGS",
+    "ChatCodec",
+    "Outer",
+    "StructuredCodec",
+    "ametered",
+    "describe_value",
+    "metered",
+    "unbind",
+]
+
+META_CACHE: Final = "callpolicy_cache"
+"""``response_metadata`` key of an answer that did not come from its own model call:
+``"hit"`` (the cache), ``"shared"`` (an identical call in the air, single flight) or
+``"stale"`` (an expired entry served because the circuit is open)."""
+
+TRACING_KWARGS: Final = ("ls_structured_output_format", "structured_output_format")
+"""Call kwargs that only label traces: a model's private ``_generate`` must not get them,
+and they do not change the answer."""
+
+# Model fields read besides ``_identifying_params`` (which most integrations fill, but
+# not all): the model and its sampling parameters, and the endpoint (two servers
+# answering for the same model name must not share entries). Read from the model's
+# ``__dict__``: a missing one costs nothing, and a field assigned later is seen.
+_MODEL_FIELDS = (
+    "model_name",
+    "model",
+    "model_id",
+    "deployment_name",
+    "temperature",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stop_sequences",
+    "n",
+    "openai_api_base",
+    "openai_api_version",
+    "azure_endpoint",
+    "anthropic_api_url",
+    "base_url",
+    "api_base",
+    "endpoint",
+    "endpoint_url",
+    "region_name",
+)
+
+# Call kwargs that carry JSON schemas (tools, output formats): described as JSON text, so
+# that the key's secret filter, which drops entries *named* like secrets at any depth,
+# never drops a tool parameter called "password" or "token" (a changed schema of it would
+# otherwise be a false hit). Schemas hold no credentials.
+_SCHEMA_KWARGS = frozenset(
+    (
+        "tools",
+        "functions",
+        "tool_choice",
+        "function_call",
+        "response_format",
+        "text",
+        "format",
+        "response_schema",
+        "response_json_schema",
+        "json_schema",
+    )
+)
+
+_DROP: Any = object()
+
+
+def unbind(runnable: Runnable[Any, Any]) -> tuple[Runnable[Any, Any], dict[str, Any]]:
+    """The runnable under a (possibly nested) binding, and the kwargs bound to it."""
+    bound: dict[str, Any] = {}
+    while isinstance(runnable, RunnableBinding):
+        bound = {**runnable.kwargs, **bound}
+        runnable = runnable.bound
+    return runnable, bound
+
+
+# -- describing a request: JSON data, with no secrets ------------------------------------
+def describe_value(value: Any) -> Any:
+    """``value`` as data :func:`callpolicy.cache_key` can hash, secrets left out.
+
+    JSON values pass as they are; pydantic objects are their fields, pydantic classes their
+    JSON schema, tools their OpenAI form; ``SecretStr`` values are dropped. A value with no
+    JSON form (a client object, a function) is described by its type: it cannot be seen
+    into, and an unstable key (``repr`` with an address) would never hit.
+    """
+    found = _described(value)
+    return None if found is _DROP else found
+
+
+def _described(value: Any) -> Any:
+    kind = type(value)
+    if value is None or kind is str or kind is int or kind is float or kind is bool:
+        return value
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for name, item in value.items():
+            plain = _described(item)
+            if plain is not _DROP:
+                out[name if isinstance(name, str) else str(_described(name))] = plain
+        return out
+    if isinstance(value, (list, tuple)):
+        return [plain for plain in map(_described, value) if plain is not _DROP]
+    if isinstance(value, (SecretStr, SecretBytes)):
+        return _DROP
+    if isinstance(value, enum.Enum):
+        return _described(value.value)
+    if isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, BaseModel):
+        return _described(value.model_dump(mode="python"))
+    if isinstance(value, type):
+        return _described_class(value)
+    if isinstance(value, BaseTool):
+        return _described(convert_to_openai_tool(value))
+    if dataclasses.is_dataclass(value):
+        return _described({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    if isinstance(value, (set, frozenset)):
+        return sorted((_described(v) for v in value), key=_sort_key)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (uuid.UUID, decimal.Decimal, PurePath)):
+        return str(value)
+    return {"$object": _qualname(kind)}
+
+
+def _sort_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _json_default(value: Any) -> Any:
+    found = _described(value)
+    return None if found is _DROP else found
+
+
+def _json_text(value: Any) -> str:
+    """``value`` as canonical JSON text (sorted keys; no entry dropped by its name)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+@functools.lru_cache(maxsize=256)
+def _described_class(cls: type) -> Any:
+    """A class as a bound kwarg (``response_format=Person``): its JSON schema."""
+    if issubclass(cls, BaseModel):
+        return {"$schema": cls.model_json_schema(), "$name": cls.__name__}
+    try:
+        return {"$tool": convert_to_openai_tool(cls)}  # a TypedDict, say
+    except Exception:
+        return {"$type": _qualname(cls)}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def describe_schema(schema: Any) -> str:
+    """The structured-output schema of ``with_structured_output``, as JSON text."""
+    return _json_text(_described_class(schema) if isinstance(schema, type) else schema)
+
+
+def _model_params(model: BaseChatModel) -> dict[str, Any]:
+    """The model: its type, identifying parameters (model, temperature, max_tokens, ...),
+    and the fields of :data:`_MODEL_FIELDS` it has. Provider and model name are in the
+    engine's part of the key (the circuit key); secrets are dropped by the key."""
+    fields = model.__dict__
+    return {
+        "_type": model._llm_type,
+        "params": model._identifying_params,
+        "fields": {name: fields[name] for name in _MODEL_FIELDS if fields.get(name) is not None},
+    }
+
+
+def _call_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        name: _json_text(value) if name in _SCHEMA_KWARGS else value
+        for name, value in kwargs.items()
+        if name not in TRACING_KWARGS
+    }
+
+
+def _messages_described(messages: Sequence[BaseMessage]) -> str:
+    """Every message with all its content blocks, as canonical JSON text (sorted keys),
+    without its ``id`` (as LangChain's own cache normalizes it: a run id does not change
+    the answer). One string: the key's canonical form then hashes it without walking
+    every block in Python, and a field of a message named like a secret stays in (it is
+    the conversation, not a credential)."""
+    described = []
+    for message in messages:
+        data = message.model_dump()
+        data.pop("id", None)
+        described.append({"type": message.type, "data": data})
+    return _json_text(described)
+
+
+def _input_text(messages: Sequence[BaseMessage]) -> str:
+    """The messages' text (and the arguments of earlier tool calls), for the estimate."""
+    parts: list[str] = []
+    for message in messages:
+        parts.append(str(message.text))
+        if isinstance(message, AIMessage) and message.tool_calls:
+            parts.append(json.dumps([call["args"] for call in message.tool_calls], default=str))
+    return "\n".join(parts)
+
+
+# -- answers as JSON -----------------------------------------------------------------------
+def _encode_message(message: object) -> dict[str, Any]:
+    if not isinstance(message, BaseMessage):
+        raise TypeError(f"expected a message, got {type(message).__name__}")
+    return message_to_dict(message)
+
+
+def _decode_message(data: object) -> AIMessage:
+    if not isinstance(data, dict):
+        raise TypeError("not a message")
+    message = messages_from_dict([data])[0]
+    if not isinstance(message, AIMessage):
+        raise TypeError(f"expected an AI message, got {type(message).__name__}")
+    return message
+
+
+def _marked(message: AIMessage, status: str) -> AIMessage:
+    return message.model_copy(
+        update={"response_metadata": {**message.response_metadata, META_CACHE: status}}
+    )
+
+
+def encode_message(message: AIMessage) -> dict[str, Any]:
+    return {"message": _encode_message(message)}
+
+
+def decode_message(payload: dict[str, Any]) -> AIMessage:
+    return _decode_message(payload["message"])
+
+
+def mark_message(message: AIMessage, status: str) -> AIMessage:
+    """A copy marked ``response_metadata["callpolicy_cache"] = status``."""
+    return _marked(message, status)
+
+
+def usage_of_message(message: AIMessage) -> object:
+    return message.usage_metadata
+
+
+# The legacy path's ChatResult, in the same payload (its first message under "message"),
+# so an entry written by invoke() serves generate() and the other way round.
+def encode_result(result: ChatResult) -> dict[str, Any]:
+    generations = result.generations
+    if not generations:
+        raise ValueError("an answer without generations")
+    first, *more = generations
+    return {
+        "message": _encode_message(first.message),
+        "generation_info": first.generation_info,
+        "more": [
+            {"message": _encode_message(g.message), "generation_info": g.generation_info}
+            for g in more
+        ],
+        "llm_output": result.llm_output,
+    }
+
+
+def decode_result(payload: dict[str, Any]) -> ChatResult:
+    entries = [
+        {"message": payload["message"], "generation_info": payload.get("generation_info")},
+        *payload.get("more", ()),
+    ]
+    return ChatResult(
+        generations=[
+            ChatGeneration(
+                message=_decode_message(entry["message"]),
+                generation_info=entry.get("generation_info"),
+            )
+            for entry in entries
+        ],
+        llm_output=payload.get("llm_output"),
+    )
+
+
+def mark_result(result: ChatResult, status: str) -> ChatResult:
+    return ChatResult(
+        generations=[
+            ChatGeneration(
+                message=_marked(_ai(g.message), status), generation_info=g.generation_info
+            )
+            for g in result.generations
+        ],
+        llm_output=result.llm_output,
+    )
+
+
+def _ai(message: BaseMessage) -> AIMessage:
+    if not isinstance(message, AIMessage):
+        raise TypeError(f"expected an AI message, got {type(message).__name__}")
+    return message
+
+
+def usage_of_result(result: ChatResult) -> object:
+    if result.generations:
+        found = getattr(result.generations[0].message, "usage_metadata", None)
+        if found:
+            return found
+    return result.llm_output
+
+
+# -- codecs: how one route's calls are described -------------------------------------------
+class ChatCodec:
+    """Describes the calls of a chat model route: the inner model, the kwargs bound on the
+    route's primary (tools with their schemas, tool_choice, response_format, ...), and the
+    call's own kwargs (``stop``, a per-call ``model=``, ...)."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: BaseChatModel) -> None:
+        self.model = model
+
+    def request(
+        self, primary: Runnable[Any, Any], input: Any, kwargs: Mapping[str, Any]
+    ) -> CallRequest[Any]:
+        _, bound = unbind(primary)
+        merged = {**bound, **kwargs} if bound else kwargs
+        messages = _Messages(self.model, input)
+        model = self.model
+
+        def describe() -> Mapping[str, Any]:
+            return _described_call(model, messages.get(), merged, None)
+
+        return CallRequest(
+            describe=describe,
+            input_text=lambda: _input_text(messages.get()),
+            encode=encode_message,
+            decode=decode_message,
+            mark=mark_message,
+            usage=usage_of_message,
+        )
+
+    def legacy_request(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> CallRequest[ChatResult]:
+        """The legacy ``_generate`` path: ``kwargs`` already merged with the bound ones."""
+        merged = dict(kwargs) if stop is None else {**kwargs, "stop": stop}
+        model = self.model
+        return CallRequest(
+            describe=lambda: _described_call(model, messages, merged, None),
+            input_text=lambda: _input_text(messages),
+            encode=encode_result,
+            decode=decode_result,
+            mark=mark_result,
+            usage=usage_of_result,
+        )
+
+
+class StructuredCodec:
+    """Describes the calls of a ``with_structured_output`` route: the inner model, the
+    schema (its JSON schema), ``include_raw`` and the options (``method``, ``strict``),
+    and the call's kwargs; encodes its parsed answers."""
+
+    __slots__ = ("description", "include_raw", "model", "schema_class")
+
+    def __init__(
+        self,
+        model: BaseChatModel,
+        schema: Any,
+        include_raw: bool,
+        options: Mapping[str, Any],
+    ) -> None:
+        self.model = model
+        self.include_raw = include_raw
+        self.schema_class: type[BaseModel] | None = (
+            schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+        )
+        self.description = {
+            "schema": describe_schema(schema),
+            "include_raw": include_raw,
+            "options": describe_value(dict(options)),
+        }
+
+    def request(
+        self, primary: Runnable[Any, Any], input: Any, kwargs: Mapping[str, Any]
+    ) -> CallRequest[Any]:
+        messages = _Messages(self.model, input)
+        model, description = self.model, self.description
+        if self.include_raw:
+            return CallRequest(
+                describe=lambda: _described_call(model, messages.get(), kwargs, description),
+                input_text=lambda: _input_text(messages.get()),
+                encode=self._encode_raw,
+                decode=self._decode_raw,
+                mark=_mark_raw,
+                usage=_usage_of_raw,
+            )
+        return CallRequest(
+            describe=lambda: _described_call(model, messages.get(), kwargs, description),
+            input_text=lambda: _input_text(messages.get()),
+            encode=self._encode_parsed,
+            decode=self._decode_parsed,
+        )
+
+    def _encode_parsed(self, value: Any) -> dict[str, Any]:
+        schema = self.schema_class
+        if schema is not None and isinstance(value, schema):
+            dumped = value.model_dump(mode="json")
+            if schema.model_validate(dumped) != value:  # never serve a different object
+                raise ValueError(f"{type(value).__name__} does not survive JSON")
+            return {"model": dumped}
+        if value is None or isinstance(value, (dict, list, str, int, float, bool)):
+            if json.loads(json.dumps(value)) != value:
+                raise ValueError("the parsed answer does not survive JSON")
+            return {"json": value}
+        raise TypeError(f"cannot cache a parsed {type(value).__name__}")
+
+    def _decode_parsed(self, payload: dict[str, Any]) -> Any:
+        if "model" in payload:
+            if self.schema_class is None:
+                raise TypeError("a pydantic answer for a schema that is not a pydantic class")
+            return self.schema_class.model_validate(payload["model"])
+        return payload["json"]
+
+    def _encode_raw(self, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict) or "raw" not in value:
+            raise TypeError("expected {'raw', 'parsed', 'parsing_error'}")
+        if value.get("parsing_error") is not None:
+            raise ValueError("an answer that failed to parse is not cached")
+        return {
+            "raw": _encode_message(value["raw"]),
+            "parsed": self._encode_parsed(value.get("parsed")),
+        }
+
+    def _decode_raw(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "raw": _decode_message(payload["raw"]),
+            "parsed": self._decode_parsed(payload["parsed"]),
+            "parsing_error": None,
+        }
+
+
+def _mark_raw(value: dict[str, Any], status: str) -> dict[str, Any]:
+    raw = value.get("raw")
+    if not isinstance(raw, AIMessage):
+        return value
+    return {**value, "raw": _marked(raw, status)}
+
+
+def _usage_of_raw(value: dict[str, Any]) -> object:
+    return getattr(value.get("raw"), "usage_metadata", None)
+
+
+def _described_call(
+    model: BaseChatModel,
+    messages: Sequence[BaseMessage],
+    kwargs: Mapping[str, Any],
+    structured: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    described: dict[str, Any] = {
+        "model": describe_value(_model_params(model)),
+        "messages": _messages_described(messages),
+        "kwargs": describe_value(_call_kwargs(kwargs)),
+    }
+    if structured is not None:
+        described["structured_output"] = structured
+    return described
+
+
+class _Messages:
+    """The call's input as messages, converted once (for the key and for the estimate)."""
+
+    __slots__ = ("_input", "_messages", "_model")
+
+    def __init__(self, model: BaseChatModel, input: Any) -> None:
+        self._model = model
+        self._input = input
+        self._messages: list[BaseMessage] | None = None
+
+    def get(self) -> list[BaseMessage]:
+        if self._messages is None:
+            self._messages = self._model._convert_input(self._input).to_messages()
+        return self._messages
+
+
+# -- the route's outer policies ------------------------------------------------------------
+class Outer:
+    """The budget and the cache of one route, and the codec describing its calls."""
+
+    __slots__ = ("budget", "cache", "codec")
+
+    def __init__(
+        self,
+        budget: Budget | None,
+        cache: ResponseCache | None,
+        codec: ChatCodec | StructuredCodec,
+    ) -> None:
+        self.budget = budget
+        self.cache = cache
+        self.codec = codec
+
+    def with_codec(self, codec: ChatCodec | StructuredCodec) -> Outer:
+        return Outer(self.budget, self.cache, codec)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Outer:
+        # Shared state: a deep copy of a chain keeps the same budget and cache.
+        return Outer(self.budget, self.cache, copy.deepcopy(self.codec, memo))
+
+    def request(
+        self, primary: Runnable[Any, Any], input: Any, kwargs: Mapping[str, Any]
+    ) -> CallRequest[Any]:
+        return self.codec.request(primary, input, kwargs)
+
+    def estimate(self, input: Any) -> int:
+        """The budget's input-token estimate of ``input`` (0 without a budget)."""
+        budget = self.budget
+        if budget is None:
+            return 0
+        return budget.estimate(_input_text(_Messages(self.codec.model, input).get()))
+
+
+# -- streams: usage counted as the chunks pass, never altered ------------------------------
+def _chunk_usage(chunk: object) -> Usage | None:
+    report = getattr(chunk, "usage_metadata", None)
+    if report is None and isinstance(chunk, dict):  # include_raw: {"raw": chunk, ...}
+        report = getattr(chunk.get("raw"), "usage_metadata", None)
+    return None if not report else Usage.from_report(report)
+
+
+class _Meter:
+    """Counts one stream: the usage its chunks report, as they pass; one call, once."""
+
+    __slots__ = ("budget", "counted", "estimate", "key")
+
+    def __init__(self, budget: Budget, key: str, estimate: Callable[[], int]) -> None:
+        self.budget = budget
+        self.key = key
+        self.estimate = estimate
+        self.counted = False
+
+    def see(self, chunk: object) -> None:
+        usage = _chunk_usage(chunk)
+        if usage is not None and usage.total_tokens:  # zeros say nothing: keep the estimate
+            self.budget.record(self.key, usage, calls=0 if self.counted else 1)
+            self.counted = True
+
+    def end(self, failed: bool) -> None:
+        """A stream that reported no usage counts as one call and, unless it failed (its
+        tokens then freed, as for a failed call), its estimated input."""
+        if self.counted:
+            return
+        self.counted = True
+        estimated = 0 if failed else self.estimate()
+        self.budget.record(self.key, Usage(input_tokens=estimated, estimated=True), calls=1)
+
+
+def metered(
+    chunks: Iterator[Any], budget: Budget, key: str, estimate: Callable[[], int]
+) -> Iterator[Any]:
+    """``chunks``, each the same object, their usage recorded in ``budget`` as they pass."""
+    meter = _Meter(budget, key, estimate)
+    failed = False
+    try:
+        for chunk in chunks:
+            meter.see(chunk)
+            yield chunk
+    except Exception:
+        failed = True
+        raise
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+        meter.end(failed)
+
+
+async def ametered(
+    chunks: AsyncIterator[Any], budget: Budget, key: str, estimate: Callable[[], int]
+) -> AsyncIterator[Any]:
+    """Async :func:`metered`."""
+    meter = _Meter(budget, key, estimate)
+    failed = False
+    try:
+        async for chunk in chunks:
+            meter.see(chunk)
+            yield chunk
+    except Exception:
+        failed = True
+        raise
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        meter.end(failed)
