@@ -705,6 +705,13 @@ class Budget:
             ),
         )
 
+    def __copy__(self) -> Budget:
+        # Shared state: a copied model (model_copy, deepcopy of a chain) keeps sharing it.
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Budget:
+        return self
+
     def __repr__(self) -> str:
         limits = ", ".join(
             f"{name}={value!r}"

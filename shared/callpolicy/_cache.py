@@ -217,6 +217,13 @@ class ResponseCache:
         with self._stats_lock:
             self._counts = dict.fromkeys(self._counts, 0)
 
+    def __copy__(self) -> ResponseCache:
+        # Shared state: a copied model (model_copy, deepcopy of a chain) keeps sharing it.
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> ResponseCache:
+        return self
+
     def stats(self) -> CacheStats:
         with self._stats_lock:
             counts = dict(self._counts)
