@@ -11,7 +11,7 @@ import time
 
 from ._harness import Result
 
-SUITES = ["engine", "langchain", "llamaindex", "memory"]
+SUITES = ["engine", "langchain", "llamaindex", "memory", "outage", "redis_store"]
 
 
 def _machine() -> str:

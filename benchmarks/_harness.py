@@ -35,6 +35,8 @@ class Result:
     passed: bool
     detail: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    info: bool = False
+    """A figure shown for context (a baseline's own latency): no target, never fails."""
 
     @property
     def row(self) -> tuple[str, str, str, str, str, str, str]:
@@ -45,7 +47,7 @@ class Result:
             f"{mid:.2f}",
             f"{high:.2f}",
             self.target,
-            "yes" if self.passed else "NO",
+            "-" if self.info else ("yes" if self.passed else "NO"),
             self.detail,
         )
 

@@ -1,6 +1,7 @@
 """Figures 2 and 4: the LangChain wrapper next to the bare model and to
 ``with_retry().with_fallbacks()``, with nothing failing; the cost of an open circuit;
-10,000 concurrent ``ainvoke`` on one event loop; 16 threads through ``invoke``."""
+10,000 concurrent ``ainvoke`` on one event loop; 16 threads through ``invoke``; a
+response-cache hit next to LangChain's own ``InMemoryCache`` hit."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from langchain_core.caches import InMemoryCache
+from langchain_core.globals import set_llm_cache
 from langchain_core.language_models import FakeListChatModel
 
-from callpolicy import CallPolicy, CircuitOpenError
+from callpolicy import CallPolicy, CircuitOpenError, ResponseCache
 from langchain_breaker import CircuitBreakerChatModel
 
 from ._fakes import AsyncEchoChatModel
@@ -156,5 +159,45 @@ def _concurrency(quick: bool) -> list[Result]:
     ]
 
 
+def _cache_hit(quick: bool) -> list[Result]:
+    """A hit of the wrapper's ``ResponseCache`` against a hit of LangChain's own
+    ``set_llm_cache(InMemoryCache())``, on the same model and prompt, in the same run."""
+    # Two answers: a model that answered again would say "second", so a hit is provable.
+    langchain_cached = FakeListChatModel(responses=["first", "second"])
+    # The wrapper's inner model ignores the global cache (cache=False): the wrapper's own
+    # cache answers, and a hit never reaches the inner model anyway.
+    guarded = CircuitBreakerChatModel(
+        inner=FakeListChatModel(responses=["first", "second"], cache=False),
+        cache=ResponseCache(),
+    )
+    set_llm_cache(InMemoryCache())
+    try:
+        for model in (langchain_cached, guarded):
+            model.invoke("hi")  # fill the cache
+            assert model.invoke("hi").content == "first", "not a cache hit"
+        assert guarded.invoke("hi").response_metadata["callpolicy_cache"] == "hit"
+        timings = ratio_rows(
+            {
+                "langchain": lambda: langchain_cached.invoke("hi"),
+                "wrapper": lambda: guarded.invoke("hi"),
+            },
+            loops=200 if quick else 2_000,
+            repeats=3 if quick else 9,
+        )
+    finally:
+        set_llm_cache(None)  # the global cache must not leak into the next figures
+    ratios = [w / lc for w, lc in zip(timings["wrapper"], timings["langchain"], strict=True)]
+    return [
+        Result(
+            "langchain: cache hit, wrapper ResponseCache / set_llm_cache(InMemoryCache())",
+            ratios,
+            "< 1.00",
+            statistics.median(ratios) < 1.0,
+            f"wrapper {statistics.median(timings['wrapper']) / 1000:.0f} us, "
+            f"InMemoryCache {statistics.median(timings['langchain']) / 1000:.0f} us",
+        )
+    ]
+
+
 def run(*, quick: bool) -> list[Result]:
-    return [*_overhead(quick), *_open_circuit(quick), *_concurrency(quick)]
+    return [*_overhead(quick), *_open_circuit(quick), *_concurrency(quick), *_cache_hit(quick)]

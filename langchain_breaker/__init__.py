@@ -12,11 +12,13 @@ The engine's types (``CircuitOpenError``, ``CircuitState``, ``RetryPolicy``, ``C
 """
 
 from ._chat_model import CircuitBreakerChatModel
+from ._events import EVENT_PREFIX
 from ._guarded import GuardedRunnable
 from ._outer import META_CACHE
 from ._route import META_ATTEMPT, META_KEY, META_ROLE, META_STATE
 
 __all__ = [
+    "EVENT_PREFIX",
     "META_ATTEMPT",
     "META_CACHE",
     "META_KEY",

@@ -22,6 +22,7 @@ from langchain_core.runnables.config import (
 
 from callpolicy import CallPolicy
 
+from ._events import EventRelay
 from ._keys import CircuitKeys
 from ._outer import Outer, ametered, metered
 
@@ -155,12 +156,31 @@ class Route:
     def invoke(self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]) -> Any:
         key = self.key_of(kwargs)
         cfg = self.prepare(config, key)
+        if not EventRelay.wanted(self.policy, cfg):
+            return self._invoke(input, cfg, kwargs, key, None)
+        relay = EventRelay(cfg)
+        try:
+            return self._invoke(input, cfg, kwargs, key, relay)
+        finally:
+            relay.flush()
+            relay.close()
+
+    def _invoke(
+        self,
+        input: Any,
+        cfg: RunnableConfig,
+        kwargs: dict[str, Any],
+        key: str,
+        relay: EventRelay | None,
+    ) -> Any:
         primary = self.primary
         attempt = 0
 
         def call() -> Any:
             nonlocal attempt
             attempt += 1
+            if relay is not None:
+                relay.flush()
             return primary.invoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
 
         fallback = self.fallback
@@ -170,6 +190,8 @@ class Route:
 
         def call_fallback() -> Any:
             assert fallback is not None
+            if relay is not None:
+                relay.flush()
             return fallback.invoke(
                 input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
             )
@@ -193,12 +215,31 @@ class Route:
     ) -> Any:
         key = self.key_of(kwargs)
         cfg = self.prepare(config, key)
+        if not EventRelay.wanted(self.policy, cfg):
+            return await self._ainvoke(input, cfg, kwargs, key, None)
+        relay = EventRelay(cfg)
+        try:
+            return await self._ainvoke(input, cfg, kwargs, key, relay)
+        finally:
+            await relay.aflush()
+            relay.close()
+
+    async def _ainvoke(
+        self,
+        input: Any,
+        cfg: RunnableConfig,
+        kwargs: dict[str, Any],
+        key: str,
+        relay: EventRelay | None,
+    ) -> Any:
         primary = self.primary
         attempt = 0
 
         async def call() -> Any:
             nonlocal attempt
             attempt += 1
+            if relay is not None:
+                await relay.aflush()
             return await primary.ainvoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
 
         fallback = self.fallback
@@ -208,6 +249,8 @@ class Route:
 
         async def call_fallback() -> Any:
             assert fallback is not None
+            if relay is not None:
+                await relay.aflush()
             return await fallback.ainvoke(
                 input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
             )

@@ -202,10 +202,12 @@ class CallPolicy:
         return self._store
 
     def add_listener(self, listener: Listener) -> None:
-        """Call ``listener(event)`` for every :class:`Event` from now on."""
+        """Call ``listener(event)`` for every :class:`Event` from now on (once: adding the
+        same listener again changes nothing)."""
         if not callable(listener):
             raise TypeError("listener: expected a callable taking an Event")
-        self._listeners = (*self._listeners, listener)
+        if listener not in self._listeners:
+            self._listeners = (*self._listeners, listener)
 
     def remove_listener(self, listener: Listener) -> None:
         self._listeners = tuple(x for x in self._listeners if x is not listener)

@@ -131,6 +131,9 @@ class OpenAICompatServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out as two small writes; without TCP_NODELAY the body
+            # waits for the client's delayed ACK (~40 ms a reply).
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:  # quiet
                 return

@@ -1,0 +1,93 @@
+"""The engine's events as LangChain custom events, for LangSmith and ``astream_events``.
+
+A guarded call's refusals, retries, fallbacks, cache hits and state changes become
+custom events (``callpolicy_<kind>``, e.g. ``callpolicy_fallback``) on the caller's run,
+through ``dispatch_custom_event``. They are collected while the engine decides and handed
+to LangChain just before the next model run starts (so a fallback's event comes before the
+fallback's run) and when the call ends. Only calls whose config carries callbacks collect
+anything: without a listener there is nothing to do, and the hot path stays as it was.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any, Final
+
+from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
+from langchain_core.runnables import RunnableConfig
+
+from callpolicy import CallPolicy, Event
+
+__all__ = ["EVENT_PREFIX", "EventRelay"]
+
+EVENT_PREFIX: Final = "callpolicy_"
+"""Custom event names are this prefix and the event kind: ``callpolicy_state_change``,
+``callpolicy_refused``, ``callpolicy_retry``, ``callpolicy_fallback``,
+``callpolicy_cache_hit``, ``callpolicy_budget_refused``."""
+
+_pending: contextvars.ContextVar[list[Event] | None] = contextvars.ContextVar(
+    "callpolicy_langchain_events", default=None
+)
+
+
+def _collect(event: Event) -> None:
+    """The policy listener: keep the event for the LangChain call in this context."""
+    sink = _pending.get()
+    if sink is not None:
+        sink.append(event)
+
+
+def _payload(event: Event) -> dict[str, Any]:
+    return {name.removeprefix("callpolicy_"): value for name, value in event.log_extra().items()}
+
+
+def _no_parent_run(exc: RuntimeError) -> bool:
+    # LangChain refuses custom events outside a run (a bare model.invoke with handlers).
+    return "parent run id" in str(exc)
+
+
+class EventRelay:
+    """Collects one call's events and hands them to its LangChain callbacks."""
+
+    __slots__ = ("_config", "_events", "_token")
+
+    def __init__(self, config: RunnableConfig) -> None:
+        self._config = config
+        self._events: list[Event] = []
+        self._token = _pending.set(self._events)
+
+    @staticmethod
+    def wanted(policy: CallPolicy, config: RunnableConfig) -> bool:
+        """True when someone may listen (the config has callbacks); registers the
+        collector on ``policy`` (once)."""
+        if config.get("callbacks") is None:
+            return False
+        policy.add_listener(_collect)
+        return True
+
+    def flush(self) -> None:
+        events, self._events[:] = list(self._events), []
+        for event in events:
+            try:
+                dispatch_custom_event(
+                    EVENT_PREFIX + event.kind.value, _payload(event), config=self._config
+                )
+            except RuntimeError as exc:
+                if not _no_parent_run(exc):
+                    raise
+                return
+
+    async def aflush(self) -> None:
+        events, self._events[:] = list(self._events), []
+        for event in events:
+            try:
+                await adispatch_custom_event(
+                    EVENT_PREFIX + event.kind.value, _payload(event), config=self._config
+                )
+            except RuntimeError as exc:
+                if not _no_parent_run(exc):
+                    raise
+                return
+
+    def close(self) -> None:
+        _pending.reset(self._token)
