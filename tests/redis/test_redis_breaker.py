@@ -220,3 +220,19 @@ def test_redis_outage_falls_back_to_local_state_and_recovers(
         assert server.client().hget(_hash_key(prefix), "failures") == b"1"
     finally:
         server.stop()
+
+
+async def test_more_concurrent_callers_than_pool_connections_wait_instead_of_failing_over(
+    redis_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RedisStore.from_url(redis_server.url, prefix=prefix, max_connections=4)
+    policy = CallPolicy(store=store)
+
+    async def ok() -> str:
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="callpolicy.redis"):
+        answers = await asyncio.gather(*(policy.aexecute(KEY, ok) for _ in range(200)))
+    assert answers == ["ok"] * 200
+    assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert not store.health.down

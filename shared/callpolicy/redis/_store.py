@@ -308,6 +308,7 @@ class RedisStore:
             raise ValueError("key_ttl: must be > 0 seconds")
         self.client = client
         self.prefix = prefix
+        self._async_pool_settings: tuple[str, dict[str, Any]] | None = None
         self._lease_ms = int(probe_lease * 1000)
         self._key_ttl = key_ttl
         self.health = Health(backoff_base=backoff_base, backoff_max=backoff_max)
@@ -334,14 +335,30 @@ class RedisStore:
         *,
         prefix: str = "callpolicy",
         socket_timeout: float = 0.5,
+        max_connections: int = 100,
+        pool_timeout: float = 5.0,
         **options: Any,
     ) -> RedisStore:
-        """A store on the server at ``url``; ``socket_timeout`` bounds how long a call can
-        wait on an unresponsive Redis before it falls back to local state."""
-        client = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
-        )
-        return cls(client, prefix=prefix, **options)
+        """A store on the server at ``url``.
+
+        ``socket_timeout`` bounds how long a call can wait on an unresponsive Redis before
+        it falls back to local state. Connections come from a *blocking* pool of
+        ``max_connections`` (per process, and per event loop for async callers): more
+        concurrent callers than that wait up to ``pool_timeout`` for a connection instead
+        of failing — redis-py's default pool raises at once, which would read as an outage.
+        """
+        if max_connections < 1:
+            raise ValueError("max_connections: must be >= 1")
+        settings: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            "max_connections": max_connections,
+            "timeout": pool_timeout,
+        }
+        pool = redis.BlockingConnectionPool.from_url(url, **settings)
+        store = cls(redis.Redis(connection_pool=pool), prefix=prefix, **options)
+        store._async_pool_settings = (url, settings)
+        return store
 
     @property
     def key_ttl_ms(self) -> int:
@@ -377,10 +394,16 @@ class RedisStore:
         if scripts is None:
             # redis.asyncio connections belong to one event loop: one client per loop.
             # Same server and timeouts as the sync client (only the settings both share).
-            settings = self.client.connection_pool.connection_kwargs
-            aclient = aioredis.Redis(
-                **{k: v for k, v in settings.items() if k in _ASYNC_CLIENT_SETTINGS}
-            )
+            if self._async_pool_settings is not None:
+                url, pool_settings = self._async_pool_settings
+                aclient = aioredis.Redis(
+                    connection_pool=aioredis.BlockingConnectionPool.from_url(url, **pool_settings)
+                )
+            else:
+                settings = self.client.connection_pool.connection_kwargs
+                aclient = aioredis.Redis(
+                    **{k: v for k, v in settings.items() if k in _ASYNC_CLIENT_SETTINGS}
+                )
             scripts = {
                 name: aclient.register_script(source)
                 for name, source in (("admit", _scripts.ADMIT), ("record", _scripts.RECORD))
