@@ -65,6 +65,7 @@ _ENGINE_OPTIONS = (
     "fallback_on",
     "classifier",
     "listeners",
+    "listener_timeout",
     "store",
 )
 # Fields the route is built from: assigning one later would silently do nothing.
@@ -144,7 +145,8 @@ class CircuitBreakerChatModel(BaseChatModel):
         retry: a :class:`callpolicy.RetryPolicy`; off by default.
         fallback_on: ``"failure"`` (default), ``"open"`` or ``"error"``.
         classifier: replaces :func:`callpolicy.classify_error`.
-        listeners: callables receiving every :class:`callpolicy.Event`.
+        listeners: callables receiving every :class:`callpolicy.Event` (sync or async).
+        listener_timeout: seconds an async listener may run before it is cancelled.
         store: where circuit state lives (:class:`callpolicy.MemoryStore` by default; a
             Redis store shares it between processes).
         guard_stream_start: let the breaker guard the start of ``stream``/``astream``.
@@ -214,6 +216,7 @@ class CircuitBreakerChatModel(BaseChatModel):
     fallback_on: SkipValidation[FallbackOn | None] = None
     classifier: SkipValidation[Classifier | None] = Field(default=None, exclude=True)
     listeners: SkipValidation[Sequence[Listener] | None] = Field(default=None, exclude=True)
+    listener_timeout: SkipValidation[float | None] = None
     store: SkipValidation[CircuitStore | None] = Field(default=None, exclude=True)
 
     budget: SkipValidation[Budget | None] = Field(default=None, exclude=True)
