@@ -14,6 +14,6 @@ CircuitState``.
 """
 
 from ._llm import CircuitBreakerLLM
-from ._served import SERVED_BY_KEY, served_by
+from ._served import SERVED_BY_KEY, cache_status, served_by
 
-__all__ = ["SERVED_BY_KEY", "CircuitBreakerLLM", "served_by"]
+__all__ = ["SERVED_BY_KEY", "CircuitBreakerLLM", "cache_status", "served_by"]

@@ -9,9 +9,9 @@ conventions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from callpolicy import (
+    Budget,
     CallPolicy,
     CircuitState,
     CircuitStore,
@@ -43,11 +44,22 @@ from callpolicy import (
     ErrorClass,
     FallbackOn,
     Listener,
+    MissingPriceError,
+    ResponseCache,
     RetryPolicy,
 )
+from callpolicy._errors import add_note
 from callpolicy._policy import policy_from_options
 
 from ._keys import CircuitKeys, model_name_of
+from ._request import (
+    chat_request,
+    complete_request,
+    messages_text,
+    tool_messages,
+    tools_request,
+    tools_text,
+)
 from ._route import Route
 from ._served import fallback_mark
 from ._spans import unspanned
@@ -56,6 +68,8 @@ if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
 
 __all__ = ["CircuitBreakerLLM"]
+
+R = TypeVar("R", ChatResponse, CompletionResponse)
 
 # Prompt settings LlamaIndex applies in the *calling* LLM (predict, structured_predict,
 # chat engines read them from the LLM they were given), so the wrapper takes the inner
@@ -132,6 +146,17 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     Pipelines that return strings (query engines) can watch the engine's events instead:
     ``listeners=[...]`` receives a ``FALLBACK`` event per fallback.
 
+    **Budget and cache** (``budget=``, ``cache=``, optional). The engine applies them
+    outermost, in the order cache -> budget -> fallback -> retry -> breaker -> model; the
+    wrapper only describes each call. The budget is checked before every guarded call (a
+    call that would pass a limit raises :class:`callpolicy.BudgetExceededError` and reaches
+    no model) and counts the usage the answer reports (``raw`` usage, or ``prompt_tokens``/
+    ``completion_tokens`` in ``additional_kwargs``), else the estimated input. Streams are
+    never refused and never altered: with a budget they are counted as they pass. A cache
+    hit returns the full answer, marked ``additional_kwargs["callpolicy"]["cache"] ==
+    "hit"`` (see :func:`llamaindex_breaker.cache_status`), and costs no budget. See
+    ``docs/llamaindex.md``.
+
     **Instrumentation.** The wrapper opens no dispatcher span and fires no LLM events of
     its own: the model that answers does (``LLMChatStartEvent`` names it in
     ``model_dict``), so each call shows one set of events. A failed primary attempt shows
@@ -167,6 +192,11 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         listeners: callables receiving every :class:`callpolicy.Event`.
         store: where circuit state lives (:class:`callpolicy.MemoryStore` by default).
         guard_stream_start: let the breaker guard the start of every stream method.
+        budget: a :class:`callpolicy.Budget` (limits on calls, tokens, dollars); share one
+            object between wrappers to share the limits. With ``max_cost_usd``, the inner
+            model and the fallback must be in its price table (checked now).
+        cache: a :class:`callpolicy.ResponseCache` (memory, SQLite, ...); share one object
+            between wrappers to share answers.
 
     Engine options left at ``None`` take the engine's defaults (5 failures, 30 s, one
     probe). After construction ``policy``, ``key`` and ``fallback_key`` hold the values
@@ -178,14 +208,17 @@ class CircuitBreakerLLM(FunctionCallingLLM):
 
     Raises:
         TypeError: ``inner`` or ``fallback`` is not a LlamaIndex LLM, ``policy`` is given
-            with engine options, or ``policy``, ``retry``, ``classifier``, ``key`` has the
-            wrong type (the error names the argument).
+            with engine options, or ``policy``, ``retry``, ``classifier``, ``key``,
+            ``budget``, ``cache`` has the wrong type (the error names the argument).
+        callpolicy.MissingPriceError: ``budget`` has ``max_cost_usd`` but no price for
+            the inner model or the fallback (the error names the model).
         pydantic.ValidationError: a bad engine option value, ``fallback`` is ``inner``,
             ``fallback_key`` equals ``key`` or comes without a fallback (the error names
             the argument).
 
-    ``inner``, ``fallback``, ``policy``, the keys and the engine options are frozen: build
-    a new wrapper to change them (they are resolved once, at construction).
+    ``inner``, ``fallback``, ``policy``, the keys, the engine options, ``budget`` and
+    ``cache`` are frozen: build a new wrapper to change them (they are resolved once, at
+    construction).
     """
 
     inner: LLM = Field(frozen=True, description="The guarded model.")
@@ -225,6 +258,12 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     store: SkipValidation[CircuitStore | None] = Field(default=None, frozen=True, exclude=True)
     guard_stream_start: bool = Field(
         default=False, description="Let the breaker guard the start of streams (opt-in)."
+    )
+    budget: SkipValidation[Budget | None] = Field(
+        default=None, frozen=True, exclude=True, description="Limits checked before every call."
+    )
+    cache: SkipValidation[ResponseCache | None] = Field(
+        default=None, frozen=True, exclude=True, description="Cached answers by request."
     )
 
     _route: Route = PrivateAttr()
@@ -275,7 +314,16 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 raise TypeError(f"{name}: expected a non-empty string, got {value!r}")
         if fallback is None and self.fallback_key is not None:
             raise ValueError("fallback_key: given without a fallback")
+        budget, cache = self.budget, self.cache
+        if budget is not None and not isinstance(budget, Budget):
+            raise TypeError(f"budget: expected a callpolicy.Budget, got {type(budget).__name__}")
+        if cache is not None and not isinstance(cache, ResponseCache):
+            raise TypeError(
+                f"cache: expected a callpolicy.ResponseCache, got {type(cache).__name__}"
+            )
         keys = CircuitKeys(inner, fallback, key=self.key, fallback_key=self.fallback_key)
+        if budget is not None:
+            _require_prices(budget, keys)
         options = {name: getattr(self, name) for name in _ENGINE_OPTIONS}
         policy = policy_from_options(self.policy, options, owner=type(self).__name__)
         tool_fallback = (
@@ -286,7 +334,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         )
         # The values in use, for inspection (the fields are frozen: set them directly).
         self.__dict__.update(policy=policy, key=keys.default, fallback_key=keys.fallback)
-        self._route = Route(policy, keys, tool_fallback)
+        self._route = Route(policy, keys, tool_fallback, budget=budget, cache=cache)
         if self.callback_manager is not inner.callback_manager:  # given, not inherited
             self._share_callback_manager(self.callback_manager)
 
@@ -343,6 +391,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             None
             if fallback is None
             else lambda: fallback.chat(messages, **route.fallback_kwargs(kwargs)),
+            chat_request(inner, messages, kwargs) if route.described else None,
         )
 
     @unspanned
@@ -356,6 +405,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             None
             if fallback is None
             else lambda: fallback.achat(messages, **route.fallback_kwargs(kwargs)),
+            chat_request(inner, messages, kwargs) if route.described else None,
         )
 
     @unspanned
@@ -371,6 +421,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             else lambda: fallback.complete(
                 prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
             ),
+            complete_request(inner, prompt, formatted, kwargs) if route.described else None,
         )
 
     @unspanned
@@ -388,6 +439,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             else lambda: fallback.acomplete(
                 prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
             ),
+            complete_request(inner, prompt, formatted, kwargs) if route.described else None,
         )
 
     # -- streams: the inner model's own, unless guard_stream_start -----------------------
@@ -397,15 +449,21 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             self.rate_limiter.acquire()
         inner, fallback = self.inner, self.fallback
         if not self.guard_stream_start:
-            return inner.stream_chat(messages, **kwargs)
+            chunks = inner.stream_chat(messages, **kwargs)
+            if self.budget is None:
+                return chunks
+            return _metered(self, kwargs, lambda: messages_text(messages), chunks)
         route = _route_of(self)
-        return route.stream(
+        chunks = route.stream(
             route.key_of(kwargs),
             lambda: inner.stream_chat(messages, **kwargs),
             None
             if fallback is None
             else lambda: fallback.stream_chat(messages, **route.fallback_kwargs(kwargs)),
         )
+        if self.budget is None:
+            return chunks
+        return _metered(self, kwargs, lambda: messages_text(messages), chunks)
 
     @unspanned
     async def astream_chat(
@@ -415,15 +473,21 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             await self.rate_limiter.async_acquire()
         inner, fallback = self.inner, self.fallback
         if not self.guard_stream_start:
-            return await inner.astream_chat(messages, **kwargs)
+            chunks = await inner.astream_chat(messages, **kwargs)
+            if self.budget is None:
+                return chunks
+            return _ametered(self, kwargs, lambda: messages_text(messages), chunks)
         route = _route_of(self)
-        return await route.astream(
+        chunks = await route.astream(
             route.key_of(kwargs),
             lambda: inner.astream_chat(messages, **kwargs),
             None
             if fallback is None
             else lambda: fallback.astream_chat(messages, **route.fallback_kwargs(kwargs)),
         )
+        if self.budget is None:
+            return chunks
+        return _ametered(self, kwargs, lambda: messages_text(messages), chunks)
 
     @unspanned
     def stream_complete(
@@ -433,9 +497,12 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             self.rate_limiter.acquire()
         inner, fallback = self.inner, self.fallback
         if not self.guard_stream_start:
-            return inner.stream_complete(prompt, formatted=formatted, **kwargs)
+            chunks = inner.stream_complete(prompt, formatted=formatted, **kwargs)
+            if self.budget is None:
+                return chunks
+            return _metered(self, kwargs, lambda: prompt, chunks)
         route = _route_of(self)
-        return route.stream(
+        chunks = route.stream(
             route.key_of(kwargs),
             lambda: inner.stream_complete(prompt, formatted=formatted, **kwargs),
             None
@@ -444,6 +511,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
             ),
         )
+        if self.budget is None:
+            return chunks
+        return _metered(self, kwargs, lambda: prompt, chunks)
 
     @unspanned
     async def astream_complete(
@@ -453,9 +523,12 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             await self.rate_limiter.async_acquire()
         inner, fallback = self.inner, self.fallback
         if not self.guard_stream_start:
-            return await inner.astream_complete(prompt, formatted=formatted, **kwargs)
+            chunks = await inner.astream_complete(prompt, formatted=formatted, **kwargs)
+            if self.budget is None:
+                return chunks
+            return _ametered(self, kwargs, lambda: prompt, chunks)
         route = _route_of(self)
-        return await route.astream(
+        chunks = await route.astream(
             route.key_of(kwargs),
             lambda: inner.astream_complete(prompt, formatted=formatted, **kwargs),
             None
@@ -464,6 +537,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
             ),
         )
+        if self.budget is None:
+            return chunks
+        return _ametered(self, kwargs, lambda: prompt, chunks)
 
     # -- tool calling --------------------------------------------------------------------
     def _tool_model(self) -> FunctionCallingLLM:
@@ -507,6 +583,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 chat_history=_copy(chat_history),
                 **route.fallback_kwargs(options),
             ),
+            tools_request(inner, tools, user_msg, chat_history, options)
+            if route.described
+            else None,
         )
 
     async def achat_with_tools(
@@ -538,6 +617,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 chat_history=_copy(chat_history),
                 **route.fallback_kwargs(options),
             ),
+            tools_request(inner, tools, user_msg, chat_history, options)
+            if route.described
+            else None,
         )
 
     def stream_chat_with_tools(
@@ -556,13 +638,19 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             self.rate_limiter.acquire()
         inner = self._tool_model()
         options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        # For the budget's estimate: the messages sent, taken before an integration appends
+        # user_msg to chat_history in place.
+        sent = [] if self.budget is None else tool_messages(user_msg, chat_history)
         if not self.guard_stream_start:
-            return inner.stream_chat_with_tools(
+            chunks = inner.stream_chat_with_tools(
                 tools, user_msg=user_msg, chat_history=chat_history, **options
             )
+            if self.budget is None:
+                return chunks
+            return _metered(self, kwargs, lambda: tools_text(sent, tools), chunks)
         route = _route_of(self)
         fallback = route.tool_fallback
-        return route.stream(
+        chunks = route.stream(
             route.key_of(kwargs),
             lambda: inner.stream_chat_with_tools(
                 tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
@@ -576,6 +664,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 **route.fallback_kwargs(options),
             ),
         )
+        if self.budget is None:
+            return chunks
+        return _metered(self, kwargs, lambda: tools_text(sent, tools), chunks)
 
     async def astream_chat_with_tools(
         self,
@@ -593,13 +684,19 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             await self.rate_limiter.async_acquire()
         inner = self._tool_model()
         options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        # For the budget's estimate: the messages sent, taken before an integration appends
+        # user_msg to chat_history in place.
+        sent = [] if self.budget is None else tool_messages(user_msg, chat_history)
         if not self.guard_stream_start:
-            return await inner.astream_chat_with_tools(
+            chunks = await inner.astream_chat_with_tools(
                 tools, user_msg=user_msg, chat_history=chat_history, **options
             )
+            if self.budget is None:
+                return chunks
+            return _ametered(self, kwargs, lambda: tools_text(sent, tools), chunks)
         route = _route_of(self)
         fallback = route.tool_fallback
-        return await route.astream(
+        chunks = await route.astream(
             route.key_of(kwargs),
             lambda: inner.astream_chat_with_tools(
                 tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
@@ -613,6 +710,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 **route.fallback_kwargs(options),
             ),
         )
+        if self.budget is None:
+            return chunks
+        return _ametered(self, kwargs, lambda: tools_text(sent, tools), chunks)
 
     @unspanned
     def _prepare_chat_with_tools(
@@ -671,6 +771,41 @@ def _route_of(llm: CircuitBreakerLLM) -> Route:
     private: dict[str, Any] = llm.__pydantic_private__  # type: ignore[assignment]
     route: Route = private["_route"]
     return route
+
+
+def _metered(
+    llm: CircuitBreakerLLM,
+    kwargs: dict[str, Any],
+    input_text: Callable[[], str],
+    chunks: Generator[R, None, None],
+) -> Generator[R, None, None]:
+    """A stream counted against the budget as it passes (chunks unchanged)."""
+    route = _route_of(llm)
+    return route.metered(route.key_of(kwargs), chunks, input_text)
+
+
+def _ametered(
+    llm: CircuitBreakerLLM,
+    kwargs: dict[str, Any],
+    input_text: Callable[[], str],
+    chunks: AsyncGenerator[R, None],
+) -> AsyncGenerator[R, None]:
+    """Async :func:`_metered`."""
+    route = _route_of(llm)
+    return route.ametered(route.key_of(kwargs), chunks, input_text)
+
+
+def _require_prices(budget: Budget, keys: CircuitKeys) -> None:
+    """With ``max_cost_usd``, every model the wrapper meters must have a price: fail now,
+    naming the model, rather than at its first call."""
+    for argument, key in (("inner", keys.default), ("fallback", keys.fallback)):
+        if key is None:
+            continue
+        try:
+            budget.require_price(key)
+        except MissingPriceError as exc:
+            add_note(exc, f"budget: the {argument} model of CircuitBreakerLLM has no price")
+            raise
 
 
 def _copy(history: list[ChatMessage] | None) -> list[ChatMessage] | None:

@@ -22,9 +22,10 @@ from typing import Any, Final, TypeVar
 from llama_index.core.base.llms.types import ChatResponse, CompletionResponse
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 
-from callpolicy import CallPolicy
+from callpolicy import Budget, CallPolicy, CallRequest, ResponseCache
 
 from ._keys import CircuitKeys
+from ._request import ameter_stream, meter_stream
 from ._served import mark_fallback
 
 __all__ = ["Route"]
@@ -35,17 +36,29 @@ _NOTHING: Final = object()
 
 
 class Route:
-    """The policy and circuit keys of one wrapper, resolved once at construction."""
+    """The policy, circuit keys, budget and cache of one wrapper, resolved once at
+    construction."""
 
-    __slots__ = ("keys", "policy", "tool_fallback")
+    __slots__ = ("budget", "cache", "described", "keys", "policy", "tool_fallback")
 
     def __init__(
-        self, policy: CallPolicy, keys: CircuitKeys, tool_fallback: FunctionCallingLLM | None
+        self,
+        policy: CallPolicy,
+        keys: CircuitKeys,
+        tool_fallback: FunctionCallingLLM | None,
+        *,
+        budget: Budget | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.policy = policy
         self.keys = keys
         self.tool_fallback = tool_fallback
         """The fallback when it can call tools; tool calls have no fallback otherwise."""
+        self.budget = budget
+        self.cache = cache
+        self.described = budget is not None or cache is not None
+        """Whether calls need a CallRequest (only for a budget or a cache: the plain path
+        never builds one)."""
 
     def key_of(self, kwargs: Mapping[str, Any]) -> str:
         """The circuit of this call: the inner model's, or a per-call ``model=`` override's."""
@@ -59,9 +72,18 @@ class Route:
             return kwargs
         return {name: value for name, value in kwargs.items() if name != "model"}
 
-    def run(self, key: str, call: Callable[[], R], fallback: Callable[[], R] | None) -> R:
+    def run(
+        self,
+        key: str,
+        call: Callable[[], R],
+        fallback: Callable[[], R] | None,
+        request: CallRequest[R] | None = None,
+    ) -> R:
         """``call()`` under ``key``'s breaker; ``fallback()`` (marked) answers instead when
-        the engine says so."""
+        the engine says so. ``request`` (given when :attr:`described`) lets the engine's
+        cache and budget see the call."""
+        if request is not None:
+            return self._run_described(key, call, fallback, request)
         if fallback is None:
             return self.policy.execute(key, call)
         keys = self.keys
@@ -72,13 +94,42 @@ class Route:
 
         return self.policy.execute(key, call, fallback=from_fallback, fallback_key=keys.fallback)
 
+    def _run_described(
+        self,
+        key: str,
+        call: Callable[[], R],
+        fallback: Callable[[], R] | None,
+        request: CallRequest[R],
+    ) -> R:
+        keys = self.keys
+        routed: Callable[[], R] | None = None
+        if fallback is not None:
+            model = keys.fallback_model or "unknown"
+
+            def from_fallback() -> R:
+                return mark_fallback(fallback(), keys.fallback, model)
+
+            routed = from_fallback
+        return self.policy.execute(
+            key,
+            call,
+            fallback=routed,
+            fallback_key=keys.fallback if fallback is not None else None,
+            budget=self.budget,
+            cache=self.cache,
+            request=request,
+        )
+
     async def arun(
         self,
         key: str,
         call: Callable[[], Awaitable[R]],
         fallback: Callable[[], Awaitable[R]] | None,
+        request: CallRequest[R] | None = None,
     ) -> R:
         """Async :meth:`run`: the callables return awaitables."""
+        if request is not None:
+            return await self._arun_described(key, call, fallback, request)
         if fallback is None:
             return await self.policy.aexecute(key, call)
         keys = self.keys
@@ -90,6 +141,49 @@ class Route:
         return await self.policy.aexecute(
             key, call, fallback=from_fallback, fallback_key=keys.fallback
         )
+
+    async def _arun_described(
+        self,
+        key: str,
+        call: Callable[[], Awaitable[R]],
+        fallback: Callable[[], Awaitable[R]] | None,
+        request: CallRequest[R],
+    ) -> R:
+        keys = self.keys
+        routed: Callable[[], Awaitable[R]] | None = None
+        if fallback is not None:
+            model = keys.fallback_model or "unknown"
+
+            async def from_fallback() -> R:
+                return mark_fallback(await fallback(), keys.fallback, model)
+
+            routed = from_fallback
+        return await self.policy.aexecute(
+            key,
+            call,
+            fallback=routed,
+            fallback_key=keys.fallback if fallback is not None else None,
+            budget=self.budget,
+            cache=self.cache,
+            request=request,
+        )
+
+    # -- streams: metered when there is a budget -------------------------------------------
+    def metered(
+        self, key: str, chunks: Generator[R, None, None], input_text: Callable[[], str]
+    ) -> Generator[R, None, None]:
+        """``chunks`` as they are, or, with a budget, each unchanged while the stream and the
+        usage its chunks report are counted (never refused); ``input_text`` gives the
+        stream's input for an estimate when it reports no usage."""
+        budget = self.budget
+        return chunks if budget is None else meter_stream(chunks, budget, key, input_text)
+
+    def ametered(
+        self, key: str, chunks: AsyncGenerator[R, None], input_text: Callable[[], str]
+    ) -> AsyncGenerator[R, None]:
+        """Async :meth:`metered`."""
+        budget = self.budget
+        return chunks if budget is None else ameter_stream(chunks, budget, key, input_text)
 
     # -- streams whose start is guarded (opt-in) -----------------------------------------
     def stream(

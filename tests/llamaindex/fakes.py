@@ -118,6 +118,9 @@ class ScriptedLLM(FunctionCallingLLM):
     """Where its tool calls live in a response: ``message.additional_kwargs["fake_tool_calls"]``
     (and tools are sent as ``"kwargs:<name>"``), or ``ToolCallBlock``s (``"blocks:<name>"``)."""
     default: Any = Field(default_factory=lambda: Text("ok"), exclude=True)
+    usage: dict[str, int] | None = Field(default=None, exclude=True)
+    """Token usage to report, OpenAI-style, in ``raw["usage"]`` of every answer and of a
+    stream's last chunk (None: report none)."""
 
     _script: deque[Any] = PrivateAttr(default_factory=deque)
     _calls: list[Call] = PrivateAttr(default_factory=list)
@@ -197,12 +200,22 @@ class ScriptedLLM(FunctionCallingLLM):
         self, method: str, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
     ) -> ChatResponse:
         message = self._message(self._next(method, messages, kwargs))
-        return ChatResponse(message=message, raw={"model": self.model_name})
+        return ChatResponse(message=message, raw=self._raw())
 
     def _complete(self, method: str, prompt: str, kwargs: dict[str, Any]) -> CompletionResponse:
         behaviour = self._next(method, [ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
         text = behaviour.text if isinstance(behaviour, Text) else "".join(behaviour.words)
-        return CompletionResponse(text=text, raw={"model": self.model_name})
+        return CompletionResponse(text=text, raw=self._raw())
+
+    def _raw(self) -> dict[str, Any]:
+        raw: dict[str, Any] = {"model": self.model_name}
+        if self.usage is not None:
+            raw["usage"] = dict(self.usage)
+        return raw
+
+    def _chunk_raw(self, last: bool) -> dict[str, Any] | None:
+        """A stream chunk's raw: the usage, on the last chunk, when reporting usage."""
+        return self._raw() if last and self.usage is not None else None
 
     def _plan(
         self, method: str, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
@@ -255,7 +268,9 @@ class ScriptedLLM(FunctionCallingLLM):
                 if fail_after is not None and index >= fail_after:
                     assert error is not None
                     raise error
-                yield ChatResponse(message=message, delta=delta)
+                yield ChatResponse(
+                    message=message, delta=delta, raw=self._chunk_raw(index == len(steps) - 1)
+                )
 
         return gen()
 
@@ -271,7 +286,9 @@ class ScriptedLLM(FunctionCallingLLM):
                 if fail_after is not None and index >= fail_after:
                     assert error is not None
                     raise error
-                yield ChatResponse(message=message, delta=delta)
+                yield ChatResponse(
+                    message=message, delta=delta, raw=self._chunk_raw(index == len(steps) - 1)
+                )
 
         return gen()
 
@@ -283,7 +300,9 @@ class ScriptedLLM(FunctionCallingLLM):
 
         def gen() -> Generator[CompletionResponse, None, None]:
             for chunk in chats:
-                yield CompletionResponse(text=chunk.message.content or "", delta=chunk.delta)
+                yield CompletionResponse(
+                    text=chunk.message.content or "", delta=chunk.delta, raw=chunk.raw
+                )
 
         return gen()
 
@@ -297,7 +316,9 @@ class ScriptedLLM(FunctionCallingLLM):
 
         async def gen() -> AsyncGenerator[CompletionResponse, None]:
             async for chunk in chats:
-                yield CompletionResponse(text=chunk.message.content or "", delta=chunk.delta)
+                yield CompletionResponse(
+                    text=chunk.message.content or "", delta=chunk.delta, raw=chunk.raw
+                )
 
         return gen()
 

@@ -1,0 +1,595 @@
+"""What the engine's budget and response cache need to know about one LlamaIndex call.
+
+The wrapper only *describes* a call (a :class:`callpolicy.CallRequest`); the engine does
+the rest (cache -> budget -> fallback -> retry -> breaker -> model). A request is built
+only when the wrapper has a budget or a cache, so the plain path never pays for it.
+
+- **describe** (the cache key): which call (``chat``, ``complete``, ``chat_with_tools``),
+  the inner model's class, model name and settings (every serialised field, its
+  ``additional_kwargs`` included, except transport settings: timeouts, retries, headers,
+  clients; the endpoint stays, without user info or query string; secrets are dropped by
+  the key), every message with all its blocks, the tools with their names, descriptions
+  and parameter schemas, and the call's keyword arguments (``tool_choice``,
+  ``temperature``, ``stop``, a structured output class as its JSON schema, ...). Messages,
+  tools and schemas go in as canonical JSON *text*: the key's secret filter drops entries
+  by name, and must not drop a tool parameter called ``password``. A value with no JSON
+  form (a client object, a function) counts by its type only; a block referring to a file
+  or URL counts by that reference, not the bytes behind it.
+- **encode / decode** (the cached answer, JSON only): a ``ChatResponse`` or
+  ``CompletionResponse`` with all its fields. Provider SDK objects (``raw``: OpenAI's
+  ``ChatCompletion``; OpenAI's tool calls in ``message.additional_kwargs["tool_calls"]``)
+  are stored as JSON tagged with their class and rebuilt on decode, so the integration
+  reads a cached answer exactly as a fresh one. Only classes of the SDK packages in
+  :data:`SDK_MODULES` are rebuilt (importing a module named by a cache file is not
+  allowed beyond those); others come back as their JSON data. A ``raw`` with no JSON form
+  is not cached (the cached answer's ``raw`` is None); other fields with no JSON form
+  make the answer uncacheable (the engine returns it uncached, with a warning).
+- **mark**: a cached answer carries ``additional_kwargs["callpolicy"]["cache"]`` (``"hit"``,
+  ``"shared"`` or ``"stale"``) on the response, next to a fallback's mark (see
+  ``_served``).
+- **usage**: from ``raw`` (OpenAI's ``usage``, Anthropic's, ...), else the response's
+  ``additional_kwargs`` (``prompt_tokens``/``completion_tokens``); None when neither says.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    CompletionResponse,
+    MessageRole,
+)
+from llama_index.core.llms import LLM
+from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic_core import to_jsonable_python
+
+from callpolicy import Budget, CallRequest, Usage
+
+from ._keys import model_name_of
+from ._served import fallback_mark, mark_cached
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
+
+__all__ = [
+    "SDK_MODULES",
+    "ameter_stream",
+    "chat_request",
+    "complete_request",
+    "decode_chat",
+    "decode_completion",
+    "describe_model",
+    "describe_tool",
+    "encode_chat",
+    "encode_completion",
+    "messages_text",
+    "meter_stream",
+    "tool_messages",
+    "tools_request",
+    "tools_text",
+    "usage_of",
+]
+
+logger = logging.getLogger("callpolicy")
+
+R = TypeVar("R", ChatResponse, CompletionResponse)
+
+SDK_MODULES: Final = ("openai.types.", "anthropic.types.")
+"""Packages whose pydantic classes a cached answer may name and have rebuilt on decode."""
+
+# Model settings that do not change the answer: how the request is sent. (Secrets such as
+# api_key are dropped by the cache key itself, at any depth.)
+_TRANSPORT: Final = frozenset(
+    {
+        "async_http_client",
+        "callback_manager",
+        "default_headers",
+        "default_query",
+        "http_client",
+        "max_retries",
+        "num_workers",
+        "rate_limiter",
+        "request_timeout",
+        "reuse_client",
+        "timeout",
+    }
+)
+# Model settings naming where the request goes: kept, without credentials (user info,
+# query string): another endpoint may serve another model under the same name.
+_ENDPOINTS: Final = frozenset({"api_base", "azure_endpoint", "base_url", "endpoint"})
+# Settings and call arguments holding schemas: they go into the key as canonical JSON
+# *text*, so that the key's secret filter (by entry name, at any depth) never drops a part
+# of them: a tool parameter called "password" or "token" still changes the key.
+_SCHEMAS: Final = frozenset(
+    {"functions", "json_schema", "output_cls", "response_format", "schema", "tool_choice", "tools"}
+)
+# Tool-call options that do not change the answer.
+_QUIET_OPTIONS: Final = frozenset({"verbose"})
+
+_PLAIN: Final = (str, int, float, bool)
+_SDK_TAG: Final = "$sdk"
+_FORMAT: Final = "llamaindex.v1"
+_CHAT: Final = "chat"
+_COMPLETION: Final = "completion"
+
+
+# -- describe: the cache key's view of a call ------------------------------------------
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON data for the cache key. Pydantic models, enums, dates, URLs, bytes
+    become their JSON form; a pydantic *class* its JSON schema and a tool its description
+    (both as JSON text); sets are sorted; ``SecretStr`` stays (the key drops it); anything
+    else counts by its type (``{"$object": "module.Class"}``)."""
+    if value is None or type(value) in _PLAIN:
+        return value
+    if isinstance(value, Mapping):
+        return {_name(name): jsonable(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((jsonable(item) for item in value), key=_sort_key)
+    if isinstance(value, (SecretStr, SecretBytes)):
+        return value
+    return to_jsonable_python(value, fallback=_opaque, bytes_mode="base64")
+
+
+def json_text(value: Any) -> str:
+    """``value`` (see :func:`jsonable`) as canonical JSON text: sorted keys, no spaces;
+    secrets (``SecretStr``) left out."""
+    return json.dumps(
+        jsonable(value),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=_no_secret,
+    )
+
+
+def _no_secret(value: Any) -> Any:
+    if isinstance(value, (SecretStr, SecretBytes)):
+        return None
+    raise TypeError(f"{type(value).__name__} has no JSON form")
+
+
+def _name(name: object) -> object:
+    if name is None or type(name) in _PLAIN:
+        return name
+    found = jsonable(name)
+    return found if found is None or type(found) in _PLAIN else _sort_key(found)
+
+
+def _sort_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _opaque(value: Any) -> Any:
+    from llama_index.core.tools.types import BaseTool
+
+    if isinstance(value, BaseTool):
+        return {"$tool": json_text(describe_tool(value))}
+    if isinstance(value, type) and issubclass(value, BaseModel):
+        return {"$schema": json_text(value.model_json_schema())}
+    kind = type(value)
+    return {"$object": f"{kind.__module__}.{kind.__qualname__}"}
+
+
+def _endpoint(value: Any) -> Any:
+    """An endpoint URL without its credentials (user info, query string, fragment)."""
+    if not isinstance(value, str):
+        return jsonable(value)
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<unparsable endpoint>"
+    netloc = host if port is None else f"{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def describe_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings or call arguments for the key: schemas as JSON text, endpoints without
+    credentials, the rest as JSON data."""
+    described: dict[str, Any] = {}
+    for name, value in arguments.items():
+        key = _name(name)
+        if name in _SCHEMAS and value is not None:
+            described[str(key)] = json_text(value)
+        elif name in _ENDPOINTS:
+            described[str(key)] = _endpoint(value)
+        else:
+            described[str(key)] = jsonable(value)
+    return described
+
+
+def describe_model(llm: LLM) -> dict[str, Any]:
+    """The model as the cache key sees it: class, model name and answer-changing settings
+    (its serialised fields, less the transport settings), ``additional_kwargs`` included."""
+    settings: dict[str, Any] = {}
+    for name, field in type(llm).model_fields.items():
+        if not field.exclude and name not in _TRANSPORT:
+            settings[name] = getattr(llm, name, None)
+    extra = settings.get("additional_kwargs")
+    if isinstance(extra, Mapping):
+        settings["additional_kwargs"] = describe_arguments(extra)
+    return {
+        "class": type(llm).__qualname__,
+        "model_name": model_name_of(llm),
+        "settings": describe_arguments(settings),
+    }
+
+
+def describe_tool(tool: BaseTool) -> dict[str, Any]:
+    """A tool as the model sees it: name, description and parameter schema."""
+    metadata = tool.metadata
+    return {
+        "name": metadata.name,
+        "description": metadata.description,
+        "parameters": metadata.get_parameters_dict(),
+    }
+
+
+def describe_messages(messages: Iterable[ChatMessage]) -> str:
+    """Every message with all its blocks and ``additional_kwargs``, as canonical JSON text
+    (content is never filtered by name)."""
+    return json_text(list(messages))
+
+
+def messages_text(messages: Iterable[ChatMessage]) -> str:
+    """The text of ``messages`` (their text blocks), for the budget's token estimate."""
+    return "\n".join(text for message in messages if (text := message.content))
+
+
+def chat_request(
+    model: LLM, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]
+) -> CallRequest[ChatResponse]:
+    """The request of ``model.chat(messages, **kwargs)`` (and ``achat``)."""
+
+    def describe() -> dict[str, Any]:
+        return {
+            "call": "chat",
+            "model": describe_model(model),
+            "messages": describe_messages(messages),
+            "kwargs": describe_arguments(kwargs),
+        }
+
+    return CallRequest(
+        describe=describe,
+        input_text=lambda: messages_text(messages),
+        encode=encode_chat,
+        decode=decode_chat,
+        mark=mark_cached,
+        usage=usage_of,
+    )
+
+
+def complete_request(
+    model: LLM, prompt: str, formatted: bool, kwargs: Mapping[str, Any]
+) -> CallRequest[CompletionResponse]:
+    """The request of ``model.complete(prompt, formatted, **kwargs)`` (and ``acomplete``)."""
+
+    def describe() -> dict[str, Any]:
+        return {
+            "call": "complete",
+            "model": describe_model(model),
+            "prompt": prompt,
+            "formatted": formatted,
+            "kwargs": describe_arguments(kwargs),
+        }
+
+    return CallRequest(
+        describe=describe,
+        input_text=lambda: prompt,
+        encode=encode_completion,
+        decode=decode_completion,
+        mark=mark_cached,
+        usage=usage_of,
+    )
+
+
+def tool_messages(
+    user_msg: str | ChatMessage | None, chat_history: Sequence[ChatMessage] | None
+) -> list[ChatMessage]:
+    """The messages a ``chat_with_tools`` call sends: the history, then the user message."""
+    messages = list(chat_history or ())
+    if isinstance(user_msg, str):
+        messages.append(ChatMessage(role=MessageRole.USER, content=user_msg))
+    elif user_msg is not None:
+        messages.append(user_msg)
+    return messages
+
+
+def tools_text(messages: Iterable[ChatMessage], tools: Sequence[BaseTool]) -> str:
+    """The input of a tool call for the token estimate: the messages' text and the tools'
+    schemas (they are sent with every request: input tokens too)."""
+    return "\n".join([messages_text(messages), *(json_text(describe_tool(t)) for t in tools)])
+
+
+def tools_request(
+    model: LLM,
+    tools: Sequence[BaseTool],
+    user_msg: str | ChatMessage | None,
+    chat_history: Sequence[ChatMessage] | None,
+    options: Mapping[str, Any],
+) -> CallRequest[ChatResponse]:
+    """The request of ``model.chat_with_tools(tools, user_msg, chat_history, **options)``:
+    the history with the user message appended (as the integrations do), the tools with
+    their schemas, and the options (``tool_choice``, ``tool_required``,
+    ``allow_parallel_tool_calls``, ...; not ``verbose``)."""
+    messages = tool_messages(user_msg, chat_history)
+    chosen = {name: value for name, value in options.items() if name not in _QUIET_OPTIONS}
+
+    def describe() -> dict[str, Any]:
+        return {
+            "call": "chat_with_tools",
+            "model": describe_model(model),
+            "messages": describe_messages(messages),
+            "tools": [json_text(describe_tool(tool)) for tool in tools],
+            "kwargs": describe_arguments(chosen),
+        }
+
+    return CallRequest(
+        describe=describe,
+        input_text=lambda: tools_text(messages, tools),
+        encode=encode_chat,
+        decode=decode_chat,
+        mark=mark_cached,
+        usage=usage_of,
+    )
+
+
+# -- encode / decode: the cached answer, JSON only -----------------------------------------
+def _pack(value: Any) -> Any:
+    """``value`` as JSON data, SDK objects tagged with their class; raises for anything
+    with no JSON form (then the answer is not cached)."""
+    if value is None or type(value) in _PLAIN:
+        return value
+    if isinstance(value, Mapping):
+        packed: dict[str, Any] = {}
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise TypeError(f"a mapping key {name!r} is not a string")
+            packed[name] = _pack(item)
+        return packed
+    if isinstance(value, (list, tuple)):
+        return [_pack(item) for item in value]
+    if isinstance(value, BaseModel):
+        kind = type(value)
+        data = value.model_dump(mode="json")
+        if kind.__module__.startswith(SDK_MODULES):
+            return {_SDK_TAG: f"{kind.__module__}:{kind.__qualname__}", "data": data}
+        return data
+    return to_jsonable_python(value, bytes_mode="base64")
+
+
+def _unpack(value: Any) -> Any:
+    """The inverse of :func:`_pack`: tagged SDK objects rebuilt (when allowed and importable)."""
+    if isinstance(value, dict):
+        tag = value.get(_SDK_TAG)
+        if isinstance(tag, str) and len(value) == 2 and "data" in value:
+            return _rebuild(tag, value["data"])
+        return {name: _unpack(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_unpack(item) for item in value]
+    return value
+
+
+def _rebuild(tag: str, data: Any) -> Any:
+    module_name, _, qualname = tag.partition(":")
+    if not module_name.startswith(SDK_MODULES) or not qualname:
+        return _unpack(data)
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError):
+        return _unpack(data)  # the SDK is not installed here, or moved the class
+    if not (isinstance(found, type) and issubclass(found, BaseModel)):
+        return _unpack(data)
+    try:
+        return found.model_validate(data)
+    except ValueError as exc:  # another SDK version: keep the data
+        logger.debug("callpolicy cache: %s not rebuilt: %r", tag, exc)
+        return _unpack(data)
+
+
+def _pack_raw(raw: Any) -> Any:
+    try:
+        return _pack(raw)
+    except (TypeError, ValueError):
+        # An SDK object with no JSON form: the answer is still cached, without it.
+        return None
+
+
+def _encode_message(message: ChatMessage) -> dict[str, Any]:
+    data = message.model_dump(mode="json", exclude={"additional_kwargs"})
+    data["additional_kwargs"] = _pack(message.additional_kwargs)
+    return data
+
+
+def _decode_message(data: Mapping[str, Any]) -> ChatMessage:
+    return ChatMessage.model_validate(
+        {**data, "additional_kwargs": _unpack(data.get("additional_kwargs") or {})}
+    )
+
+
+def _common(response: ChatResponse | CompletionResponse, kind: str) -> dict[str, Any]:
+    return {
+        "format": _FORMAT,
+        "kind": kind,
+        "raw": _pack_raw(response.raw),
+        "delta": response.delta,
+        "logprobs": to_jsonable_python(response.logprobs),
+        "additional_kwargs": _pack(response.additional_kwargs),
+    }
+
+
+def _checked(payload: Mapping[str, Any], kind: str) -> None:
+    if payload.get("format") != _FORMAT or payload.get("kind") != kind:
+        raise ValueError(f"not a cached LlamaIndex {kind} response")
+
+
+def encode_chat(response: ChatResponse) -> dict[str, Any]:
+    """A ``ChatResponse`` as JSON data (see the module's docstring)."""
+    payload = _common(response, _CHAT)
+    payload["message"] = _encode_message(response.message)
+    return payload
+
+
+def decode_chat(payload: dict[str, Any]) -> ChatResponse:
+    """A ``ChatResponse`` from :func:`encode_chat`'s data."""
+    _checked(payload, _CHAT)
+    return ChatResponse(
+        message=_decode_message(payload["message"]),
+        raw=_unpack(payload.get("raw")),
+        delta=payload.get("delta"),
+        logprobs=payload.get("logprobs"),
+        additional_kwargs=_unpack(payload.get("additional_kwargs") or {}),
+    )
+
+
+def encode_completion(response: CompletionResponse) -> dict[str, Any]:
+    """A ``CompletionResponse`` as JSON data."""
+    payload = _common(response, _COMPLETION)
+    payload["text"] = response.text
+    return payload
+
+
+def decode_completion(payload: dict[str, Any]) -> CompletionResponse:
+    """A ``CompletionResponse`` from :func:`encode_completion`'s data."""
+    _checked(payload, _COMPLETION)
+    return CompletionResponse(
+        text=payload["text"],
+        raw=_unpack(payload.get("raw")),
+        delta=payload.get("delta"),
+        logprobs=payload.get("logprobs"),
+        additional_kwargs=_unpack(payload.get("additional_kwargs") or {}),
+    )
+
+
+# -- usage -------------------------------------------------------------------------------
+def usage_of(response: ChatResponse | CompletionResponse) -> Usage | None:
+    """The tokens ``response`` reports: from ``raw`` (OpenAI's ``usage``, ...), else the
+    response's ``additional_kwargs`` (``prompt_tokens``/``completion_tokens``, as
+    llama-index-llms-openai sets them); None when neither says. Never raises."""
+    try:
+        raw = response.raw
+        found = None if raw is None else Usage.from_report(raw)
+        if found is None and response.additional_kwargs:
+            found = Usage.from_report(response.additional_kwargs)
+        return found
+    except Exception:  # a strange raw object must not fail a call that succeeded
+        logger.debug("callpolicy budget: could not read usage", exc_info=True)
+        return None
+
+
+# -- streams: counted as they pass, never altered -----------------------------------------
+class _StreamMeter:
+    """Counts one stream against a budget: the call once, and reported usage as it grows.
+
+    Providers report a stream's usage once at its end (OpenAI) or as running totals
+    (Anthropic's output count, Gemini's every chunk), so a report is read as the stream's
+    usage so far and only its increase is counted. A stream that reports no usage counts
+    its estimated input once it ends (nothing if it failed)."""
+
+    __slots__ = ("budget", "counted", "input_text", "input_tokens", "key", "output_tokens")
+
+    def __init__(self, budget: Budget, key: str, input_text: Callable[[], str]) -> None:
+        self.budget = budget
+        self.key = key
+        self.input_text = input_text
+        self.counted = False
+        self.input_tokens = 0
+        self.output_tokens = 0
+
+    def see(self, chunk: ChatResponse | CompletionResponse) -> None:
+        usage = usage_of(chunk)
+        more_in = more_out = 0
+        if usage is not None:
+            more_in = max(usage.input_tokens - self.input_tokens, 0)
+            more_out = max(usage.output_tokens - self.output_tokens, 0)
+        if self.counted and not (more_in or more_out):
+            return
+        mark = fallback_mark(chunk)
+        key = mark.get("key") if mark is not None else None
+        self._record(
+            key if isinstance(key, str) else self.key,
+            Usage(more_in, more_out),
+            calls=0 if self.counted else 1,
+        )
+        self.counted = True
+        self.input_tokens += more_in
+        self.output_tokens += more_out
+
+    def done(self, failed: bool) -> None:
+        estimate = 0
+        if not failed and not (self.input_tokens or self.output_tokens):
+            try:
+                estimate = self.budget.estimate(self.input_text())
+            except Exception:  # an estimate must never fail the caller's stream
+                logger.debug("callpolicy budget: no estimate of a stream", exc_info=True)
+        if estimate or not self.counted:
+            # No chunk yet (or failed before one): the call still counts.
+            self._record(self.key, Usage(estimate, 0), calls=0 if self.counted else 1)
+            self.counted = True
+
+    def _record(self, key: str, usage: Usage, *, calls: int) -> None:
+        try:
+            self.budget.record(key, usage, calls=calls)
+        except Exception:  # a stream passes untouched, even when its metering fails
+            logger.warning("callpolicy budget: could not count a stream of %s", key, exc_info=True)
+
+
+def meter_stream(
+    chunks: Iterator[R], budget: Budget, key: str, input_text: Callable[[], str]
+) -> Generator[R, None, None]:
+    """``chunks``, each unchanged, with the stream and its reported usage counted."""
+    meter = _StreamMeter(budget, key, input_text)
+    failed = False
+    try:
+        for chunk in chunks:
+            meter.see(chunk)
+            yield chunk
+    except Exception:
+        failed = True
+        raise
+    finally:
+        meter.done(failed)
+        close = getattr(chunks, "close", None)
+        if close is not None:  # closed early: close the model's stream too, as unwrapped
+            close()
+
+
+async def ameter_stream(
+    chunks: AsyncIterator[R], budget: Budget, key: str, input_text: Callable[[], str]
+) -> AsyncGenerator[R, None]:
+    """Async :func:`meter_stream`."""
+    meter = _StreamMeter(budget, key, input_text)
+    failed = False
+    try:
+        async for chunk in chunks:
+            meter.see(chunk)
+            yield chunk
+    except Exception:
+        failed = True
+        raise
+    finally:
+        meter.done(failed)
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
