@@ -51,6 +51,7 @@ from callpolicy import (
 from callpolicy._errors import add_note
 from callpolicy._policy import policy_from_options
 
+from ._events import relay_events
 from ._keys import CircuitKeys, model_name_of
 from ._request import (
     chat_request,
@@ -335,6 +336,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         # The values in use, for inspection (the fields are frozen: set them directly).
         self.__dict__.update(policy=policy, key=keys.default, fallback_key=keys.fallback)
         self._route = Route(policy, keys, tool_fallback, budget=budget, cache=cache)
+        relay_events(policy)
         if self.callback_manager is not inner.callback_manager:  # given, not inherited
             self._share_callback_manager(self.callback_manager)
 

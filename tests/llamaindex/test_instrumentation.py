@@ -19,7 +19,7 @@ from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 
 from callpolicy import CallPolicy
-from llamaindex_breaker import CircuitBreakerLLM
+from llamaindex_breaker import CallPolicyEvent, CircuitBreakerLLM
 
 from .fakes import EventRecorder, Raise, ScriptedLLM, Text, ToolCall, server_error
 
@@ -152,3 +152,36 @@ async def test_tool_calls_fire_one_set_of_events(
     # The inner model's own spans (LlamaIndex wraps its _prepare_chat_with_tools too);
     # none of the wrapper's.
     assert span_names(spans) == ["ScriptedLLM._prepare_chat_with_tools", "ScriptedLLM.achat"]
+
+
+async def test_engine_events_go_through_the_dispatcher_inside_the_calls_span(
+    inner: ScriptedLLM,
+    backup: ScriptedLLM,
+    policy: CallPolicy,
+    events: EventRecorder,
+    mode: str,
+) -> None:
+    llm = CircuitBreakerLLM(inner=inner, fallback=backup, policy=policy)
+    policy.force_open(llm.key or "")
+    events.clear()
+    await chat(llm, mode)
+    engine = events.of(CallPolicyEvent)
+    assert [e.kind for e in engine] == ["refused", "fallback"]  # type: ignore[attr-defined]
+    assert {e.key for e in engine} == {llm.key}  # type: ignore[attr-defined]
+    assert engine[0].state == "open"  # type: ignore[attr-defined]
+
+
+async def test_a_trip_is_a_state_change_event(
+    inner: ScriptedLLM, policy: CallPolicy, events: EventRecorder, mode: str
+) -> None:
+    inner.push(*(Raise(server_error()) for _ in range(5)))
+    llm = CircuitBreakerLLM(inner=inner, policy=policy)
+    for _ in range(5):
+        try:
+            await chat(llm, mode)
+        except Exception:
+            continue
+    changes = [e for e in events.of(CallPolicyEvent) if e.kind == "state_change"]  # type: ignore[attr-defined]
+    assert [(e.old_state, e.state, e.reason) for e in changes] == [  # type: ignore[attr-defined]
+        ("closed", "open", "threshold")
+    ]
