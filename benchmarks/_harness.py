@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Result", "per_call_ns", "ratio_rows"]
+__all__ = ["Result", "paired_added_ns", "per_call_ns", "ratio_rows"]
 
 
 def per_call_ns(fn: Callable[[], object], loops: int) -> float:
@@ -66,3 +66,42 @@ def ratio_rows(
         for name in names[shift:] + names[:shift]:
             found[name].append(per_call_ns(candidates[name], loops))
     return found
+
+
+def paired_added_ns(
+    baseline: Callable[[], object], candidate: Callable[[], object], *, pairs: int
+) -> float:
+    """Median over ``pairs`` of (one candidate call - one baseline call), in ns.
+
+    For an *added* cost that is small next to a noisy call (tens of microseconds on a
+    call of hundreds), timing each pair back to back (alternating which goes first)
+    and taking the median difference cancels the machine's drift that separate blocks
+    of loops would each absorb differently.
+    """
+    clock = time.perf_counter_ns
+    for _ in range(max(pairs // 10, 1)):
+        baseline()
+        candidate()
+    differences = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for index in range(pairs):
+            if index % 2:
+                t0 = clock()
+                candidate()
+                t1 = clock()
+                baseline()
+                t2 = clock()
+                differences.append((t1 - t0) - (t2 - t1))
+            else:
+                t0 = clock()
+                baseline()
+                t1 = clock()
+                candidate()
+                t2 = clock()
+                differences.append((t2 - t1) - (t1 - t0))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return statistics.median(differences)

@@ -17,6 +17,7 @@ framework type. The order, outermost first, and why:
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import threading
 import time
@@ -809,6 +810,8 @@ class CallPolicy:
         tally = self._tallies.get(circuit.key) or self._tally(circuit.key)
         with self._counts_lock:
             tally.refusals += 1
+        if not self._listeners and not logger.isEnabledFor(logging.DEBUG):
+            return  # nobody to tell: an open circuit's refusals stay cheap
         self._dispatch(
             Event(
                 EventKind.REFUSED,
@@ -828,6 +831,8 @@ class CallPolicy:
         tally = self._tallies.get(circuit.key) or self._tally(circuit.key)
         with self._counts_lock:
             tally.fallbacks += 1
+        if not self._listeners and not logger.isEnabledFor(logging.INFO):
+            return
         self._dispatch(
             Event(
                 EventKind.FALLBACK,
