@@ -40,7 +40,7 @@ from callpolicy import (
     RetryPolicy,
 )
 from callpolicy import __version__ as callpolicy_version
-from callpolicy._policy import policy_from_options
+from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
 
 from ._guarded import GuardedRunnable
 from ._keys import CircuitKeys
@@ -50,24 +50,7 @@ from ._route import Route
 __all__ = ["CircuitBreakerChatModel"]
 
 # The constructor's engine options, passed on to ``CallPolicy`` when not None.
-_ENGINE_OPTIONS = (
-    "failure_threshold",
-    "cooldown",
-    "half_open_max_calls",
-    "success_threshold",
-    "failure_rate_threshold",
-    "window_size",
-    "minimum_calls",
-    "cooldown_multiplier",
-    "max_cooldown",
-    "counted_errors",
-    "retry",
-    "fallback_on",
-    "classifier",
-    "listeners",
-    "listener_timeout",
-    "store",
-)
+_ENGINE_OPTIONS = ENGINE_OPTIONS
 # Fields the route is built from: assigning one later would silently do nothing.
 _FIXED_FIELDS = frozenset(
     ("inner", "fallback", "policy", "key", "fallback_key", "budget", "cache", *_ENGINE_OPTIONS)

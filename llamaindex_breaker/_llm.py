@@ -49,7 +49,7 @@ from callpolicy import (
     RetryPolicy,
 )
 from callpolicy._errors import add_note
-from callpolicy._policy import policy_from_options
+from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
 
 from ._events import relay_events
 from ._keys import CircuitKeys, model_name_of
@@ -86,23 +86,7 @@ _INHERITED_FROM_INNER = (
 )
 
 # The engine options, handed to policy_from_options() as given (None: not given).
-_ENGINE_OPTIONS = (
-    "failure_threshold",
-    "cooldown",
-    "half_open_max_calls",
-    "success_threshold",
-    "failure_rate_threshold",
-    "window_size",
-    "minimum_calls",
-    "cooldown_multiplier",
-    "max_cooldown",
-    "counted_errors",
-    "retry",
-    "fallback_on",
-    "classifier",
-    "listeners",
-    "store",
-)
+_ENGINE_OPTIONS = ENGINE_OPTIONS
 
 
 class CircuitBreakerLLM(FunctionCallingLLM):
@@ -190,7 +174,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         retry: a :class:`callpolicy.RetryPolicy`; no retries by default.
         fallback_on: ``"failure"`` (default), ``"open"`` or ``"error"``.
         classifier: replaces :func:`callpolicy.classify_error`.
-        listeners: callables receiving every :class:`callpolicy.Event`.
+        listeners: callables receiving every :class:`callpolicy.Event` (sync or async).
+        listener_timeout: seconds an async listener may run before it is cancelled.
         store: where circuit state lives (:class:`callpolicy.MemoryStore` by default).
         guard_stream_start: let the breaker guard the start of every stream method.
         budget: a :class:`callpolicy.Budget` (limits on calls, tokens, dollars); share one
@@ -256,6 +241,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     listeners: SkipValidation[Sequence[Listener] | None] = Field(
         default=None, frozen=True, exclude=True
     )
+    listener_timeout: SkipValidation[float | None] = Field(default=None, frozen=True)
     store: SkipValidation[CircuitStore | None] = Field(default=None, frozen=True, exclude=True)
     guard_stream_start: bool = Field(
         default=False, description="Let the breaker guard the start of streams (opt-in)."

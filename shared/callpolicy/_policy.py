@@ -863,6 +863,28 @@ def _cache_key(key: str, request: CallRequest[T]) -> str:
     return cache_key({"callpolicy_key": key, "request": request.describe()})
 
 
+ENGINE_OPTIONS: tuple[str, ...] = (
+    "failure_threshold",
+    "cooldown",
+    "half_open_max_calls",
+    "success_threshold",
+    "failure_rate_threshold",
+    "window_size",
+    "minimum_calls",
+    "cooldown_multiplier",
+    "max_cooldown",
+    "counted_errors",
+    "retry",
+    "fallback_on",
+    "classifier",
+    "listeners",
+    "listener_timeout",
+    "store",
+)
+"""The :class:`CallPolicy` options an adapter takes as its own keyword arguments (and hands
+to :func:`policy_from_options`), so both adapters offer the same ones."""
+
+
 def policy_from_options(
     policy: CallPolicy | None, options: Mapping[str, Any], *, owner: str
 ) -> CallPolicy:
