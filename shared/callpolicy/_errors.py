@@ -18,26 +18,66 @@ class CircuitOpenError(CallPolicyError):
         failures: consecutive counted failures that opened the circuit.
         retry_in: seconds until a probe will be admitted; ``0.0`` when the circuit is
             half-open and its probe slots are all taken; ``None`` when forced open.
+        reason: why the circuit was opened (its last trip), or ``None`` when the store
+            does not know: ``"threshold"`` (``failure_threshold`` consecutive failures),
+            ``"failure_rate"`` (``failure_rate_threshold`` reached over the window),
+            ``"probe_failed"`` (a half-open probe failed) or ``"manual"`` (forced open by
+            hand: :meth:`~callpolicy.CallPolicy.force_open` or a store's ``force``). The
+            same words as the reason of the :class:`~callpolicy.Transition` to open.
     """
 
-    def __init__(self, provider: str, model: str, failures: int, retry_in: float | None) -> None:
+    def __init__(
+        self,
+        provider: str,
+        model: str,
+        failures: int,
+        retry_in: float | None,
+        *,
+        reason: str | None = None,
+    ) -> None:
         self.provider = provider
         self.model = model
         self.failures = failures
         self.retry_in = retry_in
+        self.reason = reason
         if retry_in is None:
-            when = "forced open until reset"
+            when = "held until reset" if reason == "manual" else "forced open until reset"
         elif retry_in > 0:
             when = f"next probe in {retry_in:.2f}s"
         else:
             when = "half-open, probe in flight"
-        super().__init__(
-            f"circuit open for {provider}/{model}: {failures} consecutive failures; {when}"
-        )
+        super().__init__(f"circuit open for {provider}/{model}: {_why(reason, failures)}; {when}")
 
     def __reduce__(self) -> tuple[object, ...]:
         # Keep the exception copyable (copy, multiprocessing) with its fields.
-        return (type(self), (self.provider, self.model, self.failures, self.retry_in))
+        fields = (self.provider, self.model, self.failures, self.retry_in)
+        if self.reason is None:
+            return (type(self), fields)
+        return (_rebuild_circuit_open, (type(self), *fields, self.reason))
+
+
+def _why(reason: str | None, failures: int) -> str:
+    """Why a circuit is open, in plain words (``CircuitOpenError``'s message)."""
+    if reason is None or reason == "threshold":
+        return f"{failures} consecutive failures"
+    if reason == "failure_rate":
+        return "failure rate over the window reached"
+    if reason == "probe_failed":
+        return "the half-open probe failed"
+    if reason == "manual":
+        return "opened by hand (force_open)"
+    return f"opened ({reason})"
+
+
+def _rebuild_circuit_open(
+    cls: type[CircuitOpenError],
+    provider: str,
+    model: str,
+    failures: int,
+    retry_in: float | None,
+    reason: str | None,
+) -> CircuitOpenError:
+    return cls(provider, model, failures, retry_in, reason=reason)
 
 
 def add_note(exc: BaseException, note: str) -> None:

@@ -44,6 +44,7 @@ class _MemoryCircuit:
         "_notify",
         "_open_until",
         "_probe_successes",
+        "_reason",
         "_state",
         "_trips",
         "_window",
@@ -79,6 +80,8 @@ class _MemoryCircuit:
         self._in_flight = 0
         self._probe_successes = 0
         self._hold = False
+        self._reason: str | None = None
+        """The reason of the last trip (``Transition.reason``), told to refused callers."""
         self._window: deque[bool] | None = (
             deque(maxlen=config.window_size) if config.failure_rate_threshold else None
         )
@@ -101,16 +104,24 @@ class _MemoryCircuit:
             now = self._clock()
             if self._state is _OPEN:
                 if self._hold:
-                    raise CircuitOpenError(self.provider, self.model, self._failures, None)
+                    raise CircuitOpenError(
+                        self.provider, self.model, self._failures, None, reason=self._reason
+                    )
                 if now < self._open_until:
                     raise CircuitOpenError(
-                        self.provider, self.model, self._failures, self._open_until - now
+                        self.provider,
+                        self.model,
+                        self._failures,
+                        self._open_until - now,
+                        reason=self._reason,
                     )
                 transition = self._move(_HALF_OPEN, "cooldown_elapsed")
                 self._in_flight = 0
                 self._probe_successes = 0
             if self._in_flight >= self._config.half_open_max_calls:
-                raise CircuitOpenError(self.provider, self.model, self._failures, 0.0)
+                raise CircuitOpenError(
+                    self.provider, self.model, self._failures, 0.0, reason=self._reason
+                )
             self._in_flight += 1
             permit = Permit(self._generation, probe=True)
         if transition is not None:
@@ -194,6 +205,7 @@ class _MemoryCircuit:
     def _trip(self, reason: str) -> Transition:
         self._consecutive_trips += 1
         self._trips += 1
+        self._reason = reason
         cooldown = self._config.cooldown_for(self._consecutive_trips)
         self._open_until = self._clock() + cooldown
         self._in_flight = 0

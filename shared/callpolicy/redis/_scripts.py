@@ -4,7 +4,10 @@ Time is the server's (``TIME``), in milliseconds, so hosts with skewed clocks ag
 Keys of one circuit: ``KEYS[1]`` a hash of its state, ``KEYS[2]`` a sorted set of probe
 leases (member: permit id, score: lease end), ``KEYS[3]`` the failure-rate window (list).
 Probe slots are leases rather than a counter, so a probe whose process died frees its
-slot when the lease ends: the circuit can never wedge.
+slot when the lease ends: the circuit can never wedge. The hash's ``reason`` field is the
+reason of the trip that opened the circuit (``threshold``, ``failure_rate``,
+``probe_failed``, ``manual``); it is absent while closed and in hashes written before the
+field existed.
 """
 
 from __future__ import annotations
@@ -27,23 +30,26 @@ local psucc = tonumber(h[8] or '0')
 # ARGV: max_probes, lease_ms, ttl_ms, permit_id
 # -> {decision (0 refused, 1 admitted, 2 probe), gen, failures, retry_in_ms (-1: held),
 #     old state when this call moved the circuit to half-open else ''}
+#    and, when refused only (a 6th element), the reason of the trip that opened the
+#    circuit ('' if unknown). Admissions keep 5 elements: the hot path's reply is unchanged.
 ADMIT = (
     _PRELUDE
     + """
 if state == 'closed' then return {1, gen, failures, 0, ''} end
 local moved = ''
+local function refused(retry_in)
+  return {0, gen, failures, retry_in, moved, redis.call('HGET', KEYS[1], 'reason') or ''}
+end
 if state == 'open' then
-  if hold then return {0, gen, failures, -1, ''} end
-  if now < open_until then return {0, gen, failures, open_until - now, ''} end
+  if hold then return refused(-1) end
+  if now < open_until then return refused(open_until - now) end
   gen = gen + 1
   redis.call('HSET', KEYS[1], 'state', 'half_open', 'gen', gen, 'psucc', 0)
   redis.call('DEL', KEYS[2])
   moved = 'open'
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then
-  return {0, gen, failures, 0, moved}
-end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return refused(0) end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
@@ -70,7 +76,8 @@ local function trip(reason)
   if cap > 0 and cd > cap then cd = cap end
   cd = math.floor(cd)
   redis.call('HSET', KEYS[1], 'state', 'open', 'gen', gen + 1, 'failures', failures,
-             'open_until', now + cd, 'ctrips', ctrips, 'trips', trips, 'psucc', 0)
+             'open_until', now + cd, 'ctrips', ctrips, 'trips', trips, 'psucc', 0,
+             'reason', reason)
   redis.call('DEL', KEYS[2], KEYS[3])
   touch()
   return {'open', state, reason, failures, cd}
@@ -78,6 +85,7 @@ end
 local function close(reason)
   redis.call('HSET', KEYS[1], 'state', 'closed', 'gen', gen + 1, 'failures', 0,
              'ctrips', 0, 'psucc', 0)
+  redis.call('HDEL', KEYS[1], 'reason')
   redis.call('DEL', KEYS[2], KEYS[3])
   touch()
   return {'closed', state, reason, 0, 0}
@@ -154,13 +162,15 @@ local target = ARGV[1]
 if target == 'closed' then
   redis.call('HSET', KEYS[1], 'state', 'closed', 'gen', gen + 1, 'failures', 0, 'ctrips', 0,
              'psucc', 0, 'hold', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'reason')
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   return {state, 0, 0}
 end
 local cd = tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'state', 'open', 'gen', gen + 1, 'open_until', now + cd,
-           'ctrips', ctrips + 1, 'trips', trips + 1, 'psucc', 0, 'hold', ARGV[2])
+           'ctrips', ctrips + 1, 'trips', trips + 1, 'psucc', 0, 'hold', ARGV[2],
+           'reason', 'manual')
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {state, failures, cd}

@@ -97,7 +97,8 @@ class _RedisCircuit:
 
     # -- results of the scripts ------------------------------------------------------
     def _admitted(self, reply: Sequence[Any], permit_id: str) -> Permit:
-        decision, generation, failures, retry_in_ms, moved = reply
+        # 5 elements; a refusal adds a 6th, the trip's reason (see _scripts.ADMIT).
+        decision, generation, failures, retry_in_ms, moved = reply[:5]
         moved = text(moved)
         if moved:
             self._notify(
@@ -120,7 +121,10 @@ class _RedisCircuit:
         if decision == 2:
             return _RedisPermit(int(generation), True, permit_id)
         retry_in = None if retry_in_ms < 0 else retry_in_ms / 1000.0
-        raise CircuitOpenError(self.provider, self.model, int(failures), retry_in)
+        reason = text(reply[5]) if len(reply) > 5 else ""
+        raise CircuitOpenError(
+            self.provider, self.model, int(failures), retry_in, reason=reason or None
+        )
 
     def _recorded(self, reply: Sequence[Any]) -> CircuitState:
         state, old, reason, failures, cooldown_ms = reply
