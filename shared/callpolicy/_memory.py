@@ -248,6 +248,7 @@ class _MemoryCircuit:
                 forced=state if self._hold else None,
                 calls_in_window=len(self._window) if self._window is not None else 0,
                 failures_in_window=self._window_failures,
+                opened_by=None if state is _CLOSED else self._reason,
             )
 
     def force(self, state: CircuitState | None, *, hold: bool) -> None:

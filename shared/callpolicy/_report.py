@@ -9,7 +9,16 @@ from ._types import CircuitSnapshot
 
 __all__ = ["html_table", "text_table"]
 
-_HEADERS = ("key", "state", "failures", "next probe", "trips", "probes", "fallback served")
+_HEADERS = (
+    "key",
+    "state",
+    "opened by",
+    "failures",
+    "next probe",
+    "trips",
+    "probes",
+    "fallback served",
+)
 _COLOURS = {"closed": "#1a7f37", "open": "#cf222e", "half_open": "#9a6700"}
 
 
@@ -25,6 +34,7 @@ def _cells(snapshot: CircuitSnapshot, fallback_served: int) -> tuple[str, ...]:
     return (
         snapshot.key,
         state,
+        snapshot.opened_by or "-",
         str(snapshot.failures),
         when,
         str(snapshot.trips),

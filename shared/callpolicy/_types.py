@@ -157,6 +157,10 @@ class CircuitSnapshot:
     """Set when the state was forced by hand (``force_open``/``force_closed``)."""
     calls_in_window: int = 0
     failures_in_window: int = 0
+    opened_by: str | None = None
+    """What opened the circuit, while it is open or half-open (``"threshold"``,
+    ``"failure_rate"``, ``"probe_failed"``, ``"manual"``; the ``reason`` a refused call's
+    :class:`~callpolicy.CircuitOpenError` carries); None while closed."""
     metrics: KeyMetrics | None = field(default=None, compare=False)
     """This policy's counts for the key in this process (set by ``CallPolicy.snapshot()``;
     None from a store's own snapshot, as in ``python -m callpolicy status``). Not part of

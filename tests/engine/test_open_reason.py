@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from callpolicy import CallPolicy, CircuitOpenError, CircuitState, MemoryStore
+from callpolicy import CallPolicy, CircuitOpenError, CircuitState, MemoryStore, Outcome
 
 KEY = "p1::default"
 
@@ -276,3 +276,26 @@ async def test_half_open_with_its_probe_in_flight_keeps_the_trip_reason(clock, m
     assert str(error) == (
         "circuit open for p1/default: 2 consecutive failures; half-open, probe in flight"
     )
+
+
+# -- the snapshot names it too ---------------------------------------------------------------
+
+
+async def test_the_snapshot_says_what_opened_the_circuit_until_it_closes(clock, mode) -> None:
+    policy = CallPolicy(failure_threshold=1, cooldown=10, clock=clock)
+    provider = Provider()
+    assert policy.circuit(KEY).snapshot().opened_by is None
+    await fail_times(policy, provider, mode, 1)
+    assert policy.circuit(KEY).snapshot().opened_by == "threshold"
+    clock.advance(10)
+    await fail_times(policy, provider, mode, 1)  # the probe fails
+    assert policy.circuit(KEY).snapshot().opened_by == "probe_failed"
+    clock.advance(10)
+    probe = policy.circuit(KEY).admit()
+    assert policy.circuit(KEY).snapshot().state is CircuitState.HALF_OPEN
+    assert policy.circuit(KEY).snapshot().opened_by == "probe_failed"
+    policy.circuit(KEY).record(probe, Outcome.SUCCESS)
+    assert policy.circuit(KEY).snapshot().state is CircuitState.CLOSED
+    assert policy.circuit(KEY).snapshot().opened_by is None
+    policy.force_open(KEY)
+    assert policy.circuit(KEY).snapshot().opened_by == "manual"

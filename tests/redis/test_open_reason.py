@@ -235,4 +235,7 @@ def test_a_snapshot_and_the_status_view_still_read_a_hash_with_a_reason(
     assert store.shared_keys() == [KEY]
     snapshot = store.circuit_for_key(KEY).snapshot()
     assert snapshot.state is CircuitState.OPEN
+    assert snapshot.opened_by == "threshold"
     assert snapshot.failures == 1
+    policy.reset(KEY)
+    assert store.circuit_for_key(KEY).snapshot().opened_by is None

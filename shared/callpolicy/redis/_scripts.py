@@ -135,7 +135,8 @@ return {state, '', '', failures, 0}
 """
 )
 
-# -> {state, failures, retry_in_ms (-1: none), trips, probes, hold, window_calls, window_fails}
+# -> {state, failures, retry_in_ms (-1: none), trips, probes, hold, window_calls, window_fails,
+#     reason of the last trip ('' if none: closed, or written before reasons were kept)}
 SNAPSHOT = (
     _PRELUDE
     + """
@@ -149,7 +150,7 @@ local window = redis.call('LRANGE', KEYS[3], 0, -1)
 local bad = 0
 for _, v in ipairs(window) do if v == '1' then bad = bad + 1 end end
 return {state, failures, retry_in, trips, redis.call('ZCARD', KEYS[2]), hold and 1 or 0,
-        #window, bad}
+        #window, bad, redis.call('HGET', KEYS[1], 'reason') or ''}
 """
 )
 

@@ -228,8 +228,9 @@ class _RedisCircuit:
         except UNREACHABLE as exc:
             self._store.health.failed(exc)
             return self._local.snapshot()
-        state, failures, retry_in_ms, trips, probes, hold, calls, bad = reply
+        state, failures, retry_in_ms, trips, probes, hold, calls, bad, reason = reply
         state_value = _STATES[text(state)]
+        opened_by = text(reason) or None
         return CircuitSnapshot(
             key=self.key,
             provider=self.provider,
@@ -242,6 +243,7 @@ class _RedisCircuit:
             forced=state_value if hold else None,
             calls_in_window=int(calls),
             failures_in_window=int(bad),
+            opened_by=None if state_value is CircuitState.CLOSED else opened_by,
         )
 
     def force(self, state: CircuitState | None, *, hold: bool) -> None:
