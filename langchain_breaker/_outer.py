@@ -574,68 +574,16 @@ def _chunk_usage(chunk: object) -> Usage | None:
     return None if not report else Usage.from_report(report)
 
 
-class _Meter:
-    """Counts one stream: the usage its chunks report, as they pass; one call, once."""
-
-    __slots__ = ("budget", "counted", "estimate", "key")
-
-    def __init__(self, budget: Budget, key: str, estimate: Callable[[], int]) -> None:
-        self.budget = budget
-        self.key = key
-        self.estimate = estimate
-        self.counted = False
-
-    def see(self, chunk: object) -> None:
-        usage = _chunk_usage(chunk)
-        if usage is not None and usage.total_tokens:  # zeros say nothing: keep the estimate
-            self.budget.record(self.key, usage, calls=0 if self.counted else 1)
-            self.counted = True
-
-    def end(self, failed: bool) -> None:
-        """A stream that reported no usage counts as one call and, unless it failed (its
-        tokens then freed, as for a failed call), its estimated input."""
-        if self.counted:
-            return
-        self.counted = True
-        estimated = 0 if failed else self.estimate()
-        self.budget.record(self.key, Usage(input_tokens=estimated, estimated=True), calls=1)
-
-
 def metered(
     chunks: Iterator[Any], budget: Budget, key: str, estimate: Callable[[], int]
 ) -> Iterator[Any]:
-    """``chunks``, each the same object, their usage recorded in ``budget`` as they pass."""
-    meter = _Meter(budget, key, estimate)
-    failed = False
-    try:
-        for chunk in chunks:
-            meter.see(chunk)
-            yield chunk
-    except Exception:
-        failed = True
-        raise
-    finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
-        meter.end(failed)
+    """``chunks``, each the same object, their usage recorded in ``budget`` as they pass
+    (the engine's meter; LangChain chunks report usage as deltas, each one added)."""
+    return budget.metered(chunks, key=key, usage_of=_chunk_usage, estimate=estimate)
 
 
-async def ametered(
+def ametered(
     chunks: AsyncIterator[Any], budget: Budget, key: str, estimate: Callable[[], int]
 ) -> AsyncIterator[Any]:
     """Async :func:`metered`."""
-    meter = _Meter(budget, key, estimate)
-    failed = False
-    try:
-        async for chunk in chunks:
-            meter.see(chunk)
-            yield chunk
-    except Exception:
-        failed = True
-        raise
-    finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        meter.end(failed)
+    return budget.ametered(chunks, key=key, usage_of=_chunk_usage, estimate=estimate)

@@ -499,97 +499,39 @@ def usage_of(response: ChatResponse | CompletionResponse) -> Usage | None:
 
 
 # -- streams: counted as they pass, never altered -----------------------------------------
-class _StreamMeter:
-    """Counts one stream against a budget: the call once, and reported usage as it grows.
-
-    Providers report a stream's usage once at its end (OpenAI) or as running totals
-    (Anthropic's output count, Gemini's every chunk), so a report is read as the stream's
-    usage so far and only its increase is counted. A stream that reports no usage counts
-    its estimated input once it ends (nothing if it failed)."""
-
-    __slots__ = ("budget", "counted", "input_text", "input_tokens", "key", "output_tokens")
-
-    def __init__(self, budget: Budget, key: str, input_text: Callable[[], str]) -> None:
-        self.budget = budget
-        self.key = key
-        self.input_text = input_text
-        self.counted = False
-        self.input_tokens = 0
-        self.output_tokens = 0
-
-    def see(self, chunk: ChatResponse | CompletionResponse) -> None:
-        usage = usage_of(chunk)
-        more_in = more_out = 0
-        if usage is not None:
-            more_in = max(usage.input_tokens - self.input_tokens, 0)
-            more_out = max(usage.output_tokens - self.output_tokens, 0)
-        if self.counted and not (more_in or more_out):
-            return
-        mark = fallback_mark(chunk)
-        key = mark.get("key") if mark is not None else None
-        self._record(
-            key if isinstance(key, str) else self.key,
-            Usage(more_in, more_out),
-            calls=0 if self.counted else 1,
-        )
-        self.counted = True
-        self.input_tokens += more_in
-        self.output_tokens += more_out
-
-    def done(self, failed: bool) -> None:
-        estimate = 0
-        if not failed and not (self.input_tokens or self.output_tokens):
-            try:
-                estimate = self.budget.estimate(self.input_text())
-            except Exception:  # an estimate must never fail the caller's stream
-                logger.debug("callpolicy budget: no estimate of a stream", exc_info=True)
-        if estimate or not self.counted:
-            # No chunk yet (or failed before one): the call still counts.
-            self._record(self.key, Usage(estimate, 0), calls=0 if self.counted else 1)
-            self.counted = True
-
-    def _record(self, key: str, usage: Usage, *, calls: int) -> None:
-        try:
-            self.budget.record(key, usage, calls=calls)
-        except Exception:  # a stream passes untouched, even when its metering fails
-            logger.warning("callpolicy budget: could not count a stream of %s", key, exc_info=True)
+def _answered_by(chunk: ChatResponse | CompletionResponse) -> str | None:
+    """The key of the fallback that produced ``chunk``, or None (the primary)."""
+    mark = fallback_mark(chunk)
+    key = mark.get("key") if mark is not None else None
+    return key if isinstance(key, str) else None
 
 
 def meter_stream(
     chunks: Iterator[R], budget: Budget, key: str, input_text: Callable[[], str]
 ) -> Generator[R, None, None]:
-    """``chunks``, each unchanged, with the stream and its reported usage counted."""
-    meter = _StreamMeter(budget, key, input_text)
-    failed = False
-    try:
-        for chunk in chunks:
-            meter.see(chunk)
-            yield chunk
-    except Exception:
-        failed = True
-        raise
-    finally:
-        meter.done(failed)
-        close = getattr(chunks, "close", None)
-        if close is not None:  # closed early: close the model's stream too, as unwrapped
-            close()
+    """``chunks``, each unchanged, with the stream and its reported usage counted (the
+    engine's meter). Providers report a stream's usage once at its end (OpenAI) or as
+    running totals (Anthropic's output count, Gemini's every chunk), so a report is read
+    as the stream's usage so far: ``cumulative=True``."""
+    return budget.metered(
+        chunks,
+        key=key,
+        usage_of=usage_of,
+        estimate=lambda: budget.estimate(input_text()),
+        cumulative=True,
+        key_of=_answered_by,
+    )
 
 
-async def ameter_stream(
+def ameter_stream(
     chunks: AsyncIterator[R], budget: Budget, key: str, input_text: Callable[[], str]
 ) -> AsyncGenerator[R, None]:
     """Async :func:`meter_stream`."""
-    meter = _StreamMeter(budget, key, input_text)
-    failed = False
-    try:
-        async for chunk in chunks:
-            meter.see(chunk)
-            yield chunk
-    except Exception:
-        failed = True
-        raise
-    finally:
-        meter.done(failed)
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+    return budget.ametered(
+        chunks,
+        key=key,
+        usage_of=usage_of,
+        estimate=lambda: budget.estimate(input_text()),
+        cumulative=True,
+        key_of=_answered_by,
+    )

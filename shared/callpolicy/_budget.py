@@ -23,10 +23,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+)
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -64,6 +71,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("callpolicy")
+
+T = TypeVar("T")
 
 SHARED_SCOPE = "*"
 """The store scope of a budget shared across keys (``per_key=False``)."""
@@ -316,6 +325,23 @@ class _BudgetOptions(BaseModel):
         return self
 
 
+def _check_meter_options(
+    key: object, usage_of: object, estimate: object, cumulative: object, key_of: object
+) -> None:
+    # Checked when the stream is wrapped, not at its first chunk: a mistake shows where
+    # it was made, and never in the middle of a stream the caller is reading.
+    if not isinstance(key, str):
+        raise TypeError(f"key: expected a breaker key (str), got {key!r}")
+    if not callable(usage_of):
+        raise TypeError("usage_of: expected a callable taking a chunk")
+    if estimate is not None and not callable(estimate):
+        raise TypeError("estimate: expected None or a callable returning input tokens")
+    if not isinstance(cumulative, bool):
+        raise TypeError(f"cumulative: expected a bool, got {cumulative!r}")
+    if key_of is not None and not callable(key_of):
+        raise TypeError("key_of: expected None or a callable taking a chunk")
+
+
 class Budget:
     """Limits on calls, tokens and dollars, checked before every call.
 
@@ -535,10 +561,10 @@ class Budget:
 
     def record(self, key: str, usage: Usage, *, calls: int = 0) -> None:
         """Count usage without a reservation and without a check: the hook for a stream's
-        chunks, called as they pass (they are never altered). ``calls=1`` also counts the
-        stream as a call. A stream recorded this way is never refused; to refuse one
-        before its first chunk, :meth:`reserve` at its start and :meth:`commit` the
-        summed usage at its end instead."""
+        chunks, called as they pass (they are never altered; :meth:`metered` does it for
+        a whole stream). ``calls=1`` also counts the stream as a call. A stream recorded
+        this way is never refused; to refuse one before its first chunk, :meth:`reserve`
+        at its start and :meth:`commit` the summed usage at its end instead."""
         if calls < 0:
             raise ValueError(f"calls: expected a count >= 0, got {calls}")
         self._store.record(
@@ -548,6 +574,95 @@ class Budget:
             output_tokens=usage.output_tokens,
             cost_units=self._cost(key, None, usage),
             window=self.window,
+        )
+
+    # -- streams -------------------------------------------------------------------
+    def metered(
+        self,
+        chunks: Iterable[T],
+        *,
+        key: str,
+        usage_of: Callable[[T], Usage | None] = Usage.from_report,
+        estimate: Callable[[], int] | None = None,
+        cumulative: bool = False,
+        key_of: Callable[[T], str | None] | None = None,
+    ) -> Generator[T, None, None]:
+        """``chunks``, each the very same object, with the stream counted as they pass.
+
+        The stream is never refused (see :meth:`record`) and never altered. It counts as
+        one call, once (with its first chunk, or at its end if none came), plus the
+        tokens its chunks report, read by ``usage_of`` (default
+        :meth:`Usage.from_report`; None or zero tokens: no report). With
+        ``cumulative=False`` each report is added (deltas, as LangChain's
+        ``usage_metadata``); with ``cumulative=True`` reports are running totals (as
+        OpenAI's final chunk, Anthropic's and Gemini's growing totals) and only their
+        growth is added. A stream that reported no tokens counts ``estimate()`` input
+        tokens when it ends (called only then; None: no estimate), or none if it failed.
+
+        ``key`` is the breaker key (``provider::model``) the stream is counted and priced
+        under; ``key_of`` can name, per chunk, the key that really answered (a
+        fallback's), None meaning ``key``. ``chunks`` is closed (``close()``) when the
+        metered stream ends, also when its consumer stops early. Nothing is counted for a
+        stream never iterated. Metering never breaks the stream: a failing ``usage_of``,
+        ``estimate`` or store is logged as a warning and the chunks go on.
+
+        >>> budget = Budget(max_tokens=1000)
+        >>> chunks = [{"text": "Hel"}, {"text": "lo", "usage": {"prompt_tokens": 5,
+        ...                                                    "completion_tokens": 2}}]
+        >>> [chunk["text"] for chunk in budget.metered(chunks, key="acme::m1")]
+        ['Hel', 'lo']
+        >>> budget.usage().calls, budget.usage().tokens
+        (1, 7)
+        >>> _ = list(budget.metered([{"text": "no usage"}], key="acme::m1", estimate=lambda: 12))
+        >>> budget.usage().calls, budget.usage().tokens
+        (2, 19)
+        """
+        from ._meter import meter_stream  # not at the top: _meter imports this module
+
+        _check_meter_options(key, usage_of, estimate, cumulative, key_of)
+        return meter_stream(
+            self,
+            chunks,
+            key=key,
+            usage_of=usage_of,
+            estimate=estimate,
+            cumulative=cumulative,
+            key_of=key_of,
+        )
+
+    def ametered(
+        self,
+        chunks: AsyncIterable[T],
+        *,
+        key: str,
+        usage_of: Callable[[T], Usage | None] = Usage.from_report,
+        estimate: Callable[[], int] | None = None,
+        cumulative: bool = False,
+        key_of: Callable[[T], str | None] | None = None,
+    ) -> AsyncGenerator[T, None]:
+        """Async :meth:`metered`: ``chunks`` an async iterable, closed with ``aclose()``;
+        usage recorded with :meth:`arecord`.
+
+        >>> import asyncio
+        >>> async def chunks():
+        ...     yield {"text": "hi", "usage": {"input_tokens": 3, "output_tokens": 1}}
+        >>> async def consume(budget):
+        ...     return [chunk["text"] async for chunk in budget.ametered(chunks(), key="a::m")]
+        >>> budget = Budget()
+        >>> asyncio.run(consume(budget)), budget.usage().tokens
+        (['hi'], 4)
+        """
+        from ._meter import ameter_stream  # not at the top: _meter imports this module
+
+        _check_meter_options(key, usage_of, estimate, cumulative, key_of)
+        return ameter_stream(
+            self,
+            chunks,
+            key=key,
+            usage_of=usage_of,
+            estimate=estimate,
+            cumulative=cumulative,
+            key_of=key_of,
         )
 
     def _cost(self, key: str, stand_in: str | None, usage: Usage) -> int:
@@ -623,6 +738,27 @@ class Budget:
             cost_units=self._cost(key or reservation.key, reservation.key, usage),
             estimated=usage.estimated,
             refund_call=False,
+        )
+
+    async def arecord(self, key: str, usage: Usage, *, calls: int = 0) -> None:
+        """Async :meth:`record`. :class:`BudgetStore` has no async record, so this awaits
+        the store's ``arecord`` (``record``'s arguments) only when the store is
+        async-native and has one; otherwise it is :meth:`record` (the memory and Redis
+        stores: a lock, or one short round trip, as their ``areserve``)."""
+        store = self._store
+        native = getattr(store, "arecord", None) if store.is_async_native else None
+        if native is None:
+            self.record(key, usage, calls=calls)
+            return
+        if calls < 0:
+            raise ValueError(f"calls: expected a count >= 0, got {calls}")
+        await native(
+            self._scope(key),
+            calls=calls,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cost_units=self._cost(key, None, usage),
+            window=self.window,
         )
 
     async def arelease(self, reservation: Reservation, *, refund_call: bool = False) -> bool:
