@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gc
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Result", "paired_added_ns", "per_call_ns", "ratio_rows"]
+__all__ = ["Result", "ThreadGang", "paired_added_ns", "per_call_ns", "ratio_rows"]
 
 
 def per_call_ns(fn: Callable[[], object], loops: int) -> float:
@@ -105,3 +106,69 @@ def paired_added_ns(
         if gc_was_enabled:
             gc.enable()
     return statistics.median(differences)
+
+
+class ThreadGang:
+    """``threads`` long-lived threads that run one workload together, on demand.
+
+    Timing a thread pool that is created per run also times thread start-up and lets the
+    first threads finish before the last start. Here the threads exist before the clock
+    starts, are released at once by a barrier, and the clock stops when the last one is
+    done. Use as a context manager; :meth:`run` returns wall seconds for one round.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._threads = threads
+        self._start = threading.Barrier(threads + 1)
+        self._done = threading.Barrier(threads + 1)
+        self._work: Callable[[], object] | None = None
+        self._loops = 0
+        self._errors: list[BaseException] = []
+        self._closing = False
+        self._workers = [
+            threading.Thread(target=self._serve, name=f"gang-{n}", daemon=True)
+            for n in range(threads)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    def _serve(self) -> None:
+        while True:
+            self._start.wait()
+            if self._closing:
+                return
+            work, loops = self._work, self._loops
+            try:
+                assert work is not None
+                for _ in range(loops):
+                    work()
+            except BaseException as exc:  # reported by run(): a benchmark must not lie
+                self._errors.append(exc)
+            finally:
+                self._done.wait()
+
+    def run(self, work: Callable[[], object], loops: int) -> float:
+        """Every thread calls ``work`` ``loops`` times; wall seconds for the whole round."""
+        self._work, self._loops = work, loops
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            start = time.perf_counter()
+            self._start.wait()
+            self._done.wait()
+            elapsed = time.perf_counter() - start
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        if self._errors:
+            raise self._errors[0]
+        return elapsed
+
+    def __enter__(self) -> ThreadGang:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._closing = True
+        self._start.wait()
+        for worker in self._workers:
+            worker.join()

@@ -154,7 +154,32 @@ class Route:
         return {name: value for name, value in kwargs.items() if name != "model"}
 
     # -- invoke --------------------------------------------------------------------------
+    def bare(self) -> bool:
+        """True when a call with no config and no kwargs needs nothing but the breaker:
+        one attempt, nothing to route, no tags or callbacks of the wrapper's own, and no
+        parent run in the context (whose callbacks might listen to events)."""
+        return (
+            self.fallback is None
+            and self.outer is None
+            and self.policy.retry is None
+            and not self.tags
+            and self.callbacks is None
+            and var_child_runnable_config.get() is None
+        )
+
+    def stamped(self, key: str) -> dict[str, Any]:
+        """The run metadata of a bare call: the wrapper's own, then the stamps."""
+        metadata = self.metadata
+        stamps = {META_KEY: key, META_ROLE: PRIMARY, META_ATTEMPT: 1}
+        return {**metadata, **stamps} if metadata else stamps
+
     def invoke(self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]) -> Any:
+        if config is None and not kwargs and self.bare():
+            # The common call of a script or a thread pool, built in one step: what
+            # key_of/prepare/stamp would build, without their calls (see ``bare``).
+            key = self.keys.default
+            cfg = RunnableConfig(tags=[], metadata=self.stamped(key))
+            return self.policy.execute(key, functools.partial(self.primary.invoke, input, cfg))
         key = self.key_of(kwargs)
         cfg = self.prepare(config, key)
         if not EventRelay.wanted(self.policy, cfg):
@@ -221,6 +246,10 @@ class Route:
     ) -> Awaitable[Any]:
         """The call's coroutine (a plain function returning it: one frame fewer for each
         of thousands of concurrent calls)."""
+        if config is None and not kwargs and self.bare():  # as in invoke
+            key = self.keys.default
+            cfg = RunnableConfig(tags=[], metadata=self.stamped(key))
+            return self.policy.aexecute(key, functools.partial(self.primary.ainvoke, input, cfg))
         key = self.key_of(kwargs)
         cfg = self.prepare(config, key)
         if not EventRelay.wanted(self.policy, cfg):
