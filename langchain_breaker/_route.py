@@ -21,7 +21,7 @@ from langchain_core.runnables.config import (
     var_child_runnable_config,
 )
 
-from callpolicy import CallPolicy
+from callpolicy import CallPolicy, fallback_start
 
 from ._events import EventRelay
 from ._keys import CircuitKeys
@@ -137,12 +137,17 @@ class Route:
         return cfg
 
     def stamp_fallback(self, cfg: RunnableConfig, key: str, attempt: int) -> RunnableConfig:
-        """:meth:`stamp` for the fallback, with the state of the primary's circuit (read
-        here, off the hot path: with a Redis store, reading it is a round trip)."""
-        try:
-            state = self.policy.circuit(key).snapshot().state.value
-        except Exception:  # a label must not cost the answer (a store out of reach)
-            state = "unknown"
+        """:meth:`stamp` for the fallback, with the state of the primary's circuit as the
+        engine handed over (no second read of the circuit: with a Redis store, a round
+        trip on every call of an outage)."""
+        start = fallback_start()
+        if start is not None and start.key == key:
+            state = start.state.value
+        else:  # not called by the engine's fallback step: read it
+            try:
+                state = self.policy.circuit(key).snapshot().state.value
+            except Exception:  # a label must not cost the answer (a store out of reach)
+                state = "unknown"
         cfg["metadata"][META_STATE] = state
         return self.stamp(cfg, FALLBACK, attempt)
 

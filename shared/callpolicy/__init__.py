@@ -32,6 +32,7 @@ from ._config import (
 )
 from ._errors import CallPolicyError, CircuitOpenError
 from ._events import Event, EventKind, Listener
+from ._fallback import FallbackStart, fallback_start
 from ._memory import MemoryStore
 from ._policy import CallPolicy
 from ._request import CallRequest
@@ -71,6 +72,7 @@ __all__ = [
     "Event",
     "EventKind",
     "FallbackOn",
+    "FallbackStart",
     "KeyMetrics",
     "Listener",
     "MemoryBudgetStore",
@@ -89,6 +91,7 @@ __all__ = [
     "cache_key",
     "circuit_key",
     "classify_error",
+    "fallback_start",
     "retry_after_from_headers",
     "split_key",
 ]

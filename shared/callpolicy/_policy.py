@@ -33,6 +33,8 @@ from ._classify import Classification, Classifier, classify_error
 from ._config import BreakerConfig, FallbackOn, RetryPolicy
 from ._errors import CircuitOpenError, add_note
 from ._events import DEFAULT_LISTENER_TIMEOUT, Event, EventKind, Listener, dispatch, logger
+from ._fallback import FallbackStart
+from ._fallback import _current as _current_fallback
 from ._memory import MemoryStore
 from ._report import html_table, text_table
 from ._request import CallRequest
@@ -46,6 +48,7 @@ T = TypeVar("T")
 _SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
 _IGNORED = Outcome.IGNORED
+_OPEN = CircuitState.OPEN
 _FALLBACK_MODES: tuple[str, ...] = get_args(FallbackOn)
 
 
@@ -354,7 +357,9 @@ class CallPolicy:
             self._refused(circuit, refusal)
             if fallback is None:
                 raise
-            return self._run_fallback(circuit, fallback, fallback_key, refusal, None)
+            return self._run_fallback(
+                circuit, fallback, fallback_key, refusal, None, _refused_state(refusal)
+            )
         retry = self.retry
         started = self._clock() if retry is not None else 0.0
         attempt = 1
@@ -375,11 +380,13 @@ class CallPolicy:
                         continue
                     if fallback is not None:  # refused mid-retry: open, so every mode falls back
                         return self._run_fallback(
-                            circuit, fallback, fallback_key, exc, classification
+                            circuit, fallback, fallback_key, exc, classification, _OPEN
                         )
                     raise
                 if fallback is not None and self._wants_fallback(outcome):
-                    return self._run_fallback(circuit, fallback, fallback_key, exc, classification)
+                    return self._run_fallback(
+                        circuit, fallback, fallback_key, exc, classification, state
+                    )
                 raise
             except BaseException:
                 circuit.record(permit, _IGNORED)  # cancelled or interrupted: free the slot
@@ -396,8 +403,10 @@ class CallPolicy:
         fallback_key: str | None,
         cause: BaseException,
         classification: Classification | None,
+        state: CircuitState,
     ) -> T:
         self._emit_fallback(circuit, cause, classification)
+        token = _current_fallback.set(FallbackStart(circuit.key, state, cause))
         try:
             if fallback_key is None:
                 return fallback()
@@ -407,6 +416,8 @@ class CallPolicy:
         except Exception as exc:
             self._note_fallback_failure(exc, circuit, cause)
             raise
+        finally:
+            _current_fallback.reset(token)
 
     def _guard_once(self, tally: _Tally, call: Callable[[], T]) -> T:
         circuit = tally.circuit
@@ -458,7 +469,9 @@ class CallPolicy:
             self._refused(circuit, refusal)
             if fallback is None:
                 raise
-            return await self._arun_fallback(circuit, fallback, fallback_key, refusal, None)
+            return await self._arun_fallback(
+                circuit, fallback, fallback_key, refusal, None, _refused_state(refusal)
+            )
         retry = self.retry
         started = self._clock() if retry is not None else 0.0
         attempt = 1
@@ -483,12 +496,12 @@ class CallPolicy:
                         continue
                     if fallback is not None:  # refused mid-retry: open, so every mode falls back
                         return await self._arun_fallback(
-                            circuit, fallback, fallback_key, exc, classification
+                            circuit, fallback, fallback_key, exc, classification, _OPEN
                         )
                     raise
                 if fallback is not None and self._wants_fallback(outcome):
                     return await self._arun_fallback(
-                        circuit, fallback, fallback_key, exc, classification
+                        circuit, fallback, fallback_key, exc, classification, state
                     )
                 raise
             except BaseException:
@@ -515,8 +528,11 @@ class CallPolicy:
         fallback_key: str | None,
         cause: BaseException,
         classification: Classification | None,
+        state: CircuitState,
     ) -> T:
         self._emit_fallback(circuit, cause, classification)
+        # Set in this task's context: the fallback's coroutine, awaited here, sees it.
+        token = _current_fallback.set(FallbackStart(circuit.key, state, cause))
         try:
             if fallback_key is None:
                 return await fallback()
@@ -526,6 +542,8 @@ class CallPolicy:
         except Exception as exc:
             self._note_fallback_failure(exc, circuit, cause)
             raise
+        finally:
+            _current_fallback.reset(token)
 
     async def _aguard_once(self, tally: _Tally, call: Callable[[], Awaitable[T]]) -> T:
         circuit = tally.circuit
@@ -844,6 +862,12 @@ class CallPolicy:
                 error_type=None if refused else type(cause).__name__,
             )
         )
+
+
+def _refused_state(refusal: CircuitOpenError) -> CircuitState:
+    """The state a refusal comes from: half-open with its probe slots taken (no wait),
+    or open (cooling down, or held)."""
+    return CircuitState.HALF_OPEN if refusal.retry_in == 0.0 else _OPEN
 
 
 def _require_request(request: CallRequest[T] | None) -> CallRequest[T]:

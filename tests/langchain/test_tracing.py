@@ -16,7 +16,8 @@ from langchain_core.tracers.schemas import Run
 
 from callpolicy import CallPolicy, RetryPolicy
 from langchain_breaker import CircuitBreakerChatModel
-from tests.langchain.fakes import FakeClock, RunRecorder, ScriptedChatModel, ServerError
+from tests.langchain.fakes import RunRecorder, ScriptedChatModel, ServerError
+from tests.support.clock import FakeClock
 
 
 def model_with_backup(
@@ -274,10 +275,14 @@ async def test_generate_is_one_run_of_the_wrapper_named_for_the_inner_model(
     assert (inner.calls, backup.calls) == (1, 1)
 
 
-def test_a_state_that_cannot_be_read_does_not_cost_the_answer(
-    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+async def test_the_fallbacks_state_label_costs_no_second_read_of_the_circuit(
+    clock: FakeClock, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, _ = model_with_backup(clock, ScriptedChatModel(script=[ServerError("500")]))
+    # The engine hands the state over with the fallback (callpolicy.fallback_start()):
+    # with a shared store, a read would be a round trip on every call of an outage.
+    model, _ = model_with_backup(
+        clock, ScriptedChatModel(script=[ServerError("500")] * 5), failure_threshold=5
+    )
     assert model.policy is not None
     circuit_type = type(model.policy.circuit(model.key_for()))
 
@@ -286,5 +291,9 @@ def test_a_state_that_cannot_be_read_does_not_cost_the_answer(
 
     monkeypatch.setattr(circuit_type, "snapshot", unreachable)
     recorder = RunRecorder()
-    assert model.invoke("hi", {"callbacks": [recorder]}).content == "from backup"
-    assert recorder.starts[-1]["metadata"]["callpolicy_state"] == "unknown"
+    states = []
+    for _ in range(6):  # four failures below the threshold, the fifth opens, then refused
+        answer = await run(model, mode, callbacks=[recorder])
+        assert answer.content == "from backup"
+        states.append(recorder.starts[-1]["metadata"]["callpolicy_state"])
+    assert states == ["closed"] * 4 + ["open", "open"]
