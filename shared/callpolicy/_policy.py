@@ -351,14 +351,20 @@ class CallPolicy:
             return self._cached(key, call, fallback, fallback_key, budget, cache, request)
         tally = self._tallies.get(key) or self._tally(key)
         circuit = tally.circuit
+        refused: CircuitOpenError | None = None
         try:
             permit = circuit.admit()
         except CircuitOpenError as refusal:
             self._refused(circuit, refusal)
             if fallback is None:
                 raise
+            refused = _detached(refusal)
+        if refused is not None:
+            # Served outside the except block: a model called while an exception is
+            # being handled runs measurably slower (every call of an outage pays it).
+            assert fallback is not None
             return self._run_fallback(
-                circuit, fallback, fallback_key, refusal, None, _refused_state(refusal)
+                circuit, fallback, fallback_key, refused, None, _refused_state(refused)
             )
         retry = self.retry
         started = self._clock() if retry is not None else 0.0
@@ -414,6 +420,7 @@ class CallPolicy:
                 self._tallies.get(fallback_key) or self._tally(fallback_key), fallback
             )
         except Exception as exc:
+            _chain(exc, cause)
             self._note_fallback_failure(exc, circuit, cause)
             raise
         finally:
@@ -463,14 +470,18 @@ class CallPolicy:
         tally = self._tallies.get(key) or self._tally(key)
         circuit = tally.circuit
         native = circuit.is_async_native
+        refused: CircuitOpenError | None = None
         try:
             permit = await circuit.aadmit() if native else circuit.admit()
         except CircuitOpenError as refusal:
             self._refused(circuit, refusal)
             if fallback is None:
                 raise
+            refused = _detached(refusal)
+        if refused is not None:  # outside the except block, as in execute
+            assert fallback is not None
             return await self._arun_fallback(
-                circuit, fallback, fallback_key, refusal, None, _refused_state(refusal)
+                circuit, fallback, fallback_key, refused, None, _refused_state(refused)
             )
         retry = self.retry
         started = self._clock() if retry is not None else 0.0
@@ -540,6 +551,7 @@ class CallPolicy:
                 self._tallies.get(fallback_key) or self._tally(fallback_key), fallback
             )
         except Exception as exc:
+            _chain(exc, cause)
             self._note_fallback_failure(exc, circuit, cause)
             raise
         finally:
@@ -862,6 +874,19 @@ class CallPolicy:
                 error_type=None if refused else type(cause).__name__,
             )
         )
+
+
+def _detached(refusal: CircuitOpenError) -> CircuitOpenError:
+    """``refusal`` without its traceback, to keep past its except block: the traceback
+    holds the frame that holds the refusal, a cycle only the collector would free."""
+    return refusal.with_traceback(None)
+
+
+def _chain(exc: BaseException, cause: BaseException) -> None:
+    """A fallback's error, raised outside the primary's except block, still names the
+    primary's refusal or error as its context, as it would inside it."""
+    if exc.__context__ is None and exc is not cause:
+        exc.__context__ = cause
 
 
 def _refused_state(refusal: CircuitOpenError) -> CircuitState:

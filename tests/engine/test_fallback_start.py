@@ -173,3 +173,32 @@ def test_concurrent_threads_each_see_their_own() -> None:
     for thread in threads:
         thread.join()
     assert results == [True] * 48
+
+
+async def test_a_failing_fallback_after_a_refusal_keeps_the_refusal_as_its_context(
+    clock: FakeClock, mode: str
+) -> None:
+    policy = CallPolicy(clock=clock)
+    policy.force_open(KEY)
+    causes: list[BaseException] = []
+
+    def backup() -> str:
+        start = seen()
+        causes.append(start.cause)
+        # Kept past its except block without its traceback (no frame -> refusal cycle).
+        assert start.cause.__traceback__ is None
+        raise ValueError("backup down")
+
+    async def abackup() -> str:
+        return backup()
+
+    if mode == "sync":
+        with pytest.raises(ValueError, match="backup down") as caught:
+            policy.execute(KEY, down, fallback=backup)
+    else:
+        with pytest.raises(ValueError, match="backup down") as caught:
+            await policy.aexecute(KEY, adown, fallback=abackup)
+    (refusal,) = causes
+    assert isinstance(refusal, CircuitOpenError)
+    assert caught.value.__context__ is refusal
+    assert any("the fallback failed" in note for note in caught.value.__notes__)
