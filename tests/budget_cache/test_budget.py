@@ -23,7 +23,7 @@ from callpolicy._budget import (
 )
 from callpolicy._budget_store import MemoryBudgetStore, Reservation
 from callpolicy._errors import CallPolicyError
-from tests.budget_cache.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 KEY = "acme::m1"
 

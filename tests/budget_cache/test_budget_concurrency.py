@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from callpolicy._budget import Budget, BudgetExceededError, Reservation, Usage
-from tests.budget_cache.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 CALLERS = 100
 
@@ -212,7 +212,7 @@ def test_random_sequences_follow_the_rules(
 def test_no_window_ever_admits_more_than_its_limit(
     steps: list[tuple[float, bool]], max_calls: int, window: int
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock.wall()
     budget = Budget(max_calls=max_calls, window=window, clock=clock)
     admitted: list[float] = []
     for pause, fail in steps:

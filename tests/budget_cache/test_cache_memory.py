@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from callpolicy._cache import ResponseCache
 from callpolicy._cache_backend import CacheBackend, MemoryCacheBackend
 from callpolicy._errors import CircuitOpenError
-from tests.budget_cache.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 ANSWER = {"content": "Paris", "tool_calls": [], "usage": {"input_tokens": 5}}
 

@@ -17,7 +17,7 @@ from callpolicy._cache import ResponseCache
 from callpolicy._cache_backend import CacheBackend
 from callpolicy._cache_key import cache_key
 from callpolicy._cache_sqlite import SQLiteCacheBackend
-from tests.budget_cache.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 TABLE = "callpolicy_cache_v1"
 

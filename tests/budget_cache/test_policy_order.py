@@ -18,6 +18,7 @@ from callpolicy import (
     EventKind,
     ResponseCache,
 )
+from tests.support.clock import FakeClock
 
 KEY = "acme::m1"
 FALLBACK_KEY = "backup::m2"
@@ -130,11 +131,11 @@ def test_errors_are_never_cached() -> None:
 
 
 def test_a_stale_answer_is_served_when_the_circuit_is_open_and_there_is_no_fallback() -> None:
-    now = [1_000.0]
+    clock = FakeClock(1_000.0)
     policy, model = CallPolicy(), Model()
-    cache = ResponseCache(ttl=60, serve_stale_when_open=True, clock=lambda: now[0])
+    cache = ResponseCache(ttl=60, serve_stale_when_open=True, clock=clock)
     policy.execute(KEY, model, cache=cache, request=_request())
-    now[0] += 120  # expired
+    clock.advance(120)  # expired
     policy.force_open(KEY)
     stale = policy.execute(KEY, model, cache=cache, request=_request())
     assert stale["cache"] == "stale"

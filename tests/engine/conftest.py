@@ -1,7 +1,8 @@
 """Shared fixtures of the engine suite: a clock and a sleeper that only move when told.
 
-No engine test waits on real time: cooldowns pass by advancing :class:`FakeClock`, and
-retry delays are recorded by :class:`FakeSleeper` (which advances the clock instead).
+No engine test waits on real time: cooldowns pass by advancing :class:`FakeClock`
+(tests/support/clock.py), and retry delays are recorded by :class:`FakeSleeper` (which
+advances the clock instead).
 """
 
 from __future__ import annotations
@@ -9,19 +10,7 @@ from __future__ import annotations
 import pytest
 
 from callpolicy import Event, EventKind
-
-
-class FakeClock:
-    """Monotonic seconds that move only when a test advances them."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.clock import FakeClock
 
 
 class FakeSleeper:

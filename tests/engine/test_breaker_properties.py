@@ -30,6 +30,7 @@ from hypothesis.stateful import (
 )
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState
+from tests.support.clock import FakeClock
 
 KEY = "acme::m1"
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
@@ -41,14 +42,6 @@ class Counted(Exception):
 
 class Uncounted(Exception):
     status_code = 400
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- the model -------------------------------------------------------------------------------
@@ -217,7 +210,7 @@ OUTCOMES = st.sampled_from(["success", "counted", "uncounted"])
 class BreakerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.clock = Clock()
+        self.clock = FakeClock(0.0)
         self.in_flight: list[InFlight] = []
         self.engine_refusals = 0
         self.model_refusals = 0
@@ -359,7 +352,7 @@ class BreakerMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0.5, 1.0, 2.5, 5.0, 10.0, 30.0]))
     def advance_clock(self, seconds: float) -> None:
-        self.clock.now += seconds
+        self.clock.advance(seconds)
 
     @rule()
     def wait_out_the_cooldown(self) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.langchain.fakes import Events, FakeClock
+from tests.langchain.fakes import Events
+from tests.support.clock import FakeClock
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -34,19 +34,6 @@ from pydantic import Field, PrivateAttr
 from callpolicy import Event
 
 
-class FakeClock:
-    """Monotonic seconds that move only when a test advances them."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class ServerError(Exception):
     """A provider's 500."""
 

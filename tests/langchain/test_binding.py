@@ -15,7 +15,8 @@ from pydantic import BaseModel
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState
 from langchain_breaker import CircuitBreakerChatModel, GuardedRunnable
-from tests.langchain.fakes import FakeClock, ScriptedChatModel, ServerError, tool_call_message
+from tests.langchain.fakes import ScriptedChatModel, ServerError, tool_call_message
+from tests.support.clock import FakeClock
 
 
 @tool

@@ -14,7 +14,8 @@ from langchain_core.messages import AIMessage
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState, ErrorClass, RetryPolicy
 from langchain_breaker import CircuitBreakerChatModel
-from tests.langchain.fakes import BadRequest, FakeClock, ScriptedChatModel, ServerError
+from tests.langchain.fakes import BadRequest, ScriptedChatModel, ServerError
+from tests.support.clock import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 

@@ -44,13 +44,13 @@ from callpolicy import (
 )
 from langchain_breaker import META_CACHE, CircuitBreakerChatModel
 from tests.langchain.fakes import (
-    FakeClock,
     FixedChunksChatModel,
     ScriptedChatModel,
     ServerError,
     SlowChatModel,
     tool_call_message,
 )
+from tests.support.clock import FakeClock
 from tests.support.openai_server import OpenAICompatServer, Reply
 
 MARK = "callpolicy_cache"

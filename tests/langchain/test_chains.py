@@ -15,7 +15,8 @@ from langchain_openai import ChatOpenAI
 
 from callpolicy import CallPolicy, CircuitState
 from langchain_breaker import CircuitBreakerChatModel
-from tests.langchain.fakes import FakeClock, ScriptedChatModel, ServerError, tool_call_message
+from tests.langchain.fakes import ScriptedChatModel, ServerError, tool_call_message
+from tests.support.clock import FakeClock
 from tests.support.openai_server import Fail, OpenAICompatServer, Reply
 
 PROMPT = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{question}")])

@@ -9,7 +9,8 @@ from langchain_core.runnables import RunnableConfig, RunnableLambda
 
 from callpolicy import CallPolicy
 from langchain_breaker import EVENT_PREFIX, CircuitBreakerChatModel
-from tests.langchain.fakes import FakeClock, ScriptedChatModel, ServerError
+from tests.langchain.fakes import ScriptedChatModel, ServerError
+from tests.support.clock import FakeClock
 
 
 def _model(clock: FakeClock) -> tuple[CircuitBreakerChatModel, ScriptedChatModel]:

@@ -19,7 +19,8 @@ from pydantic import BaseModel
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState, RetryPolicy
 from langchain_breaker import CircuitBreakerChatModel
-from tests.langchain.fakes import FakeClock, RunRecorder
+from tests.langchain.fakes import RunRecorder
+from tests.support.clock import FakeClock
 from tests.support.openai_server import Drop, Fail, Hang, OpenAICompatServer, Reply, StreamDies
 
 PRIMARY, BACKUP = "gpt-4o-mini", "backup-model"

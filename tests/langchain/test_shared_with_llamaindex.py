@@ -12,12 +12,13 @@ from llama_index.llms.openai import OpenAI
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState
 from langchain_breaker import CircuitBreakerChatModel
 from llamaindex_breaker import CircuitBreakerLLM
-from tests.langchain.fakes import FakeClock
+from tests.support.clock import FakeClock
+from tests.support.http_clients import HttpClients
 from tests.support.openai_server import Fail, OpenAICompatServer, Reply
 
 
 def test_a_trip_through_langchain_refuses_the_llamaindex_wrapper(
-    openai_server: OpenAICompatServer, clock: FakeClock
+    openai_server: OpenAICompatServer, http_clients: HttpClients, clock: FakeClock
 ) -> None:
     policy = CallPolicy(clock=clock, failure_threshold=2, cooldown=30)
     chat_model = CircuitBreakerChatModel(
@@ -28,7 +29,11 @@ def test_a_trip_through_langchain_refuses_the_llamaindex_wrapper(
     )
     llm = CircuitBreakerLLM(
         inner=OpenAI(
-            model="gpt-4o-mini", api_base=openai_server.base_url, api_key="sk-test", max_retries=0
+            model="gpt-4o-mini",
+            api_base=openai_server.base_url,
+            api_key="sk-test",
+            max_retries=0,
+            **http_clients.llamaindex(),
         ),
         policy=policy,
     )

@@ -14,13 +14,8 @@ from langchain_core.messages import AIMessageChunk
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState, RetryPolicy
 from langchain_breaker import CircuitBreakerChatModel
-from tests.langchain.fakes import (
-    DiesMidStream,
-    FakeClock,
-    ScriptedChatModel,
-    ServerError,
-    tool_call_message,
-)
+from tests.langchain.fakes import DiesMidStream, ScriptedChatModel, ServerError, tool_call_message
+from tests.support.clock import FakeClock
 
 OPEN, CLOSED = CircuitState.OPEN, CircuitState.CLOSED
 

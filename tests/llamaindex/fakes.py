@@ -1,5 +1,6 @@
 """Test doubles for the LlamaIndex adapter: a scripted, natively async function-calling LLM,
-a fake clock and sleeper for the engine, and recorders of LlamaIndex instrumentation.
+a fake sleeper for the engine (it advances :class:`~tests.support.clock.FakeClock`), and
+recorders of LlamaIndex instrumentation.
 
 ``ScriptedLLM`` behaves like a real integration where it matters here: its methods fire
 LlamaIndex's callbacks and spans (``llm_chat_callback``/``llm_completion_callback``, the
@@ -37,6 +38,8 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.tools.types import BaseTool
 from pydantic import Field, PrivateAttr
+
+from tests.support.clock import FakeClock
 
 _ids = itertools.count(1)
 
@@ -379,19 +382,6 @@ def secondary(**kwargs: Any) -> ScriptedLLM:
 
 
 # -- time ------------------------------------------------------------------------------
-class FakeClock:
-    """Monotonic seconds that move only when a test advances them."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class FakeSleeper:
     """``sleep``/``async_sleep`` that record each delay and advance the clock instead."""
 

@@ -42,6 +42,7 @@ from callpolicy import (
 from callpolicy._cache_key import canonical_json
 from llamaindex_breaker import CircuitBreakerLLM, cache_status, served_by
 from llamaindex_breaker._request import chat_request
+from tests.support.http_clients import HttpClients
 from tests.support.openai_server import OpenAICompatServer, Reply
 
 from .fakes import Raise, ScriptedLLM, Stream, Text, ToolCall, server_error
@@ -88,13 +89,14 @@ def unmarked(response: ChatResponse | CompletionResponse) -> ChatResponse | Comp
     return response.model_copy(update={"additional_kwargs": extra})
 
 
-def client(server: OpenAICompatServer, **kwargs: Any) -> OpenAI:
+def client(server: OpenAICompatServer, http: HttpClients, **kwargs: Any) -> OpenAI:
     options: dict[str, Any] = {
         "model": "gpt-4o-mini",
         "api_base": server.base_url,
         "api_key": "sk-test-secret",
         "max_retries": 0,
         "timeout": 10.0,
+        **http.llamaindex(),
     }
     options.update(kwargs)
     return OpenAI(**options)
@@ -272,10 +274,10 @@ async def test_a_fallbacks_answer_is_priced_at_the_fallbacks_price(
 
 
 async def test_usage_of_the_real_openai_client_is_counted(
-    openai_server: OpenAICompatServer, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, mode: str
 ) -> None:
     budget = Budget(max_tokens=1000)
-    llm = CircuitBreakerLLM(inner=client(openai_server), budget=budget)
+    llm = CircuitBreakerLLM(inner=client(openai_server, http_clients), budget=budget)
     openai_server.push(
         Reply("a", usage={"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}),
         Reply("b", usage={"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}),
@@ -450,9 +452,13 @@ async def test_running_usage_totals_are_counted_once() -> None:
     assert (used.calls, used.input_tokens, used.output_tokens) == (1, 5, 3)
 
 
-async def test_openai_stream_usage_is_counted(openai_server: OpenAICompatServer, mode: str) -> None:
+async def test_openai_stream_usage_is_counted(
+    openai_server: OpenAICompatServer, http_clients: HttpClients, mode: str
+) -> None:
     budget = Budget(max_tokens=1000)
-    inner = client(openai_server, additional_kwargs={"stream_options": {"include_usage": True}})
+    inner = client(
+        openai_server, http_clients, additional_kwargs={"stream_options": {"include_usage": True}}
+    )
     llm = CircuitBreakerLLM(inner=inner, budget=budget)
     openai_server.push(Reply("streamed words", usage={"prompt_tokens": 6, "completion_tokens": 2}))
     chunks = await stream(llm, "stream_chat", mode)
@@ -606,12 +612,12 @@ async def test_a_changed_tool_schema_or_choice_misses(inner: ScriptedLLM, mode: 
 
 
 async def test_model_settings_change_the_key_but_secrets_and_transport_do_not(
-    openai_server: OpenAICompatServer, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, mode: str
 ) -> None:
     cache = ResponseCache()
 
     def wrapped(**kwargs: Any) -> CircuitBreakerLLM:
-        return CircuitBreakerLLM(inner=client(openai_server, **kwargs), cache=cache)
+        return CircuitBreakerLLM(inner=client(openai_server, http_clients, **kwargs), cache=cache)
 
     assert cache_status(await call(wrapped(temperature=0.1), "chat", mode)) is None
     again = wrapped(temperature=0.1, api_key="sk-another-key", timeout=3.0, default_headers={})
@@ -623,9 +629,12 @@ async def test_model_settings_change_the_key_but_secrets_and_transport_do_not(
     assert openai_server.request_count == 4
 
 
-def test_the_description_holds_no_secret(openai_server: OpenAICompatServer) -> None:
+def test_the_description_holds_no_secret(
+    openai_server: OpenAICompatServer, http_clients: HttpClients
+) -> None:
     inner = client(
         openai_server,
+        http_clients,
         api_key="sk-very-secret",
         api_base="http://someone:pw-secret@127.0.0.1:8000/v1?api-key=query-secret",
         default_headers={"Authorization": "Bearer sk-header-secret"},
@@ -732,19 +741,21 @@ async def test_a_raw_with_no_json_form_is_cached_without_it(mode: str) -> None:
 
 # -- the real OpenAI client, tool calls and SQLite -------------------------------------------
 async def test_sqlite_cache_survives_reopening_with_openai_tool_calls(
-    openai_server: OpenAICompatServer, tmp_cache: Path, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, tmp_cache: Path, mode: str
 ) -> None:
     openai_server.push(
         Reply(tool_calls=[{"name": "weather", "arguments": {"city": "Paris"}}]),
     )
     with SQLiteCacheBackend(tmp_cache) as backend:
-        llm = CircuitBreakerLLM(inner=client(openai_server), cache=ResponseCache(backend=backend))
+        llm = CircuitBreakerLLM(
+            inner=client(openai_server, http_clients), cache=ResponseCache(backend=backend)
+        )
         original = await call(llm, "chat_with_tools", mode, "weather in Paris?")
     assert openai_server.request_count == 1
 
     # A new process, in effect: a new backend on the same file, a new client and wrapper.
     with SQLiteCacheBackend(tmp_cache) as reopened:
-        inner = client(openai_server)
+        inner = client(openai_server, http_clients)
         llm = CircuitBreakerLLM(inner=inner, cache=ResponseCache(backend=reopened))
         cached = await call(llm, "chat_with_tools", mode, "weather in Paris?")
     assert openai_server.request_count == 1  # served from the file
@@ -763,10 +774,10 @@ async def test_sqlite_cache_survives_reopening_with_openai_tool_calls(
 
 
 async def test_a_cached_tool_call_continues_the_conversation_like_the_original(
-    openai_server: OpenAICompatServer, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, mode: str
 ) -> None:
     cache = ResponseCache()
-    llm = CircuitBreakerLLM(inner=client(openai_server), cache=cache)
+    llm = CircuitBreakerLLM(inner=client(openai_server, http_clients), cache=cache)
     openai_server.push(Reply(tool_calls=[{"name": "weather", "arguments": {"city": "Rome"}}]))
     original = await call(llm, "chat_with_tools", mode, "weather in Rome?")
     cached = await call(llm, "chat_with_tools", mode, "weather in Rome?")
@@ -786,7 +797,8 @@ async def test_a_cached_tool_call_continues_the_conversation_like_the_original(
             ),
         ]
 
-    plain = CircuitBreakerLLM(inner=client(openai_server))  # no cache: both reach the server
+    # No cache: both reach the server.
+    plain = CircuitBreakerLLM(inner=client(openai_server, http_clients))
     openai_server.push(Reply("it is sunny"), Reply("it is sunny"))
     for message in (original.message, cached.message):
         if mode == "sync":
@@ -799,7 +811,7 @@ async def test_a_cached_tool_call_continues_the_conversation_like_the_original(
 
 
 async def test_a_changed_tool_schema_misses_the_sqlite_cache(
-    openai_server: OpenAICompatServer, tmp_cache: Path, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, tmp_cache: Path, mode: str
 ) -> None:
     def weather_with_unit(city: str, unit: str = "C") -> str:
         """The weather in a city."""
@@ -807,7 +819,9 @@ async def test_a_changed_tool_schema_misses_the_sqlite_cache(
 
     changed = FunctionTool.from_defaults(fn=weather_with_unit, name="weather")
     with SQLiteCacheBackend(tmp_cache) as backend:
-        llm = CircuitBreakerLLM(inner=client(openai_server), cache=ResponseCache(backend=backend))
+        llm = CircuitBreakerLLM(
+            inner=client(openai_server, http_clients), cache=ResponseCache(backend=backend)
+        )
         openai_server.push(
             Reply(tool_calls=[{"name": "weather", "arguments": {"city": "Oslo"}}]),
             Reply(tool_calls=[{"name": "weather", "arguments": {"city": "Oslo", "unit": "F"}}]),

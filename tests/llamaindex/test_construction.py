@@ -15,8 +15,9 @@ from pydantic import ValidationError
 
 from callpolicy import CallPolicy, CircuitState, RetryPolicy
 from llamaindex_breaker import CircuitBreakerLLM
+from tests.support.clock import FakeClock
 
-from .fakes import FakeClock, Raise, ScriptedLLM, Text, primary, secondary, server_error
+from .fakes import Raise, ScriptedLLM, Text, primary, secondary, server_error
 
 
 @pytest.mark.parametrize("bad", [None, "gpt-4o-mini", {"model": "gpt-4o"}, 3, object()])

@@ -13,11 +13,12 @@ from llama_index.llms.openai import OpenAI
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState, RetryPolicy
 from llamaindex_breaker import CircuitBreakerLLM, served_by
+from tests.support.clock import FakeClock
+from tests.support.http_clients import HttpClients
 from tests.support.openai_server import Fail, OpenAICompatServer, Reply, StreamDies
 
 from .fakes import (
     FakeAPIError,
-    FakeClock,
     FakeSleeper,
     Raise,
     ScriptedLLM,
@@ -130,10 +131,16 @@ async def test_a_streaming_agent_is_served_by_the_fallback(
 
 
 async def test_a_real_stream_that_fails_to_start_goes_to_the_fallback(
-    openai_server: OpenAICompatServer, policy: CallPolicy, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy, mode: str
 ) -> None:
     def client(model: str) -> OpenAI:
-        return OpenAI(model=model, api_base=openai_server.base_url, api_key="sk", max_retries=0)
+        return OpenAI(
+            model=model,
+            api_base=openai_server.base_url,
+            api_key="sk",
+            max_retries=0,
+            **http_clients.llamaindex(),
+        )
 
     llm = CircuitBreakerLLM(
         inner=client("gpt-4o-mini"),

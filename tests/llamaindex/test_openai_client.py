@@ -15,14 +15,26 @@ from llama_index.llms.openai import OpenAI
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState, ErrorClass, Event, RetryPolicy
 from llamaindex_breaker import CircuitBreakerLLM, served_by
+from tests.support.clock import FakeClock
+from tests.support.http_clients import HttpClients
 from tests.support.openai_server import Drop, Fail, Hang, OpenAICompatServer, Reply, StreamDies
 
-from .fakes import FakeClock, FakeSleeper
+from .fakes import FakeSleeper
 
 
-def client(server: OpenAICompatServer, model: str = "gpt-4o-mini", timeout: float = 10.0) -> OpenAI:
+def client(
+    server: OpenAICompatServer,
+    http: HttpClients,
+    model: str = "gpt-4o-mini",
+    timeout: float = 10.0,
+) -> OpenAI:
     return OpenAI(
-        model=model, api_base=server.base_url, api_key="sk-test", max_retries=0, timeout=timeout
+        model=model,
+        api_base=server.base_url,
+        api_key="sk-test",
+        max_retries=0,
+        timeout=timeout,
+        **http.llamaindex(),
     )
 
 
@@ -40,9 +52,9 @@ WEATHER = FunctionTool.from_defaults(fn=weather)
 
 
 async def test_a_healthy_call(
-    openai_server: OpenAICompatServer, policy: CallPolicy, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy, mode: str
 ) -> None:
-    llm = CircuitBreakerLLM(inner=client(openai_server), policy=policy)
+    llm = CircuitBreakerLLM(inner=client(openai_server, http_clients), policy=policy)
     openai_server.push(Reply("hello from the server"))
     response = await ask(llm, mode, "greet me")
     assert response.message.content == "hello from the server"
@@ -55,9 +67,9 @@ async def test_a_healthy_call(
 
 
 async def test_server_errors_open_the_circuit(
-    openai_server: OpenAICompatServer, policy: CallPolicy, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy, mode: str
 ) -> None:
-    llm = CircuitBreakerLLM(inner=client(openai_server), policy=policy)
+    llm = CircuitBreakerLLM(inner=client(openai_server, http_clients), policy=policy)
     openai_server.set_default(Fail(500))
     for _ in range(5):
         with pytest.raises(openai.InternalServerError):
@@ -69,7 +81,11 @@ async def test_server_errors_open_the_circuit(
 
 
 async def test_a_429_is_retried_after_its_retry_after(
-    openai_server: OpenAICompatServer, clock: FakeClock, sleeper: FakeSleeper, mode: str
+    openai_server: OpenAICompatServer,
+    http_clients: HttpClients,
+    clock: FakeClock,
+    sleeper: FakeSleeper,
+    mode: str,
 ) -> None:
     policy = CallPolicy(
         retry=RetryPolicy(max_attempts=3, jitter=0),
@@ -77,7 +93,7 @@ async def test_a_429_is_retried_after_its_retry_after(
         sleep=sleeper,
         async_sleep=sleeper.asleep,
     )
-    llm = CircuitBreakerLLM(inner=client(openai_server), policy=policy)
+    llm = CircuitBreakerLLM(inner=client(openai_server, http_clients), policy=policy)
     openai_server.push(
         Fail(429, "slow down", headers={"retry-after": "1"}), Reply("after the wait")
     )
@@ -87,12 +103,14 @@ async def test_a_429_is_retried_after_its_retry_after(
 
 
 async def test_a_429_without_retry_is_a_counted_failure_the_fallback_answers(
-    openai_server: OpenAICompatServer, policy: CallPolicy, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy, mode: str
 ) -> None:
     seen: list[Event] = []
     policy.add_listener(seen.append)
     llm = CircuitBreakerLLM(
-        inner=client(openai_server), fallback=client(openai_server, "gpt-4o"), policy=policy
+        inner=client(openai_server, http_clients),
+        fallback=client(openai_server, http_clients, "gpt-4o"),
+        policy=policy,
     )
     openai_server.push(Fail(429, headers={"retry-after": "1"}), Reply("fallback here"))
     response = await ask(llm, mode)
@@ -103,13 +121,13 @@ async def test_a_429_without_retry_is_a_counted_failure_the_fallback_answers(
 
 
 async def test_a_hang_times_out_and_the_fallback_answers(
-    openai_server: OpenAICompatServer, policy: CallPolicy, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy, mode: str
 ) -> None:
     seen: list[Event] = []
     policy.add_listener(seen.append)
     llm = CircuitBreakerLLM(
-        inner=client(openai_server, timeout=0.3),
-        fallback=client(openai_server, "gpt-4o"),
+        inner=client(openai_server, http_clients, timeout=0.3),
+        fallback=client(openai_server, http_clients, "gpt-4o"),
         policy=policy,
     )
     openai_server.push(Hang(5.0), Reply("fallback on time"))
@@ -120,12 +138,14 @@ async def test_a_hang_times_out_and_the_fallback_answers(
 
 
 async def test_a_dropped_connection_counts(
-    openai_server: OpenAICompatServer, policy: CallPolicy, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy, mode: str
 ) -> None:
     seen: list[Event] = []
     policy.add_listener(seen.append)
     llm = CircuitBreakerLLM(
-        inner=client(openai_server), fallback=client(openai_server, "gpt-4o"), policy=policy
+        inner=client(openai_server, http_clients),
+        fallback=client(openai_server, http_clients, "gpt-4o"),
+        policy=policy,
     )
     openai_server.push(Drop(), Reply("fallback after the drop"))
     response = await ask(llm, mode)
@@ -145,16 +165,18 @@ async def stream_into(llm: Any, mode: str, sink: list[str]) -> None:
 
 
 async def test_a_dying_stream_reaches_the_caller_as_the_bare_client_raises_it(
-    openai_server: OpenAICompatServer, policy: CallPolicy, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy, mode: str
 ) -> None:
-    bare = client(openai_server)
+    bare = client(openai_server, http_clients)
     openai_server.push(StreamDies(after_chunks=3))
     bare_deltas: list[str] = []
     with pytest.raises(Exception) as bare_error:  # noqa: PT011 - compared below
         await stream_into(bare, mode, bare_deltas)
 
     llm = CircuitBreakerLLM(
-        inner=client(openai_server), fallback=client(openai_server, "gpt-4o"), policy=policy
+        inner=client(openai_server, http_clients),
+        fallback=client(openai_server, http_clients, "gpt-4o"),
+        policy=policy,
     )
     for _ in range(6):  # more than the threshold: streams count for nothing
         openai_server.push(StreamDies(after_chunks=3))
@@ -168,12 +190,12 @@ async def test_a_dying_stream_reaches_the_caller_as_the_bare_client_raises_it(
 
 
 async def test_a_healthy_stream_is_the_clients_own(
-    openai_server: OpenAICompatServer, policy: CallPolicy, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy, mode: str
 ) -> None:
     bare_deltas: list[str] = []
     openai_server.push(Reply("one two three"))
-    await stream_into(client(openai_server), mode, bare_deltas)
-    llm = CircuitBreakerLLM(inner=client(openai_server), policy=policy)
+    await stream_into(client(openai_server, http_clients), mode, bare_deltas)
+    llm = CircuitBreakerLLM(inner=client(openai_server, http_clients), policy=policy)
     openai_server.push(Reply("one two three"))
     deltas: list[str] = []
     await stream_into(llm, mode, deltas)
@@ -183,9 +205,9 @@ async def test_a_healthy_stream_is_the_clients_own(
 
 
 async def test_tool_calls_through_the_real_client(
-    openai_server: OpenAICompatServer, policy: CallPolicy, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy, mode: str
 ) -> None:
-    llm = CircuitBreakerLLM(inner=client(openai_server), policy=policy)
+    llm = CircuitBreakerLLM(inner=client(openai_server, http_clients), policy=policy)
     openai_server.push(Reply(tool_calls=[{"name": "weather", "arguments": {"city": "Oslo"}}]))
     if mode == "sync":
         response = llm.chat_with_tools([WEATHER], user_msg="weather in Oslo?")
@@ -198,10 +220,12 @@ async def test_tool_calls_through_the_real_client(
 
 
 async def test_a_failed_tool_call_goes_to_the_fallback_with_the_history_intact(
-    openai_server: OpenAICompatServer, policy: CallPolicy, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy, mode: str
 ) -> None:
     llm = CircuitBreakerLLM(
-        inner=client(openai_server), fallback=client(openai_server, "gpt-4o"), policy=policy
+        inner=client(openai_server, http_clients),
+        fallback=client(openai_server, http_clients, "gpt-4o"),
+        policy=policy,
     )
     openai_server.push(
         Fail(503), Reply(tool_calls=[{"name": "weather", "arguments": {"city": "Lima"}}])
@@ -227,10 +251,15 @@ async def test_a_failed_tool_call_goes_to_the_fallback_with_the_history_intact(
 
 @pytest.mark.parametrize("streaming", [False, True])
 async def test_a_function_agent_on_the_real_client(
-    openai_server: OpenAICompatServer, policy: CallPolicy, streaming: bool
+    openai_server: OpenAICompatServer,
+    http_clients: HttpClients,
+    policy: CallPolicy,
+    streaming: bool,
 ) -> None:
     llm = CircuitBreakerLLM(
-        inner=client(openai_server), fallback=client(openai_server, "gpt-4o"), policy=policy
+        inner=client(openai_server, http_clients),
+        fallback=client(openai_server, http_clients, "gpt-4o"),
+        policy=policy,
     )
     tool_call = Reply(tool_calls=[{"name": "weather", "arguments": {"city": "Oslo"}}])
     if streaming:  # streams go to the inner model only

@@ -13,19 +13,23 @@ from llama_index.llms.openai import OpenAI
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState
 from langchain_breaker import CircuitBreakerChatModel
 from llamaindex_breaker import CircuitBreakerLLM
+from tests.support.clock import FakeClock
+from tests.support.http_clients import HttpClients
 from tests.support.openai_server import Fail, OpenAICompatServer, Reply
-
-from .fakes import FakeClock
 
 HI = [ChatMessage(role="user", content="hi")]
 
 
 def both(
-    server: OpenAICompatServer, policy: CallPolicy
+    server: OpenAICompatServer, http: HttpClients, policy: CallPolicy
 ) -> tuple[CircuitBreakerLLM, CircuitBreakerChatModel]:
     llama = CircuitBreakerLLM(
         inner=OpenAI(
-            model="gpt-4o-mini", api_base=server.base_url, api_key="sk-test", max_retries=0
+            model="gpt-4o-mini",
+            api_base=server.base_url,
+            api_key="sk-test",
+            max_retries=0,
+            **http.llamaindex(),
         ),
         policy=policy,
     )
@@ -40,9 +44,13 @@ def both(
 
 
 async def test_an_outage_seen_by_llamaindex_refuses_langchain(
-    openai_server: OpenAICompatServer, policy: CallPolicy, clock: FakeClock, mode: str
+    openai_server: OpenAICompatServer,
+    http_clients: HttpClients,
+    policy: CallPolicy,
+    clock: FakeClock,
+    mode: str,
 ) -> None:
-    llama, chain = both(openai_server, policy)
+    llama, chain = both(openai_server, http_clients, policy)
     openai_server.set_default(Fail(500))
     for _ in range(5):
         with pytest.raises(openai.InternalServerError):
@@ -64,9 +72,9 @@ async def test_an_outage_seen_by_llamaindex_refuses_langchain(
 
 
 async def test_an_outage_seen_by_langchain_refuses_llamaindex(
-    openai_server: OpenAICompatServer, policy: CallPolicy, mode: str
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy, mode: str
 ) -> None:
-    llama, chain = both(openai_server, policy)
+    llama, chain = both(openai_server, http_clients, policy)
     openai_server.set_default(Fail(500))
     for _ in range(5):
         with pytest.raises(openai.InternalServerError):

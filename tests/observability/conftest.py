@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from tests.observability.support import EventLog, FakeClock, FakeSleeper
+from tests.observability.support import EventLog, FakeSleeper
+from tests.support.clock import FakeClock
 
 
 @pytest.fixture

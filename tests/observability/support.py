@@ -1,4 +1,6 @@
-"""Helpers of the observability suite: a fake clock and sleeper, an event log, fake calls.
+"""Helpers of the observability suite: a fake sleeper, an event log, fake calls.
+
+The clock is :class:`tests.support.clock.FakeClock`, which the sleeper advances.
 
 No test here waits on real time except the listener-timeout tests, which wait a few
 hundredths of a second and assert nothing about how long anything took.
@@ -10,20 +12,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from callpolicy import CallPolicy, Event, EventKind
+from tests.support.clock import FakeClock
 
 KEY = "acme::m1"
 FALLBACK_KEY = "backup::m2"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeSleeper:

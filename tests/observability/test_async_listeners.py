@@ -10,7 +10,8 @@ import threading
 import pytest
 
 from callpolicy import CallPolicy, CircuitState, Event, EventKind
-from tests.observability.support import KEY, FakeClock, Model, ServerError, invoke
+from tests.observability.support import KEY, Model, ServerError, invoke
+from tests.support.clock import FakeClock
 
 
 class AsyncLog:

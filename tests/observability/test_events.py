@@ -25,12 +25,12 @@ from tests.observability.support import (
     FALLBACK_KEY,
     KEY,
     EventLog,
-    FakeClock,
     FakeSleeper,
     Model,
     ServerError,
     invoke,
 )
+from tests.support.clock import FakeClock
 
 EXTRA_FIELDS = (
     "event",

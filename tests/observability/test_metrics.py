@@ -24,12 +24,12 @@ from tests.observability.support import (
     FALLBACK_KEY,
     KEY,
     BadRequest,
-    FakeClock,
     FakeSleeper,
     Model,
     ServerError,
     invoke,
 )
+from tests.support.clock import FakeClock
 
 
 def _request(text: str = "hello") -> CallRequest[str]:

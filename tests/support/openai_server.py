@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -72,6 +73,15 @@ _DEFAULT_USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 1
 _ids = itertools.count(1)
 
 
+class _QuietHTTPServer(ThreadingHTTPServer):
+    """A client that hangs up (a timeout, a closed pool) is routine here, not an error."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # reset, aborted, broken pipe
+            return
+        super().handle_error(request, client_address)
+
+
 class OpenAICompatServer:
     """Serves ``POST /v1/chat/completions`` (plain and SSE stream) on 127.0.0.1."""
 
@@ -81,7 +91,7 @@ class OpenAICompatServer:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self.requests: list[dict[str, Any]] = []
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd = _QuietHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         # A short poll interval: close() waits for serve_forever to notice, once per test.
         self._thread = threading.Thread(
