@@ -863,3 +863,26 @@ async def test_a_stale_answer_is_served_marked_while_the_circuit_is_open(
     assert cache_status(stale) == "stale"
     assert unmarked(stale) == first
     assert len(inner.calls) == 1
+
+
+@pytest.mark.parametrize("method", ["stream_chat", "stream_complete", "stream_chat_with_tools"])
+async def test_a_stream_the_fallback_serves_is_counted_under_the_fallbacks_key(
+    inner: ScriptedLLM, backup: ScriptedLLM, policy: CallPolicy, method: str, mode: str
+) -> None:
+    # Per key: the fallback's stream, its usage and (with no usage) its estimate all
+    # belong to the fallback's key, none to the primary whose circuit refused it.
+    budget = Budget(max_tokens=10_000, per_key=True)
+    llm = CircuitBreakerLLM(
+        inner=inner, fallback=backup, policy=policy, budget=budget, guard_stream_start=True
+    )
+    policy.force_open(llm.key_for())
+    backup.push(Stream(("from", " backup")))
+    chunks = await stream(llm, method, mode, "z" * 80)
+    assert served_by(chunks[0]) == "fallback"
+    assert inner.calls == []
+    assert llm.fallback_key is not None
+    usages = budget.usages()
+    assert set(usages) == {llm.fallback_key}, usages
+    used = usages[llm.fallback_key]
+    assert used.calls == 1
+    assert used.input_tokens >= 20  # the 80 characters' estimate
