@@ -19,13 +19,13 @@ def _status(args: argparse.Namespace) -> int:
         return 2
     from ._report import text_table
 
-    store = RedisStore.from_url(args.redis, prefix=args.prefix, socket_timeout=args.timeout)
-    try:
-        keys = store.shared_keys()
-    except Exception as exc:  # report the failure plainly: this is an operator's tool
-        print(f"cannot read {args.redis}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    snapshots = [store.circuit_for_key(key).snapshot() for key in keys]
+    with RedisStore.from_url(args.redis, prefix=args.prefix, socket_timeout=args.timeout) as store:
+        try:
+            keys = store.shared_keys()
+        except Exception as exc:  # report the failure plainly: this is an operator's tool
+            print(f"cannot read {args.redis}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        snapshots = [store.circuit_for_key(key).snapshot() for key in keys]
     if args.json:
         print(json.dumps([asdict(s) for s in snapshots], default=str, indent=2))
     else:

@@ -16,8 +16,7 @@ import pytest
 import redis
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState
-from callpolicy.redis import RedisStore
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import MakeStore
 
 KEY = "acme::m1"
 PREFIX_OF_MESSAGE = "circuit open for acme/m1: "
@@ -48,11 +47,6 @@ def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def client(redis_server: RedisServer) -> redis.Redis:
-    return redis_server.client()
-
-
 def _hash_key(prefix: str) -> str:
     return f"{prefix}:cb:{{{KEY}}}"
 
@@ -62,8 +56,8 @@ def _end_cooldown(client: redis.Redis, prefix: str) -> None:
     client.hset(_hash_key(prefix), "open_until", 0)
 
 
-def _policy(redis_server: RedisServer, prefix: str, **options: object) -> CallPolicy:
-    return CallPolicy(store=RedisStore.from_url(redis_server.url, prefix=prefix), **options)
+def _policy(make_store: MakeStore, **options: object) -> CallPolicy:
+    return CallPolicy(store=make_store(), **options)
 
 
 async def _invoke(policy: CallPolicy, mode: str, call: Callable[[], str]) -> str:
@@ -100,9 +94,9 @@ def _assert_message(error: CircuitOpenError, why: str, cooldown: float) -> None:
 
 
 async def test_consecutive_failures_give_the_threshold_reason(
-    redis_server: RedisServer, prefix: str, client: redis.Redis, mode: str
+    make_store: MakeStore, prefix: str, client: redis.Redis, mode: str
 ) -> None:
-    policy = _policy(redis_server, prefix, failure_threshold=2, cooldown=60)
+    policy = _policy(make_store, failure_threshold=2, cooldown=60)
     await _fail(policy, mode)
     await _fail(policy, mode)
     assert client.hget(_hash_key(prefix), "reason") == b"threshold"
@@ -114,11 +108,10 @@ async def test_consecutive_failures_give_the_threshold_reason(
 
 
 async def test_the_failure_rate_window_gives_its_reason(
-    redis_server: RedisServer, prefix: str, client: redis.Redis, mode: str
+    make_store: MakeStore, prefix: str, client: redis.Redis, mode: str
 ) -> None:
     policy = _policy(
-        redis_server,
-        prefix,
+        make_store,
         failure_threshold=100,
         failure_rate_threshold=0.5,
         window_size=4,
@@ -137,9 +130,9 @@ async def test_the_failure_rate_window_gives_its_reason(
 
 
 async def test_a_failed_probe_gives_its_reason(
-    redis_server: RedisServer, prefix: str, client: redis.Redis, mode: str
+    make_store: MakeStore, prefix: str, client: redis.Redis, mode: str
 ) -> None:
-    policy = _policy(redis_server, prefix, failure_threshold=1, cooldown=60)
+    policy = _policy(make_store, failure_threshold=1, cooldown=60)
     await _fail(policy, mode)
     assert (await _refusal(policy, mode)).reason == "threshold"
     _end_cooldown(client, prefix)
@@ -151,9 +144,9 @@ async def test_a_failed_probe_gives_its_reason(
 
 
 async def test_force_open_gives_the_manual_reason_and_reset_clears_it(
-    redis_server: RedisServer, prefix: str, client: redis.Redis, mode: str
+    make_store: MakeStore, prefix: str, client: redis.Redis, mode: str
 ) -> None:
-    policy = _policy(redis_server, prefix, failure_threshold=1, cooldown=60)
+    policy = _policy(make_store, failure_threshold=1, cooldown=60)
     policy.force_open(KEY)
     assert client.hget(_hash_key(prefix), "reason") == b"manual"
 
@@ -171,9 +164,9 @@ async def test_force_open_gives_the_manual_reason_and_reset_clears_it(
 
 
 async def test_a_store_forced_open_without_hold_names_the_manual_reason_and_the_probe(
-    redis_server: RedisServer, prefix: str, mode: str
+    make_store: MakeStore, mode: str
 ) -> None:
-    policy = _policy(redis_server, prefix, cooldown=60)
+    policy = _policy(make_store, cooldown=60)
     policy.circuit(KEY).force(CircuitState.OPEN, hold=False)
 
     error = await _refusal(policy, mode)
@@ -182,9 +175,9 @@ async def test_a_store_forced_open_without_hold_names_the_manual_reason_and_the_
 
 
 async def test_half_open_with_its_probe_in_flight_keeps_the_trip_reason(
-    redis_server: RedisServer, prefix: str, client: redis.Redis, mode: str
+    make_store: MakeStore, prefix: str, client: redis.Redis, mode: str
 ) -> None:
-    policy = _policy(redis_server, prefix, failure_threshold=1, cooldown=60)
+    policy = _policy(make_store, failure_threshold=1, cooldown=60)
     await _fail(policy, mode)
     _end_cooldown(client, prefix)
     probe = policy.circuit(KEY).admit()  # the probe, still in flight
@@ -197,7 +190,7 @@ async def test_half_open_with_its_probe_in_flight_keeps_the_trip_reason(
 
 
 async def test_a_hash_written_without_the_reason_field_refuses_with_no_reason(
-    redis_server: RedisServer, prefix: str, client: redis.Redis, mode: str
+    make_store: MakeStore, prefix: str, client: redis.Redis, mode: str
 ) -> None:
     # What a store of an earlier version left: an open circuit with no reason field,
     # cooling down for another minute of the server's time.
@@ -207,7 +200,7 @@ async def test_a_hash_written_without_the_reason_field_refuses_with_no_reason(
         _hash_key(prefix),
         mapping={"state": "open", "gen": 3, "failures": 4, "open_until": open_until, "ctrips": 1},
     )
-    policy = _policy(redis_server, prefix, failure_threshold=4, cooldown=60)
+    policy = _policy(make_store, failure_threshold=4, cooldown=60)
 
     error = await _refusal(policy, mode)
     assert error.reason is None
@@ -225,9 +218,9 @@ async def test_a_hash_written_without_the_reason_field_refuses_with_no_reason(
 
 
 def test_a_snapshot_and_the_status_view_still_read_a_hash_with_a_reason(
-    redis_server: RedisServer, prefix: str
+    make_store: MakeStore,
 ) -> None:
-    store = RedisStore.from_url(redis_server.url, prefix=prefix)
+    store = make_store()
     policy = CallPolicy(store=store, failure_threshold=1, cooldown=60)
     with pytest.raises(ServerError):
         policy.execute(KEY, down)

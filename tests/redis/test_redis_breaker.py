@@ -5,23 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import uuid
 
 import pytest
 import redis
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState
-from callpolicy.redis import RedisStore
 from tests.support import redis_workers
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import MakeStore, RedisServer
 
 KEY = redis_workers.KEY
 SPAWN = multiprocessing.get_context("spawn")
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test-{uuid.uuid4().hex[:8]}"
 
 
 def _hash_key(prefix: str, key: str = KEY) -> str:
@@ -45,7 +38,7 @@ def _run(target: object, *args: object, timeout: float = 60) -> None:
 
 
 def test_a_trip_in_one_process_is_seen_by_the_next_call_of_another(
-    redis_server: RedisServer, prefix: str
+    redis_server: RedisServer, prefix: str, make_store: MakeStore
 ) -> None:
     results = SPAWN.Queue()
     _run(redis_workers.fail_n_times, redis_server.url, prefix, 3, results)
@@ -55,7 +48,7 @@ def test_a_trip_in_one_process_is_seen_by_the_next_call_of_another(
     assert results.get(timeout=10) == "refused"
 
     # ...and this process too, through its own store object.
-    policy = CallPolicy(store=RedisStore.from_url(redis_server.url, prefix=prefix))
+    policy = CallPolicy(store=make_store())
     with pytest.raises(CircuitOpenError) as refused:
         policy.execute(KEY, lambda: "never")
     assert refused.value.failures == 3
@@ -65,14 +58,16 @@ def test_a_trip_in_one_process_is_seen_by_the_next_call_of_another(
 
 @pytest.mark.parametrize("half_open_max_calls", [1, 2])
 def test_half_open_probes_are_limited_across_processes(
-    redis_server: RedisServer, prefix: str, half_open_max_calls: int
+    redis_server: RedisServer,
+    prefix: str,
+    make_store: MakeStore,
+    client: redis.Redis,
+    half_open_max_calls: int,
 ) -> None:
-    policy = CallPolicy(
-        store=RedisStore.from_url(redis_server.url, prefix=prefix), failure_threshold=1
-    )
+    policy = CallPolicy(store=make_store(), failure_threshold=1)
     with pytest.raises(ConnectionError):
         policy.execute(KEY, down)
-    _end_cooldown(redis_server.client(), prefix)
+    _end_cooldown(client, prefix)
 
     results = SPAWN.Queue()
     release = SPAWN.Event()
@@ -97,11 +92,9 @@ def test_half_open_probes_are_limited_across_processes(
 
 
 def test_a_probe_whose_process_died_frees_its_slot_when_its_lease_ends(
-    redis_server: RedisServer, prefix: str
+    prefix: str, make_store: MakeStore, client: redis.Redis
 ) -> None:
-    client = redis_server.client()
-    store = RedisStore.from_url(redis_server.url, prefix=prefix)
-    policy = CallPolicy(store=store, failure_threshold=1)
+    policy = CallPolicy(store=make_store(), failure_threshold=1)
     with pytest.raises(ConnectionError):
         policy.execute(KEY, down)
     _end_cooldown(client, prefix)
@@ -118,11 +111,9 @@ def test_a_probe_whose_process_died_frees_its_slot_when_its_lease_ends(
 
 
 async def test_async_callers_share_the_same_state_as_sync_ones(
-    redis_server: RedisServer, prefix: str
+    prefix: str, make_store: MakeStore, client: redis.Redis
 ) -> None:
-    policy = CallPolicy(
-        store=RedisStore.from_url(redis_server.url, prefix=prefix), failure_threshold=2
-    )
+    policy = CallPolicy(store=make_store(), failure_threshold=2)
 
     async def adown() -> str:
         raise ConnectionError("connection refused")
@@ -130,10 +121,10 @@ async def test_async_callers_share_the_same_state_as_sync_ones(
     for _ in range(2):
         with pytest.raises(ConnectionError):
             await policy.aexecute(KEY, adown)
-    other = CallPolicy(store=RedisStore.from_url(redis_server.url, prefix=prefix))
+    other = CallPolicy(store=make_store())
     with pytest.raises(CircuitOpenError):
         other.execute(KEY, lambda: "never")
-    _end_cooldown(redis_server.client(), prefix)
+    _end_cooldown(client, prefix)
 
     async def ok() -> str:
         return "probe ok"
@@ -142,10 +133,8 @@ async def test_async_callers_share_the_same_state_as_sync_ones(
     assert other.state(KEY) is CircuitState.CLOSED
 
 
-def test_async_clients_work_from_several_event_loops(
-    redis_server: RedisServer, prefix: str
-) -> None:
-    policy = CallPolicy(store=RedisStore.from_url(redis_server.url, prefix=prefix))
+def test_async_clients_work_from_several_event_loops(make_store: MakeStore) -> None:
+    policy = CallPolicy(store=make_store())
 
     async def ok() -> str:
         return "ok"
@@ -154,12 +143,10 @@ def test_async_clients_work_from_several_event_loops(
         assert asyncio.run(policy.aexecute(KEY, ok)) == "ok"
 
 
-def test_keys_are_namespaced_and_expire(redis_server: RedisServer, prefix: str) -> None:
-    client = redis_server.client()
-    policy = CallPolicy(
-        store=RedisStore.from_url(redis_server.url, prefix=prefix, key_ttl=600),
-        failure_threshold=5,
-    )
+def test_keys_are_namespaced_and_expire(
+    prefix: str, make_store: MakeStore, client: redis.Redis
+) -> None:
+    policy = CallPolicy(store=make_store(key_ttl=600), failure_threshold=5)
     with pytest.raises(ConnectionError):
         policy.execute(KEY, down)
     keys = [k.decode() for k in client.scan_iter(match=f"{prefix}:*")]
@@ -169,12 +156,10 @@ def test_keys_are_namespaced_and_expire(redis_server: RedisServer, prefix: str) 
     assert policy.store.shared_keys() == [KEY]  # type: ignore[attr-defined]
 
 
-def test_the_cooldown_runs_on_the_servers_clock_not_the_hosts(
-    redis_server: RedisServer, prefix: str
-) -> None:
+def test_the_cooldown_runs_on_the_servers_clock_not_the_hosts(make_store: MakeStore) -> None:
     skewed_host_clock = lambda: 1e9  # noqa: E731 - a host whose clock is far off
     policy = CallPolicy(
-        store=RedisStore.from_url(redis_server.url, prefix=prefix),
+        store=make_store(),
         clock=skewed_host_clock,
         failure_threshold=1,
         cooldown=30,
@@ -188,13 +173,11 @@ def test_the_cooldown_runs_on_the_servers_clock_not_the_hosts(
 
 
 def test_redis_outage_falls_back_to_local_state_and_recovers(
-    prefix: str, caplog: pytest.LogCaptureFixture
+    prefix: str, make_store: MakeStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = RedisServer()  # our own: this test stops and restarts it
     try:
-        store = RedisStore.from_url(
-            server.url, prefix=prefix, socket_timeout=0.2, backoff_base=0.001, backoff_max=0.001
-        )
+        store = make_store(server.url, socket_timeout=0.2, backoff_base=0.001, backoff_max=0.001)
         policy = CallPolicy(store=store, failure_threshold=2)
         assert policy.execute(KEY, lambda: "shared") == "shared"
 
@@ -217,15 +200,16 @@ def test_redis_outage_falls_back_to_local_state_and_recovers(
         assert any("reachable again" in r.getMessage() for r in caplog.records)
         with pytest.raises(ConnectionError):
             policy.execute(KEY, down)
-        assert server.client().hget(_hash_key(prefix), "failures") == b"1"
+        with server.client() as own_client:
+            assert own_client.hget(_hash_key(prefix), "failures") == b"1"
     finally:
         server.stop()
 
 
 async def test_more_concurrent_callers_than_pool_connections_wait_instead_of_failing_over(
-    redis_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
+    make_store: MakeStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = RedisStore.from_url(redis_server.url, prefix=prefix, max_connections=4)
+    store = make_store(max_connections=4)
     policy = CallPolicy(store=store)
 
     async def ok() -> str:

@@ -5,26 +5,21 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
-import uuid
 
 import pytest
+import redis
 
 from callpolicy import Budget, BudgetExceededError, ResponseCache, Usage
-from callpolicy.redis import BudgetUnavailableError, RedisStore
+from callpolicy.redis import BudgetUnavailableError
 from tests.support import redis_workers
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import MakeStore, RedisServer
 
 KEY = redis_workers.KEY
 SPAWN = multiprocessing.get_context("spawn")
 
 
-@pytest.fixture
-def prefix() -> str:
-    return f"test-{uuid.uuid4().hex[:8]}"
-
-
 def test_a_budget_is_shared_and_never_overspent_across_processes(
-    redis_server: RedisServer, prefix: str
+    redis_server: RedisServer, prefix: str, make_store: MakeStore
 ) -> None:
     results = SPAWN.Queue()
     workers = [
@@ -39,15 +34,13 @@ def test_a_budget_is_shared_and_never_overspent_across_processes(
     for worker in workers:
         worker.join(30)
     assert sum(granted) == 10  # 32 attempts from 4 processes, a 10-call budget
-    budget = Budget(max_calls=10, store=RedisStore.from_url(redis_server.url, prefix=prefix))
+    budget = Budget(max_calls=10, store=make_store())
     assert budget.usage().calls == 10
     assert budget.usage().estimated_calls == 10
 
 
-def test_100_threads_against_a_10_call_budget_get_exactly_10(
-    redis_server: RedisServer, prefix: str
-) -> None:
-    budget = Budget(max_calls=10, store=RedisStore.from_url(redis_server.url, prefix=prefix))
+def test_100_threads_against_a_10_call_budget_get_exactly_10(make_store: MakeStore) -> None:
+    budget = Budget(max_calls=10, store=make_store())
     barrier = threading.Barrier(100)
     granted: list[int] = []
 
@@ -67,8 +60,8 @@ def test_100_threads_against_a_10_call_budget_get_exactly_10(
     assert len(granted) == 10
 
 
-def test_tokens_and_cost_limits_and_usage_on_redis(redis_server: RedisServer, prefix: str) -> None:
-    store = RedisStore.from_url(redis_server.url, prefix=prefix)
+def test_tokens_and_cost_limits_and_usage_on_redis(make_store: MakeStore) -> None:
+    store = make_store()
     budget = Budget(max_tokens=120, max_cost_usd=1.0, prices={"model-1": (1.0, 2.0)}, store=store)
     # The reference's scenario: 100 tokens a call against 120 -> the 2nd is allowed.
     for _ in range(2):
@@ -82,10 +75,8 @@ def test_tokens_and_cost_limits_and_usage_on_redis(redis_server: RedisServer, pr
     assert usage.cost_usd == pytest.approx(2 * (60 * 1.0 + 40 * 2.0) / 1_000_000)
 
 
-def test_a_rolling_window_counts_recent_spend(redis_server: RedisServer, prefix: str) -> None:
-    budget = Budget(
-        max_calls=2, window=3600, store=RedisStore.from_url(redis_server.url, prefix=prefix)
-    )
+def test_a_rolling_window_counts_recent_spend(make_store: MakeStore) -> None:
+    budget = Budget(max_calls=2, window=3600, store=make_store())
     for _ in range(2):
         budget.commit(budget.reserve(KEY, 1), None)
     with pytest.raises(BudgetExceededError) as refused:
@@ -94,12 +85,12 @@ def test_a_rolling_window_counts_recent_spend(redis_server: RedisServer, prefix:
     assert budget.usage().window_calls == 2  # type: ignore[attr-defined]
 
 
-def test_a_redis_outage_loses_no_reservation(prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_redis_outage_loses_no_reservation(
+    make_store: MakeStore, caplog: pytest.LogCaptureFixture
+) -> None:
     server = RedisServer()
     try:
-        store = RedisStore.from_url(
-            server.url, prefix=prefix, socket_timeout=0.2, backoff_base=0.001, backoff_max=0.001
-        )
+        store = make_store(server.url, socket_timeout=0.2, backoff_base=0.001, backoff_max=0.001)
         budget = Budget(max_calls=100, store=store)
         before = budget.reserve(KEY, 5)  # reserved on Redis
         server.stop()
@@ -122,10 +113,10 @@ def test_a_redis_outage_loses_no_reservation(prefix: str, caplog: pytest.LogCapt
         server.stop()
 
 
-def test_fail_closed_refuses_while_redis_is_unreachable(prefix: str) -> None:
+def test_fail_closed_refuses_while_redis_is_unreachable(make_store: MakeStore) -> None:
     server = RedisServer()
     try:
-        store = RedisStore.from_url(server.url, prefix=prefix, socket_timeout=0.2)
+        store = make_store(server.url, socket_timeout=0.2)
         budget = Budget(max_calls=100, store=store.budget_store(on_unavailable="closed"))
         budget.commit(budget.reserve(KEY, 1), None)
         server.stop()
@@ -146,8 +137,10 @@ def test_a_cached_answer_is_shared_across_processes(redis_server: RedisServer, p
     assert [results.get(timeout=10) for _ in range(2)] == ["model", "hit"]
 
 
-def test_the_redis_cache_is_bounded_lru_with_ttl(redis_server: RedisServer, prefix: str) -> None:
-    store = RedisStore.from_url(redis_server.url, prefix=prefix)
+def test_the_redis_cache_is_bounded_lru_with_ttl(
+    prefix: str, make_store: MakeStore, client: redis.Redis
+) -> None:
+    store = make_store()
     backend = store.cache_backend(max_entries=3)
     for name in ("a", "b", "c"):
         backend.set(name, f'{{"v": "{name}"}}', ttl=600)
@@ -156,14 +149,14 @@ def test_the_redis_cache_is_bounded_lru_with_ttl(redis_server: RedisServer, pref
     assert backend.get("b") is None  # the least recently used went
     assert [backend.get(n) is not None for n in ("a", "c", "d")] == [True, True, True]
     assert len(backend) == 3
-    ttl = redis_server.client().pttl(f"{prefix}:cache:e:a")
+    ttl = client.pttl(f"{prefix}:cache:e:a")
     assert 0 < ttl <= 600_000
 
 
 def test_a_corrupt_redis_entry_is_a_miss_with_a_warning(
-    redis_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
+    make_store: MakeStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = RedisStore.from_url(redis_server.url, prefix=prefix)
+    store = make_store()
     cache = ResponseCache(backend=store)
     backend = cache.backend
     backend.set("k", "{not json", ttl=None)

@@ -10,8 +10,7 @@ import uuid
 import pytest
 
 from callpolicy import CallPolicy
-from callpolicy.redis import RedisStore
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import MakeStore, RedisServer
 
 
 def _status(*args: str) -> subprocess.CompletedProcess[str]:
@@ -24,11 +23,11 @@ def _status(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_status_lists_every_key_with_its_state(redis_server: RedisServer) -> None:
+def test_status_lists_every_key_with_its_state(
+    redis_server: RedisServer, make_store: MakeStore
+) -> None:
     prefix = f"status-{uuid.uuid4().hex[:8]}"
-    policy = CallPolicy(
-        store=RedisStore.from_url(redis_server.url, prefix=prefix), failure_threshold=1
-    )
+    policy = CallPolicy(store=make_store(prefix=prefix), failure_threshold=1)
 
     def down() -> str:
         raise ConnectionError("connection refused")

@@ -7,11 +7,21 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 import redis
 
-__all__ = ["RedisServer"]
+if TYPE_CHECKING:
+    from callpolicy.redis import RedisStore
+
+__all__ = ["MakeStore", "RedisServer"]
+
+
+class MakeStore(Protocol):
+    """The ``make_store`` fixture of tests/redis: ``RedisStore.from_url``, closed at the end."""
+
+    def __call__(self, url: str | None = None, **options: Any) -> RedisStore: ...
 
 
 def _free_port() -> int:

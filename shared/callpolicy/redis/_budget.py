@@ -212,6 +212,9 @@ def _window_ms(window: float | None) -> int:
 class RedisBudgetStore:
     """A :class:`~callpolicy.BudgetStore` on Redis; get one from ``RedisStore.budget_store()``.
 
+    It uses that store's connections: it has no ``close()`` of its own, and once the store
+    is closed its calls raise :class:`~callpolicy.redis.StoreClosedError`.
+
     >>> Budget(max_calls=1000, store=redis_store.budget_store())  # doctest: +SKIP
     """
 
@@ -437,6 +440,7 @@ class RedisBudgetStore:
             self._replay.append(("record", args, keys))
 
     def tally(self, scope: str, *, window: float | None = None) -> Tally:
+        self._store._check_open()
         reply = self._tally(keys=self._keys(scope), args=[_window_ms(window)])
         calls, tin, tout, cost, estimated, in_flight, wcalls, wtokens, wcost = (
             int(x) for x in reply
@@ -455,6 +459,7 @@ class RedisBudgetStore:
         )
 
     def scopes(self) -> Iterable[str]:
+        self._store._check_open()
         prefix = f"{self._store.prefix}:budget:{{"
         found = set()
         for raw in self._store.client.scan_iter(match=f"{prefix}*}}", count=500):
@@ -462,6 +467,7 @@ class RedisBudgetStore:
         return sorted(found)
 
     def reset(self, scope: str | None) -> None:
+        self._store._check_open()
         scopes = list(self.scopes()) if scope is None else [scope]
         for name in scopes:
             self._store.client.delete(*self._keys(name))

@@ -80,7 +80,10 @@ return 1
 class RedisCacheBackend:
     """A :class:`~callpolicy.CacheBackend` on Redis; get one from
     ``RedisStore.cache_backend()``. An unreachable Redis is a miss (and a skipped store),
-    never an error: the cache is an optimisation."""
+    never an error: the cache is an optimisation.
+
+    It uses that store's connections: it has no ``close()`` of its own, and once the store
+    is closed its calls raise :class:`~callpolicy.redis.StoreClosedError`."""
 
     is_async_native = False  # one short loopback round trip on the sync client
 
@@ -132,6 +135,7 @@ class RedisCacheBackend:
             self._store.health.failed(exc)
 
     def delete(self, key: str) -> None:
+        self._store._check_open()
         try:
             self._delete(
                 keys=[self._entry_prefix + key, self._lru, self._sizes, self._bytes], args=[key]
@@ -140,6 +144,7 @@ class RedisCacheBackend:
             self._store.health.failed(exc)
 
     def clear(self) -> None:
+        self._store._check_open()
         client = self._store.client
         names = list(client.scan_iter(match=f"{self._entry_prefix}*", count=1000))
         names += [self._lru, self._sizes, self._bytes, self._clock]
@@ -147,6 +152,7 @@ class RedisCacheBackend:
             client.delete(*names[start : start + 500])
 
     def __len__(self) -> int:
+        self._store._check_open()
         return int(self._store.client.zcard(self._lru))
 
     async def aget(self, key: str) -> str | None:

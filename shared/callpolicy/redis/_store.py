@@ -5,6 +5,10 @@ on the server and timed by the server's clock. When Redis cannot be reached, eac
 falls back to local in-process state (a warning is logged once per outage) and the store
 tries Redis again with a growing backoff; when it answers again, the shared state takes
 over.
+
+A store closes what it opened (``close()``/``aclose()``, or ``with``/``async with``): the
+connection pool ``from_url`` built and the ``redis.asyncio`` clients it built, one per
+event loop; a client you hand it stays yours unless ``close_client=True``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from types import TracebackType
 from typing import Any, Literal
 
 import redis
@@ -29,7 +35,14 @@ from .._types import CircuitSnapshot, CircuitState, Outcome, split_key
 from . import _scripts
 from ._budget import RedisBudgetStore
 from ._cache import RedisCacheBackend
-from ._connection import UNREACHABLE, Health, text
+from ._connection import (
+    UNREACHABLE,
+    ClosedHealth,
+    Health,
+    StoreClosedError,
+    release_closed_loop_client,
+    text,
+)
 
 __all__ = ["RedisStore"]
 
@@ -41,6 +54,27 @@ _ASYNC_CLIENT_SETTINGS = frozenset(inspect.signature(aioredis.Redis.__init__).pa
     "self",
     "connection_pool",
 }
+
+
+class _ClosedScripts(dict[str, Any]):
+    """A closed store's scripts: every lookup raises (no check on the way to them)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+    def __missing__(self, name: str) -> Any:
+        raise StoreClosedError(self.message)
+
+
+def _report_failed_close(done: Future[None]) -> None:
+    """Done callback of an async client's ``aclose()`` that ``close()`` handed its loop."""
+    if done.cancelled():  # the loop ended (cancelling its tasks) before it ran
+        logger.warning("callpolicy: a RedisStore's async client was not closed: its loop ended")
+        return
+    exc = done.exception()
+    if exc is not None:
+        logger.warning("callpolicy: closing a RedisStore's async client failed: %r", exc)
 
 
 class _RedisPermit(Permit):
@@ -290,6 +324,9 @@ class RedisStore:
             reports back (it died): then the slot frees itself.
         key_ttl: seconds after its last change that an idle circuit's keys expire (at
             least twice the longest cooldown is kept).
+        close_client: whether :meth:`close` closes ``client`` too (``client.close()``,
+            which closes its pool if the client owns it). Off by default: a client you
+            hand the store stays yours. A store from :meth:`from_url` owns its client.
 
     >>> store = RedisStore.from_url("redis://127.0.0.1:6379/0", prefix="myapp")  # doctest: +SKIP
     """
@@ -303,6 +340,7 @@ class RedisStore:
         key_ttl: float = 86_400.0,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
+        close_client: bool = False,
     ) -> None:
         if not isinstance(client, redis.Redis):
             raise TypeError(f"client: expected a redis.Redis, got {type(client).__name__}")
@@ -314,6 +352,8 @@ class RedisStore:
             raise ValueError("key_ttl: must be > 0 seconds")
         self.client = client
         self.prefix = prefix
+        self._close_client = close_client
+        self._closed = False
         self._async_pool_settings: tuple[str, dict[str, Any]] | None = None
         self._lease_ms = int(probe_lease * 1000)
         self._key_ttl = key_ttl
@@ -362,9 +402,110 @@ class RedisStore:
             "timeout": pool_timeout,
         }
         pool = redis.BlockingConnectionPool.from_url(url, **settings)
-        store = cls(redis.Redis(connection_pool=pool), prefix=prefix, **options)
+        # from_pool: the client owns the pool, and closing it disconnects the pool.
+        store = cls(redis.Redis.from_pool(pool), prefix=prefix, **options)
         store._async_pool_settings = (url, settings)
+        store._close_client = True
         return store
+
+    # -- closing -----------------------------------------------------------------------
+    @property
+    def is_closed(self) -> bool:
+        """Whether :meth:`close` or :meth:`aclose` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close the connections this store opened; idempotent.
+
+        Closes the sync client if the store owns it (:meth:`from_url`, or
+        ``close_client=True``), never a client it was handed otherwise; and the
+        ``redis.asyncio`` clients it built, one per event loop: those of loops already
+        closed at once, their sockets closed without their loop; each still-open loop's
+        is handed to that loop (``aclose()`` scheduled on it, run when it next runs). From
+        async code prefer ``await store.aclose()``, which closes the running loop's client
+        before it returns.
+
+        Afterwards every call that would reach Redis — through the store's circuits, its
+        budget store or its cache backend — raises :class:`StoreClosedError` (a
+        :class:`~callpolicy.ResponseCache` logs it and answers a miss, as for any failing
+        backend). Calls in flight meanwhile may fail with it, or lose their connection.
+        """
+        for loop, aclient in self._shut():
+            if loop.is_closed():
+                release_closed_loop_client(aclient)
+            else:
+                closing = asyncio.run_coroutine_threadsafe(aclient.aclose(), loop)
+                closing.add_done_callback(_report_failed_close)
+
+    async def aclose(self) -> None:
+        """:meth:`close`, from async code: the running loop's client is closed (awaited)
+        before this returns."""
+        running = asyncio.get_running_loop()
+        mine = []
+        for loop, aclient in self._shut():
+            if loop is running:
+                mine.append(aclient)
+            elif loop.is_closed():
+                release_closed_loop_client(aclient)
+            else:
+                closing = asyncio.run_coroutine_threadsafe(aclient.aclose(), loop)
+                closing.add_done_callback(_report_failed_close)
+        for aclient in mine:
+            await aclient.aclose()
+
+    def __enter__(self) -> RedisStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> RedisStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _shut(self) -> list[tuple[asyncio.AbstractEventLoop, aioredis.Redis]]:
+        """Mark the store closed; close the sync client if owned; return the async
+        clients (and their loops) still to close — none if it was closed already."""
+        with self._lock:
+            if self._closed:
+                return []
+            self._closed = True
+            message = self._closed_message()
+            # The calls ask health.usable() and look their script up anyway: swapping
+            # both makes them raise, with no check of their own on every call.
+            self.health = ClosedHealth(message)
+            self._scripts = _ClosedScripts(message)
+            clients = [
+                (loop, scripts["admit"].registered_client)
+                for loop, scripts in list(self._async.items())
+            ]
+            self._async.clear()
+        if self._close_client:
+            self.client.close()
+        return clients
+
+    def _closed_message(self) -> str:
+        return (
+            f"RedisStore(prefix={self.prefix!r}) is closed: its circuits, budget store "
+            "and cache backend no longer reach Redis"
+        )
+
+    def _check_open(self) -> None:
+        """For the calls that reach Redis without asking ``health`` first."""
+        if self._closed:
+            raise StoreClosedError(self._closed_message())
 
     @property
     def key_ttl_ms(self) -> int:
@@ -378,13 +519,19 @@ class RedisStore:
 
         ``on_unavailable`` decides what happens while Redis is unreachable: ``"open"``
         (default) lets calls go on, counted locally and added to the shared counters when
-        Redis is back; ``"closed"`` refuses them (:class:`BudgetUnavailableError`)."""
+        Redis is back; ``"closed"`` refuses them (:class:`BudgetUnavailableError`).
+
+        It uses this store's connections and closes with it (it has no ``close()``)."""
+        self._check_open()
         return RedisBudgetStore(self, on_unavailable=on_unavailable)
 
     def cache_backend(
         self, *, max_entries: int = 10_000, max_bytes: int = 256 * 1024 * 1024
     ) -> RedisCacheBackend:
-        """Cached answers on this Redis: ``ResponseCache(backend=store.cache_backend())``."""
+        """Cached answers on this Redis: ``ResponseCache(backend=store.cache_backend())``.
+
+        It uses this store's connections and closes with it (it has no ``close()``)."""
+        self._check_open()
         return RedisCacheBackend(self, max_entries=max_entries, max_bytes=max_bytes)
 
     def _ttl_ms(self, config: BreakerConfig) -> int:
@@ -398,12 +545,29 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         scripts = self._async.get(loop)
         if scripts is None:
+            scripts = self._new_async_scripts(loop)
+        return scripts[name]  # type: ignore[no-any-return]
+
+    def _new_async_scripts(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+        """The scripts of a new ``redis.asyncio`` client for ``loop`` (first call on it)."""
+        with self._lock:
+            self._check_open()
+            scripts = self._async.get(loop)
+            if scripts is not None:
+                return scripts
+            # Loops closed since their first call: their clients' sockets are closed now,
+            # not left for the garbage collector (many asyncio.run() would pile them up).
+            for old, old_scripts in list(self._async.items()):
+                if old.is_closed():
+                    del self._async[old]
+                    release_closed_loop_client(old_scripts["admit"].registered_client)
             # redis.asyncio connections belong to one event loop: one client per loop.
             # Same server and timeouts as the sync client (only the settings both share).
+            # Either way the client owns its pool: closing it disconnects the pool.
             if self._async_pool_settings is not None:
                 url, pool_settings = self._async_pool_settings
-                aclient = aioredis.Redis(
-                    connection_pool=aioredis.BlockingConnectionPool.from_url(url, **pool_settings)
+                aclient = aioredis.Redis.from_pool(
+                    aioredis.BlockingConnectionPool.from_url(url, **pool_settings)
                 )
             else:
                 settings = self.client.connection_pool.connection_kwargs
@@ -415,7 +579,7 @@ class RedisStore:
                 for name, source in (("admit", _scripts.ADMIT), ("record", _scripts.RECORD))
             }
             self._async[loop] = scripts
-        return scripts[name]  # type: ignore[no-any-return]
+            return scripts
 
     def circuit(
         self,
@@ -440,6 +604,7 @@ class RedisStore:
 
     def shared_keys(self) -> list[str]:
         """Every circuit key found in Redis under this prefix (any process's)."""
+        self._check_open()
         pattern = f"{self.prefix}:cb:{{*}}"
         found = []
         for raw in self.client.scan_iter(match=pattern, count=500):
