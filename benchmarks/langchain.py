@@ -117,7 +117,9 @@ def _concurrency(quick: bool) -> list[Result]:
         return asyncio.run(storm(model))
 
     ratios = []
-    for repeat in range(3 if quick else 9):
+    # 15 storms each: one storm of 10,000 calls takes 1-3 s, long enough for another
+    # tenant of a shared machine to land in one and not the other.
+    for repeat in range(3 if quick else 15):
         order = [bare, guarded] if repeat % 2 == 0 else [guarded, bare]
         seconds = {id(m): timed_storm(m) for m in order}
         ratios.append(seconds[id(guarded)] / seconds[id(bare)])

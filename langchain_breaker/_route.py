@@ -175,8 +175,9 @@ class Route:
     def stamped(self, key: str) -> dict[str, Any]:
         """The run metadata of a bare call: the wrapper's own, then the stamps."""
         metadata = self.metadata
-        stamps = {META_KEY: key, META_ROLE: PRIMARY, META_ATTEMPT: 1}
-        return {**metadata, **stamps} if metadata else stamps
+        if metadata:
+            return {**metadata, META_KEY: key, META_ROLE: PRIMARY, META_ATTEMPT: 1}
+        return {META_KEY: key, META_ROLE: PRIMARY, META_ATTEMPT: 1}
 
     def invoke(self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]) -> Any:
         if config is None and not kwargs and self.bare():
