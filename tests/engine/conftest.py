@@ -10,28 +10,7 @@ from __future__ import annotations
 import pytest
 
 from callpolicy import Event, EventKind
-from tests.support.clock import FakeClock
-
-
-class FakeSleeper:
-    """A ``sleep``/``async_sleep`` pair that records each delay and advances the clock."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.delays: list[float] = []
-        self.on_sleep: list[object] = []
-        """Callables run (in order, one per sleep) during a sleep, to act mid-retry."""
-
-    def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        self.clock.advance(seconds)
-        if self.on_sleep:
-            action = self.on_sleep.pop(0)
-            if callable(action):
-                action()
-
-    async def asleep(self, seconds: float) -> None:
-        self(seconds)
+from tests.support.clock import FakeClock, FakeSleeper
 
 
 class EventLog:

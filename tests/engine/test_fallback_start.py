@@ -16,8 +16,7 @@ from callpolicy import (
     RetryPolicy,
     fallback_start,
 )
-from tests.engine.conftest import FakeSleeper
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, FakeSleeper
 
 KEY = "acme::m1"
 

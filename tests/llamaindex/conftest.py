@@ -10,9 +10,9 @@ from llama_index.core.instrumentation import root_dispatcher
 from llama_index.core.instrumentation.span_handlers import SimpleSpanHandler
 
 from callpolicy import CallPolicy
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, FakeSleeper
 
-from .fakes import EventRecorder, FakeSleeper, ScriptedLLM, primary, secondary
+from .fakes import EventRecorder, ScriptedLLM, primary, secondary
 
 
 @pytest.fixture

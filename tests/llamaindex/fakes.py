@@ -39,8 +39,6 @@ from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.tools.types import BaseTool
 from pydantic import Field, PrivateAttr
 
-from tests.support.clock import FakeClock
-
 _ids = itertools.count(1)
 
 
@@ -382,19 +380,6 @@ def secondary(**kwargs: Any) -> ScriptedLLM:
 
 
 # -- time ------------------------------------------------------------------------------
-class FakeSleeper:
-    """``sleep``/``async_sleep`` that record each delay and advance the clock instead."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.delays: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        self.clock.advance(seconds)
-
-    async def asleep(self, seconds: float) -> None:
-        self(seconds)
 
 
 # -- instrumentation ---------------------------------------------------------------------

@@ -14,9 +14,9 @@ from llama_index.core.base.llms.types import ChatMessage, ChatResponse, Completi
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState, RetryPolicy
 from llamaindex_breaker import CircuitBreakerLLM, served_by
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, FakeSleeper
 
-from .fakes import FakeAPIError, FakeSleeper, Raise, ScriptedLLM, Text, client_error, server_error
+from .fakes import FakeAPIError, Raise, ScriptedLLM, Text, client_error, server_error
 
 
 async def ask(llm: CircuitBreakerLLM, mode: str, text: str = "hi", **kwargs: Any) -> ChatResponse:

@@ -13,13 +13,12 @@ from llama_index.llms.openai import OpenAI
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState, RetryPolicy
 from llamaindex_breaker import CircuitBreakerLLM, served_by
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, FakeSleeper
 from tests.support.http_clients import HttpClients
 from tests.support.openai_server import Fail, OpenAICompatServer, Reply, StreamDies
 
 from .fakes import (
     FakeAPIError,
-    FakeSleeper,
     Raise,
     ScriptedLLM,
     Stream,

@@ -15,11 +15,9 @@ from llama_index.llms.openai import OpenAI
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState, ErrorClass, Event, RetryPolicy
 from llamaindex_breaker import CircuitBreakerLLM, served_by
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, FakeSleeper
 from tests.support.http_clients import HttpClients
 from tests.support.openai_server import Drop, Fail, Hang, OpenAICompatServer, Reply, StreamDies
-
-from .fakes import FakeSleeper
 
 
 def client(

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from tests.observability.support import EventLog, FakeSleeper
-from tests.support.clock import FakeClock
+from tests.observability.support import EventLog
+from tests.support.clock import FakeClock, FakeSleeper
 
 
 @pytest.fixture

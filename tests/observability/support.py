@@ -12,25 +12,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from callpolicy import CallPolicy, Event, EventKind
-from tests.support.clock import FakeClock
 
 KEY = "acme::m1"
 FALLBACK_KEY = "backup::m2"
-
-
-class FakeSleeper:
-    """``sleep``/``async_sleep`` that record each delay and advance the clock instead."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.delays: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        self.clock.advance(seconds)
-
-    async def asleep(self, seconds: float) -> None:
-        self(seconds)
 
 
 class EventLog:

@@ -25,12 +25,11 @@ from tests.observability.support import (
     FALLBACK_KEY,
     KEY,
     EventLog,
-    FakeSleeper,
     Model,
     ServerError,
     invoke,
 )
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, FakeSleeper
 
 EXTRA_FIELDS = (
     "event",

@@ -24,12 +24,11 @@ from tests.observability.support import (
     FALLBACK_KEY,
     KEY,
     BadRequest,
-    FakeSleeper,
     Model,
     ServerError,
     invoke,
 )
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, FakeSleeper
 
 
 def _request(text: str = "hello") -> CallRequest[str]:

@@ -13,8 +13,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from callpolicy import Budget, CallPolicy, CallRequest, CircuitState, ResponseCache, RetryPolicy
 from callpolicy.otel import STATE_VALUES, instrument
-from tests.observability.support import KEY, BadRequest, FakeSleeper, Model, ServerError
-from tests.support.clock import FakeClock
+from tests.observability.support import KEY, BadRequest, Model, ServerError
+from tests.support.clock import FakeClock, FakeSleeper
 
 Points = dict[frozenset[tuple[str, Any]], float]
 

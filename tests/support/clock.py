@@ -1,4 +1,5 @@
-"""The one fake clock of the test suite: seconds that move only when a test moves them.
+"""The one fake clock of the test suite (seconds that move only when a test moves them),
+and the sleeper that moves it in place of a real wait.
 
 The engine takes its clock as a plain ``Callable[[], float]``: monotonic seconds for
 :class:`~callpolicy.CallPolicy` (cooldowns, retry deadlines), its ``MemoryStore`` and
@@ -22,7 +23,7 @@ epoch time for the wall-clock uses.
 
 from __future__ import annotations
 
-__all__ = ["FakeClock"]
+__all__ = ["FakeClock", "FakeSleeper"]
 
 
 class FakeClock:
@@ -53,3 +54,32 @@ class FakeClock:
 
     def __repr__(self) -> str:
         return f"FakeClock(now={self.now!r})"
+
+
+class FakeSleeper:
+    """A ``sleep``/``async_sleep`` pair that records each delay and advances the clock
+    instead of waiting: retries run at once, on the clock they would have taken.
+
+    >>> clock = FakeClock()
+    >>> sleeper = FakeSleeper(clock)
+    >>> sleeper(0.5)
+    >>> (sleeper.delays, clock())
+    ([0.5], 1000.5)
+    """
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.delays: list[float] = []
+        self.on_sleep: list[object] = []
+        """Callables run (in order, one per sleep) during a sleep, to act mid-retry."""
+
+    def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        self.clock.advance(seconds)
+        if self.on_sleep:
+            action = self.on_sleep.pop(0)
+            if callable(action):
+                action()
+
+    async def asleep(self, seconds: float) -> None:
+        self(seconds)
