@@ -11,7 +11,7 @@ import time
 
 from ._harness import Result
 
-SUITES = ["engine", "langchain", "llamaindex", "memory", "outage", "redis_store"]
+SUITES = ["engine", "langchain", "llamaindex", "memory", "outage", "redis_store", "instructions"]
 
 
 def _machine() -> str:
