@@ -30,7 +30,7 @@ def test_the_instruction_count_program_runs_each_variant() -> None:
     # would otherwise only show minutes into a full benchmark run).
     from benchmarks.instructions import _PROGRAM
 
-    for variant in ("bare", "breaker", "breaker_fallback"):
+    for variant in ("bare", "breaker", "breaker_fallback", "storm_bare", "storm_breaker"):
         done = subprocess.run(
             [sys.executable, "-c", _PROGRAM, variant, "3"],
             cwd=ROOT,
