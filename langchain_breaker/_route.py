@@ -159,37 +159,40 @@ class Route:
         return {name: value for name, value in kwargs.items() if name != "model"}
 
     # -- invoke --------------------------------------------------------------------------
+    def single_attempt(self) -> bool:
+        """One attempt and nothing to route: no fallback, no budget or cache, no retry."""
+        return self.fallback is None and self.outer is None and self.policy.retry is None
+
     def bare(self) -> bool:
         """True when a call with no config and no kwargs needs nothing but the breaker:
-        one attempt, nothing to route, no tags or callbacks of the wrapper's own, and no
-        parent run in the context (whose callbacks might listen to events)."""
+        a single attempt, no tags or callbacks of the wrapper's own, and no parent run in
+        the context (whose callbacks might listen to events)."""
         return (
-            self.fallback is None
-            and self.outer is None
-            and self.policy.retry is None
+            self.single_attempt()
             and not self.tags
             and self.callbacks is None
             and var_child_runnable_config.get() is None
         )
 
-    def stamped(self, key: str) -> dict[str, Any]:
-        """The run metadata of a bare call: the wrapper's own, then the stamps."""
-        metadata = self.metadata
+    def bare_config(self) -> RunnableConfig:
+        """The run config of a bare call, built in one step: what key_of/prepare/stamp
+        would build (the wrapper's metadata, then the stamps), without their calls."""
+        key, metadata = self.keys.default, self.metadata
         if metadata:
-            return {**metadata, META_KEY: key, META_ROLE: PRIMARY, META_ATTEMPT: 1}
-        return {META_KEY: key, META_ROLE: PRIMARY, META_ATTEMPT: 1}
+            stamped = {**metadata, META_KEY: key, META_ROLE: PRIMARY, META_ATTEMPT: 1}
+        else:
+            stamped = {META_KEY: key, META_ROLE: PRIMARY, META_ATTEMPT: 1}
+        return RunnableConfig(tags=[], metadata=stamped)
 
     def invoke(self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]) -> Any:
-        if config is None and not kwargs and self.bare():
-            # The common call of a script or a thread pool, built in one step: what
-            # key_of/prepare/stamp would build, without their calls (see ``bare``).
-            key = self.keys.default
-            cfg = RunnableConfig(tags=[], metadata=self.stamped(key))
-            return self.policy.execute(key, functools.partial(self.primary.invoke, input, cfg))
+        if config is None and not kwargs and self.bare():  # a script's, a thread pool's
+            return self.policy.execute(
+                self.keys.default, functools.partial(self.primary.invoke, input, self.bare_config())
+            )
         key = self.key_of(kwargs)
         cfg = self.prepare(config, key)
         if not EventRelay.wanted(self.policy, cfg):
-            if self.fallback is None and self.outer is None and self.policy.retry is None:
+            if self.single_attempt():
                 self.stamp(cfg, PRIMARY, 1)  # one attempt, nothing to route (see ainvoke)
                 return self.policy.execute(
                     key, functools.partial(self.primary.invoke, input, cfg, **kwargs)
@@ -253,13 +256,14 @@ class Route:
         """The call's coroutine (a plain function returning it: one frame fewer for each
         of thousands of concurrent calls)."""
         if config is None and not kwargs and self.bare():  # as in invoke
-            key = self.keys.default
-            cfg = RunnableConfig(tags=[], metadata=self.stamped(key))
-            return self.policy.aexecute(key, functools.partial(self.primary.ainvoke, input, cfg))
+            return self.policy.aexecute(
+                self.keys.default,
+                functools.partial(self.primary.ainvoke, input, self.bare_config()),
+            )
         key = self.key_of(kwargs)
         cfg = self.prepare(config, key)
         if not EventRelay.wanted(self.policy, cfg):
-            if self.fallback is None and self.outer is None and self.policy.retry is None:
+            if self.single_attempt():
                 # One attempt and nothing to route: the engine awaits the model's own
                 # coroutine (no closure, cell or extra frame per call in flight, which
                 # with 10,000 calls in flight is memory the collector keeps walking).

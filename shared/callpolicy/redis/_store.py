@@ -586,12 +586,11 @@ class RedisStore:
             own: ThreadConnection | None = self._thread.connection
         except AttributeError:  # the thread's first call
             own = self._new_thread_connection()
+        else:
+            if own is not None and own.pid != os.getpid():  # a forked child: the parent's
+                own = self._new_thread_connection()
         if own is None:
             return self._scripts[name](keys=keys, args=args)
-        if own.pid != os.getpid():  # a forked child: that socket is its parent's
-            own = self._new_thread_connection()
-            if own is None:
-                return self._scripts[name](keys=keys, args=args)
         try:
             return own.evalsha(self._scripts[name], keys, args)
         finally:
