@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import redis
@@ -314,7 +315,7 @@ def test_at_most_max_connections_threads_have_their_own_the_others_share_the_poo
     assert not caplog.records  # no pool exhaustion read as an outage
     assert len(store._thread_connections) == 0  # their threads ended
     pooled = len(store.client.connection_pool._connections)  # type: ignore[attr-defined]
-    assert 1 <= pooled <= 4
+    assert pooled >= 1  # the other 12 went through the pool
     assert settles_at(count, pooled) == pooled  # the 4 own ones closed as their threads ended
 
 
@@ -329,7 +330,10 @@ def test_a_store_handed_a_client_uses_only_that_clients_pool(
         assert not hasattr(store._thread, "connection")  # this thread made no call
         assert policy.execute(KEY, lambda: "main") == "main"
         assert store._thread.connection is None  # decided once: the pool
-        assert 1 <= count() <= 4  # mine's pool only
+        pool: Any = mine.connection_pool
+        # Every connection of this name on the server is one of mine's pool: none of the
+        # store's own.
+        assert count() == len(pool._available_connections) + len(pool._in_use_connections)
         store.close()
 
 
