@@ -562,8 +562,10 @@ class Budget:
     def record(self, key: str, usage: Usage, *, calls: int = 0) -> None:
         """Count usage without a reservation and without a check: the hook for a stream's
         chunks, called as they pass (they are never altered; :meth:`metered` does it for
-        a whole stream). ``calls=1`` also counts the stream as a call. A stream recorded
-        this way is never refused; to refuse one before its first chunk, :meth:`reserve`
+        a whole stream). ``calls=1`` also counts the stream as a call; a
+        ``Usage(estimated=True)`` (a stream that reported no tokens, its input estimated)
+        counts one call among ``estimated_calls``. A stream recorded this way is never
+        refused; to refuse one before its first chunk, :meth:`reserve`
         at its start and :meth:`commit` the summed usage at its end instead."""
         if calls < 0:
             raise ValueError(f"calls: expected a count >= 0, got {calls}")
@@ -574,6 +576,7 @@ class Budget:
             output_tokens=usage.output_tokens,
             cost_units=self._cost(key, None, usage),
             window=self.window,
+            estimated=usage.estimated,
         )
 
     # -- streams -------------------------------------------------------------------
@@ -759,6 +762,7 @@ class Budget:
             output_tokens=usage.output_tokens,
             cost_units=self._cost(key, None, usage),
             window=self.window,
+            estimated=usage.estimated,
         )
 
     async def arelease(self, reservation: Reservation, *, refund_call: bool = False) -> bool:

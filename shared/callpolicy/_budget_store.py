@@ -230,8 +230,11 @@ class BudgetStore(Protocol):
         output_tokens: int,
         cost_units: int,
         window: float | None,
+        estimated: bool = False,
     ) -> None:
-        """Add usage without a check (streamed chunks); ``window`` is the budget's."""
+        """Add usage without a check (streamed chunks); ``window`` is the budget's.
+        ``estimated``: these tokens are an estimate (a stream that reported none), so
+        one more call counts among ``estimated_calls``."""
 
     def tally(self, scope: str, *, window: float | None = None) -> Tally:
         """The counters of ``scope`` (zeros for a scope never used); with ``window``, also
@@ -494,12 +497,15 @@ class MemoryBudgetStore:
         output_tokens: int,
         cost_units: int,
         window: float | None,
+        estimated: bool = False,
     ) -> None:
         with self._lock:
             counters = self._scopes.get(scope)
             if counters is None:
                 counters = self._scopes[scope] = _Counters()
             counters.calls += calls
+            if estimated:
+                counters.estimated_calls += 1
             counters.input_tokens += input_tokens
             counters.output_tokens += output_tokens
             counters.cost_units += cost_units

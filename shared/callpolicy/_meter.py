@@ -14,8 +14,8 @@ the model produced. What is counted, with :meth:`Budget.record <callpolicy.Budge
   reports once at the end, Anthropic and Gemini repeat growing totals), only the growth
   over the highest totals seen. A report of zero tokens says nothing;
 - at its end, if no chunk reported any tokens, its estimated input (``estimate()``),
-  unless it failed: a failed call's tokens are freed, as :meth:`Budget.release
-  <callpolicy.Budget.release>` does.
+  and the stream among the budget's ``estimated_calls``, unless it failed: a failed
+  call's tokens are freed, as :meth:`Budget.release <callpolicy.Budget.release>` does.
 
 The model's stream is closed when the metered one ends, also when its consumer stops
 early. Metering never breaks a stream: the chunks are the caller's and already paid for,
@@ -141,8 +141,8 @@ class _StreamMeter(Generic[T]):
                 self._trouble("estimate the input")
         calls = 0 if self.counted else 1
         self.counted = True
-        if not calls and not usage.total_tokens:
-            return None
+        if not calls and not usage.total_tokens and not usage.estimated:
+            return None  # an estimate of zero tokens still counts as an estimated call
         return (self.answered, usage, calls)
 
     def record(self, entry: _Entry | None) -> None:

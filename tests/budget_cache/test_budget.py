@@ -378,6 +378,15 @@ def test_stream_usage_is_recorded_without_a_check(clock: FakeClock) -> None:
         budget.reserve(KEY)
 
 
+def test_an_estimated_stream_record_counts_among_estimated_calls() -> None:
+    budget = Budget()
+    budget.record(KEY, Usage(), calls=1)  # a stream starts, reporting nothing
+    budget.record(KEY, Usage(input_tokens=40, estimated=True))  # its end: an estimate
+    budget.record(KEY, Usage(3, 4), calls=1)  # another stream, which reported
+    usage = budget.usage()
+    assert (usage.calls, usage.input_tokens, usage.estimated_calls) == (2, 43, 1)
+
+
 def test_stream_records_without_a_window_keep_no_entries() -> None:
     store = MemoryBudgetStore()
     budget = Budget(store=store)

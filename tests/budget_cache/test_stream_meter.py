@@ -214,6 +214,14 @@ async def test_a_stream_reporting_no_usage_counts_one_call_and_its_estimate(mode
     assert len(received) == 2
     assert counted(budget) == (1, 12, 0)
     assert estimate.asked == 1
+    assert budget.usage().estimated_calls == 1  # its tokens are a guess, and say so
+
+
+async def test_an_estimate_of_zero_tokens_is_still_an_estimated_call(mode: str) -> None:
+    budget = Budget()
+    await drain(budget, Source(Chunk("a")), mode, estimate=Estimate(0))
+    assert counted(budget) == (1, 0, 0)
+    assert budget.usage().estimated_calls == 1
 
 
 async def test_a_zero_report_says_nothing_and_the_estimate_stays(mode: str) -> None:
@@ -221,6 +229,7 @@ async def test_a_zero_report_says_nothing_and_the_estimate_stays(mode: str) -> N
     source = Source(Chunk("a", Usage(0, 0)), Chunk("b", Usage(0, 0)))
     await drain(budget, source, mode, estimate=Estimate(9), cumulative=False)
     assert counted(budget) == (1, 9, 0)
+    assert budget.usage().estimated_calls == 1
 
 
 async def test_a_stream_reporting_usage_never_asks_for_an_estimate(mode: str) -> None:
@@ -241,6 +250,7 @@ async def test_without_an_estimate_a_stream_reporting_nothing_is_one_call(mode: 
     budget = Budget()
     await drain(budget, Source(Chunk("a")), mode)
     assert counted(budget) == (1, 0, 0)
+    assert budget.usage().estimated_calls == 0  # nothing was estimated
 
 
 # -- failures ------------------------------------------------------------------------------
@@ -538,9 +548,13 @@ async def test_arecord_awaits_an_async_native_stores_arecord() -> None:
             "output_tokens": 5,
             "cost_units": 20 * 1_000_000,  # 10 x $1/M + 5 x $2/M, in pico-dollars
             "window": None,
+            "estimated": False,
         }
     ]
     assert counted(budget) == (1, 10, 5)
+    await budget.arecord(KEY, Usage(7, estimated=True))
+    assert store.awaited[-1]["estimated"] is True
+    assert budget.usage().estimated_calls == 1
 
 
 async def test_arecord_on_a_sync_store_is_record() -> None:

@@ -85,6 +85,31 @@ def test_a_rolling_window_counts_recent_spend(make_store: MakeStore) -> None:
     assert budget.usage().window_calls == 2  # type: ignore[attr-defined]
 
 
+def test_estimated_usage_is_counted_on_redis_also_when_settled_during_an_outage(
+    make_store: MakeStore,
+) -> None:
+    server = RedisServer()
+    try:
+        store = make_store(server.url, socket_timeout=0.2, backoff_base=0.001, backoff_max=0.001)
+        budget = Budget(store=store)
+        budget.record(KEY, Usage(input_tokens=9, estimated=True), calls=1)  # a stream's end
+        budget.record(KEY, Usage(2, 2), calls=1)  # a stream that reported
+        assert budget.usage().estimated_calls == 1
+        during = budget.reserve(KEY, 5)  # reserved on Redis
+        server.stop()
+        local = budget.reserve(KEY, 5)  # fail open: reserved locally
+        budget.commit(local, None)  # no usage reported: the estimate stands
+        budget.commit(during, None)  # queued for Redis
+        server.start()  # empty: the shared counters start over, and the outage's are replayed
+        budget.record(KEY, Usage(1, 1), calls=1)  # Redis is back: replays what it owes
+        usage = budget.usage()
+        assert usage.estimated_calls == 1  # the local settlement's (the other one's
+        # reservation died with the server's memory, so its settlement is a no-op)
+        assert usage.calls == 2
+    finally:
+        server.stop()
+
+
 def test_a_redis_outage_loses_no_reservation(
     make_store: MakeStore, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -136,11 +136,12 @@ return 1
 """
 )
 
-# KEYS: as RESERVE. ARGV: calls, in, out, cost, window_ms, ttl_ms
+# KEYS: as RESERVE. ARGV: calls, in, out, cost, window_ms, ttl_ms, estimated (1/0)
 RECORD = (
     _COUNTERS
     + """
 redis.call('HINCRBY', KEYS[1], 'calls', ARGV[1])
+if ARGV[7] == '1' then redis.call('HINCRBY', KEYS[1], 'estimated', 1) end
 redis.call('HINCRBY', KEYS[1], 'in', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'out', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'cost', ARGV[4])
@@ -368,6 +369,7 @@ class RedisBudgetStore:
                     output_tokens,
                     cost_units,
                     reservation,
+                    estimated=estimated,
                 )
             return settled
         if reservation.settled:
@@ -405,9 +407,19 @@ class RedisBudgetStore:
         output_tokens: int,
         cost_units: int,
         reservation: Reservation,
+        *,
+        estimated: bool,
     ) -> None:
         window_ms = self._local_windows.pop(id(reservation), 0)
-        args: list[Any] = [calls, input_tokens, output_tokens, cost_units, window_ms, self._ttl_ms]
+        args: list[Any] = [
+            calls,
+            input_tokens,
+            output_tokens,
+            cost_units,
+            window_ms,
+            self._ttl_ms,
+            1 if estimated else 0,
+        ]
         with self._replay_lock:
             self._replay.append(("record", args, self._keys(scope)))
 
@@ -420,6 +432,7 @@ class RedisBudgetStore:
         output_tokens: int,
         cost_units: int,
         window: float | None,
+        estimated: bool = False,
     ) -> None:
         args: list[Any] = [
             calls,
@@ -428,6 +441,7 @@ class RedisBudgetStore:
             cost_units,
             _window_ms(window),
             self._ttl_ms,
+            1 if estimated else 0,
         ]
         keys = self._keys(scope)
         if self._usable():
