@@ -1,17 +1,21 @@
-"""Figure 2 again, counted in instructions: the same ``invoke`` through the wrapper and
-bare, run under ``valgrind --tool=callgrind``.
+"""Figures 2, 3 and 4 again, counted in instructions: the same calls through the wrappers
+and bare, run under ``valgrind --tool=callgrind``.
 
 Figure 4's storm of 10,000 concurrent ``ainvoke`` is counted the same way (one event
-loop, so one thread: callgrind serializes nothing), the garbage collector's work included.
+loop, so one thread), the garbage collector's work included; its 16 threads too (valgrind
+runs one thread at a time, so this counts the work the threads do, not how they contend
+for the GIL: the wall-clock figure shows that; how often they hand the GIL over depends on
+timing, so that count alone varies a little between runs).
 
 Wall-clock ratios on a shared machine move with the neighbours (a 1.10 target against a
-+-10 % spread); an instruction count does not: the same binary, inputs and hash seed give
-the same count whatever else the machine is doing. Each variant runs in its own process:
-the models are built and warmed up with the same calls in every process, then one of them
-is called ``N`` times; a process that makes no timed call gives the baseline, so
-``(count(N) - count(0)) / N`` is the instructions of one call. Callgrind runs Python about
-50 times slower, so this suite takes a few minutes, the processes two at a time; it is
-left out of ``--quick`` and says so when valgrind is missing.
++-20 % spread); an instruction count does not: the same binary, inputs and hash seed give
+the same count whatever else the machine is doing (the suite counts the bare invoke twice,
+in two processes, and prints how far apart they came). Each variant runs in its own
+process: every process imports its framework, builds every model and warms each up with
+the same calls, then calls one of them ``N`` times; a process that makes no timed call
+gives the baseline, so ``(count(N) - count(0)) / N`` is the instructions of one call. Callgrind runs
+Python about 50 times slower, so this suite takes several minutes, the processes two at a
+time; it is left out of ``--quick`` and says so when valgrind is missing.
 """
 
 from __future__ import annotations
@@ -29,48 +33,95 @@ from ._harness import Result
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Run in a fresh interpreter: builds every model (so every process pays the same set-up),
-# warms each up, then calls the one named on the command line CALLS times.
+THREADS = 16
+
+# Run in a fresh interpreter: imports and builds everything of its framework and warms
+# every path up (so every process pays the same set-up, the baseline's included), then
+# makes CALLS calls of the variant named on the command line. The LangChain and
+# LlamaIndex variants run in separate programs: importing llama_index alone varies by a
+# few million instructions from one process to the next (langchain_core's import by ~20),
+# which in a shared set-up would blur every baseline.
 _PROGRAM = """
+import asyncio
+import gc
 import sys
+
 from langchain_core.language_models import FakeListChatModel
+
+from benchmarks._fakes import AsyncEchoChatModel
+from benchmarks._harness import ThreadGang
 from langchain_breaker import CircuitBreakerChatModel
 
-variant, calls = sys.argv[1], int(sys.argv[2])
+variant, calls, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 bare = FakeListChatModel(responses=["ok"])
 fallback = FakeListChatModel(responses=["fallback"])
-models = {
-    "bare": bare,
-    "breaker": CircuitBreakerChatModel(inner=bare),
-    "breaker_fallback": CircuitBreakerChatModel(
-        inner=bare, fallback=fallback, fallback_key="fb::fake"
-    ),
+breaker = CircuitBreakerChatModel(inner=bare)
+breaker_fallback = CircuitBreakerChatModel(inner=bare, fallback=fallback, fallback_key="fb::fake")
+echo = AsyncEchoChatModel()
+echo_breaker = CircuitBreakerChatModel(inner=echo)
+single = {
+    "bare": lambda: bare.invoke("hi"),
+    "breaker": lambda: breaker.invoke("hi"),
+    "breaker_fallback": lambda: breaker_fallback.invoke("hi"),
 }
-for _ in range(50):
-    for model in models.values():
-        model.invoke("hi")
-if variant.startswith("storm_"):
-    # Figure 4's storm: CALLS concurrent ainvoke on one loop, through the wrapper or not.
-    import asyncio
-    import gc
+storms = {"storm_bare": echo, "storm_breaker": echo_breaker}
+threaded = {"threads_bare": single["bare"], "threads_breaker": single["breaker"]}
 
-    from benchmarks._fakes import AsyncEchoChatModel
 
-    echo = AsyncEchoChatModel()
-    storm_models = {"storm_bare": echo, "storm_breaker": CircuitBreakerChatModel(inner=echo)}
-    model = storm_models[variant]
+async def storm(model, count):
+    await asyncio.gather(*(model.ainvoke("hi") for _ in range(count)))
 
-    async def storm(count: int) -> None:
-        await asyncio.gather(*(model.ainvoke("hi") for _ in range(count)))
 
-    asyncio.run(storm(50))  # warm-up, as the sync variants get
-    gc.collect()
-    if calls:
-        asyncio.run(storm(calls))
-else:
-    model = models[variant]
+for _ in range(50):  # warm-up: every path, in every process
+    for call in single.values():
+        call()
+for model in storms.values():
+    asyncio.run(storm(model, 50))
+# The set-up's objects (the same in every process) out of the collector's sight: it then
+# walks only what the calls keep alive, which is what differs between variants.
+gc.collect()
+gc.freeze()
+if variant in single:
+    call = single[variant]
     for _ in range(calls):
-        model.invoke("hi")
+        call()
+elif variant in storms:
+    if calls:
+        asyncio.run(storm(storms[variant], calls))
+else:
+    # Threads only here: how often 16 threads hand the GIL over depends on timing, so
+    # their counts vary a little from run to run (and would blur every other variant's
+    # baseline). CALLS calls in all, spread over the threads; their own baseline is a run
+    # of this branch with CALLS = 0.
+    with ThreadGang(threads) as gang:
+        for call in threaded.values():
+            gang.run(call, 2)
+        if calls:
+            gang.run(threaded[variant], calls // threads)
+"""
+
+_LLAMAINDEX_PROGRAM = """
+import gc
+import sys
+
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.llms import MockLLM
+
+from llamaindex_breaker import CircuitBreakerLLM
+
+variant, calls = sys.argv[1], int(sys.argv[2])
+mock = MockLLM()
+wrapper = CircuitBreakerLLM(inner=mock, fallback=MockLLM(), fallback_key="fb::mock")
+messages = [ChatMessage(role="user", content="hi")]
+single = {"li_bare": lambda: mock.chat(messages), "li_wrapper": lambda: wrapper.chat(messages)}
+for _ in range(50):
+    for call in single.values():
+        call()
+gc.collect()
+gc.freeze()
+call = single[variant]
+for _ in range(calls):
+    call()
 """
 
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
@@ -86,9 +137,10 @@ def _instructions(variant: str, calls: int) -> int:
                 f"--callgrind-out-file={out}",
                 sys.executable,
                 "-c",
-                _PROGRAM,
+                _LLAMAINDEX_PROGRAM if variant.startswith("li_") else _PROGRAM,
                 variant,
                 str(calls),
+                str(THREADS),
             ],
             cwd=ROOT,
             env={**os.environ, "PYTHONHASHSEED": "0"},  # same dict layouts every run
@@ -117,53 +169,80 @@ def run(*, quick: bool) -> list[Result]:
                 info=True,
             )
         ]
-    calls, tasks = 200, 10_000
+    # LlamaIndex: 1,000 calls, so its import's variation is ~3,000 instructions a call.
+    calls, li_calls, tasks, threaded = 200, 1_000, 10_000, THREADS * 100
     jobs = {
         "zero": ("bare", 0),
+        "li_zero": ("li_bare", 0),
+        "threads_zero": ("threads_bare", 0),
         "bare": ("bare", calls),
+        "bare_again": ("bare", calls),  # the same process twice: is the count repeatable?
         "breaker": ("breaker", calls),
         "breaker_fallback": ("breaker_fallback", calls),
-        "storm_zero": ("storm_bare", 0),
+        "li_bare": ("li_bare", li_calls),
+        "li_bare_again": ("li_bare", li_calls),
+        "li_wrapper": ("li_wrapper", li_calls),
         "storm_bare": ("storm_bare", tasks),
         "storm_breaker": ("storm_breaker", tasks),
+        "threads_bare": ("threads_bare", threaded),
+        "threads_breaker": ("threads_breaker", threaded),
     }
     with ThreadPoolExecutor(2) as pool:  # two valgrinds at a time: the machine's cores
         counts = dict(
             zip(jobs, pool.map(lambda job: _instructions(*job), jobs.values()), strict=True)
         )
+
+    def baseline(name: str) -> int:
+        family = name.split("_", maxsplit=1)[0]
+        return counts[f"{family}_zero"] if family in ("li", "threads") else counts["zero"]
+
     per_call = {
-        name: (counts[name] - counts["zero"]) / calls
-        for name in ("bare", "breaker", "breaker_fallback")
+        name: (counts[name] - baseline(name)) / made for name, (_, made) in jobs.items() if made
     }
-    storm = {
-        name: (counts[name] - counts["storm_zero"]) / tasks
-        for name in ("storm_bare", "storm_breaker")
-    }
-    rows = []
-    for name, label in (
-        ("breaker", "breaker"),
-        ("breaker_fallback", "breaker+fallback"),
-    ):
-        ratio = per_call[name] / per_call["bare"]
-        rows.append(
-            Result(
-                f"instructions: invoke, {label}, healthy / bare FakeListChatModel.invoke",
-                [ratio],
-                "<= 1.10",
-                ratio <= 1.10,
-                f"callgrind, deterministic: {per_call[name]:,.0f} vs "
-                f"{per_call['bare']:,.0f} instructions a call",
-            )
-        )
-    ratio = storm["storm_breaker"] / storm["storm_bare"]
-    rows.append(
-        Result(
-            f"instructions: {tasks:,} concurrent ainvoke, one loop / without the wrapper",
+
+    def row(label: str, name: str, baseline: str, how: str) -> Result:
+        ratio = per_call[name] / per_call[baseline]
+        return Result(
+            f"instructions: {label}",
             [ratio],
             "<= 1.10",
             ratio <= 1.10,
-            f"callgrind, deterministic, collector included: {storm['storm_breaker']:,.0f} "
-            f"vs {storm['storm_bare']:,.0f} instructions a call",
+            f"callgrind{how}: {per_call[name]:,.0f} vs {per_call[baseline]:,.0f} "
+            "instructions a call",
         )
-    )
-    return rows
+
+    def again(label: str, name: str) -> Result:
+        drift = abs(per_call[f"{name}_again"] - per_call[name])
+        return Result(
+            f"instructions: {label} counted again in a second process / the first",
+            [per_call[f"{name}_again"] / per_call[name]],
+            "-",
+            True,
+            f"repeatability: {drift:,.0f} instructions a call apart",
+            info=True,
+        )
+
+    return [
+        again("bare FakeListChatModel.invoke", "bare"),
+        again("bare MockLLM.chat", "li_bare"),
+        row("invoke, breaker, healthy / bare FakeListChatModel.invoke", "breaker", "bare", ""),
+        row(
+            "invoke, breaker+fallback, healthy / bare FakeListChatModel.invoke",
+            "breaker_fallback",
+            "bare",
+            "",
+        ),
+        row("chat, breaker+fallback, healthy / bare MockLLM.chat", "li_wrapper", "li_bare", ""),
+        row(
+            f"{tasks:,} concurrent ainvoke, one loop / without the wrapper",
+            "storm_breaker",
+            "storm_bare",
+            ", collector included",
+        ),
+        row(
+            f"{THREADS} threads x {threaded // THREADS} invoke / without the wrapper",
+            "threads_breaker",
+            "threads_bare",
+            " (the threads' work, not their contention; GIL hand-overs vary a little)",
+        ),
+    ]

@@ -20,7 +20,7 @@ from callpolicy import CallPolicy, CircuitOpenError, ResponseCache
 from langchain_breaker import CircuitBreakerChatModel
 
 from ._fakes import AsyncEchoChatModel
-from ._harness import Result, ThreadGang, paired_added_ns, ratio_rows
+from ._harness import Result, ThreadGang, blocks, paired_added_ns, ratio_rows
 
 
 def _overhead(quick: bool) -> list[Result]:
@@ -34,8 +34,7 @@ def _overhead(quick: bool) -> list[Result]:
             "wrapper": lambda: guarded.invoke("hi"),
             "with_retry_fallbacks": lambda: composed.invoke("hi"),
         },
-        loops=200 if quick else 2_000,
-        repeats=3 if quick else 9,
+        **blocks(quick),
     )
     vs_bare = [w / b for w, b in zip(timings["wrapper"], timings["bare"], strict=True)]
     vs_composed = [
@@ -117,9 +116,9 @@ def _concurrency(quick: bool) -> list[Result]:
         return asyncio.run(storm(model))
 
     ratios = []
-    # 15 storms each: one storm of 10,000 calls takes 1-3 s, long enough for another
+    # 21 storms each: one storm of 10,000 calls takes 1-3 s, long enough for another
     # tenant of a shared machine to land in one and not the other.
-    for repeat in range(3 if quick else 15):
+    for repeat in range(3 if quick else 21):
         order = [bare, guarded] if repeat % 2 == 0 else [guarded, bare]
         seconds = {id(m): timed_storm(m) for m in order}
         ratios.append(seconds[id(guarded)] / seconds[id(bare)])
@@ -188,8 +187,7 @@ def _cache_hit(quick: bool) -> list[Result]:
                 "langchain": lambda: langchain_cached.invoke("hi"),
                 "wrapper": lambda: guarded.invoke("hi"),
             },
-            loops=200 if quick else 2_000,
-            repeats=3 if quick else 9,
+            **blocks(quick),
         )
     finally:
         set_llm_cache(None)  # the global cache must not leak into the next figures

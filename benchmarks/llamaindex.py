@@ -9,7 +9,7 @@ from llama_index.core.llms import MockLLM
 
 from llamaindex_breaker import CircuitBreakerLLM
 
-from ._harness import Result, ratio_rows
+from ._harness import Result, blocks, ratio_rows
 
 
 def run(*, quick: bool) -> list[Result]:
@@ -18,8 +18,7 @@ def run(*, quick: bool) -> list[Result]:
     messages = [ChatMessage(role="user", content="hi")]
     timings = ratio_rows(
         {"bare": lambda: bare.chat(messages), "wrapper": lambda: guarded.chat(messages)},
-        loops=200 if quick else 2_000,
-        repeats=3 if quick else 9,
+        **blocks(quick),
     )
     ratios = [w / b for w, b in zip(timings["wrapper"], timings["bare"], strict=True)]
     return [
