@@ -9,13 +9,17 @@ timing, so that count alone varies a little between runs).
 
 Wall-clock ratios on a shared machine move with the neighbours (a 1.10 target against a
 +-20 % spread); an instruction count does not: the same binary, inputs and hash seed give
-the same count whatever else the machine is doing (the suite counts the bare invoke twice,
-in two processes, and prints how far apart they came). Each variant runs in its own
-process: every process imports its framework, builds every model and warms each up with
-the same calls, then calls one of them ``N`` times; a process that makes no timed call
-gives the baseline, so ``(count(N) - count(0)) / N`` is the instructions of one call. Callgrind runs
-Python about 50 times slower, so this suite takes several minutes, the processes two at a
-time; it is left out of ``--quick`` and says so when valgrind is missing.
+the same count whatever else the machine is doing. The suite checks this every run: it
+counts each framework's bare call in two processes and prints how far apart they came
+(a LangChain invoke: a few instructions; a LlamaIndex chat: ~3,000 of ~880,000, because
+importing llama_index varies by ~3 million instructions, spread over 1,000 calls).
+
+Each variant runs in its own process: every process imports its framework, builds every
+model and warms each up with the same calls, then calls one of them ``N`` times; a
+process that makes no timed call gives the baseline, so ``(count(N) - count(0)) / N`` is
+the instructions of one call. Callgrind runs Python about 50 times slower, so this suite
+takes ~14 minutes, the processes two at a time; it is left out of ``--quick`` and says so
+when valgrind is missing.
 """
 
 from __future__ import annotations
