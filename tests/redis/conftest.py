@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from callpolicy.redis import RedisStore
+from tests.support.named_connections import named_ids
 from tests.support.redis_server import MakeStore, RedisServer
 
 _HERE = Path(__file__).resolve().parent
@@ -56,3 +57,22 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """A plain client of the session server, beside the stores (closed at the end)."""
     with redis_server.client() as plain:
         yield plain
+
+
+@pytest.fixture
+def name() -> str:
+    """A client name of this test's own, for counting its connections on the server."""
+    return f"named-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def url(redis_server: RedisServer, name: str) -> str:
+    """The session server's URL with this test's client name: every connection a store
+    made from it opens carries the name."""
+    return f"{redis_server.url}?client_name={name}"
+
+
+@pytest.fixture
+def count(client: redis.Redis, name: str) -> Callable[[], int]:
+    """How many connections named ``name`` the server has now."""
+    return lambda: len(named_ids(client, name))

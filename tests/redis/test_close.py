@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -19,55 +17,10 @@ import redis
 
 from callpolicy import Budget, CallPolicy, CallPolicyError, ResponseCache
 from callpolicy.redis import RedisStore, StoreClosedError
-from tests.support.redis_server import MakeStore, RedisServer
+from tests.support.named_connections import asettles_at, settles, settles_at
+from tests.support.redis_server import MakeStore
 
 KEY = "acme::model-1"
-
-
-@pytest.fixture
-def name() -> str:
-    """The client name this test's connections carry."""
-    return f"close-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def url(redis_server: RedisServer, name: str) -> str:
-    return f"{redis_server.url}?client_name={name}"
-
-
-def connections(client: redis.Redis, name: str) -> int:
-    """How many connections named ``name`` the server has now."""
-    return sum(1 for entry in client.client_list() if entry.get("name") == name)
-
-
-def settles(count: Callable[[], int], ok: Callable[[int], bool], timeout: float = 5.0) -> int:
-    """``count()`` once ``ok`` of it (the server notices a close within a few ms), or its
-    last value when ``timeout`` is over."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = count()
-        if ok(found) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.01)
-
-
-def settles_at(count: Callable[[], int], expected: int) -> int:
-    return settles(count, lambda found: found == expected)
-
-
-async def asettles_at(count: Callable[[], int], expected: int, timeout: float = 5.0) -> int:
-    """:func:`settles_at` that lets the running loop run meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = count()
-        if found == expected or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-def count(client: redis.Redis, name: str) -> Callable[[], int]:
-    return lambda: connections(client, name)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,42 +22,11 @@ from redis.connection import PythonRespSerializer
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState, Outcome
 from callpolicy.redis import RedisStore, StoreClosedError, _connection
-from tests.support.redis_server import MakeStore, RedisServer
+from tests.support.named_connections import named_ids, settles_at
+from tests.support.redis_server import MakeStore
 
 KEY = "acme::model-1"
 THREADS = 16
-
-
-@pytest.fixture
-def name() -> str:
-    """The client name this test's connections carry."""
-    return f"fast-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def url(redis_server: RedisServer, name: str) -> str:
-    return f"{redis_server.url}?client_name={name}"
-
-
-@pytest.fixture
-def count(client: redis.Redis, name: str) -> Callable[[], int]:
-    """How many connections named ``name`` the server has now."""
-    return lambda: len(ids(client, name))
-
-
-def ids(client: redis.Redis, name: str) -> list[int]:
-    return [int(entry["id"]) for entry in client.client_list() if entry.get("name") == name]
-
-
-def settles_at(count: Callable[[], int], expected: int, timeout: float = 5.0) -> int:
-    """``count()`` once it is ``expected`` (the server notices a close within a few ms),
-    or its last value when ``timeout`` is over."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = count()
-        if found == expected or time.monotonic() > deadline:
-            return found
-        time.sleep(0.01)
 
 
 def own_connection_id(store: RedisStore) -> int:
@@ -211,7 +179,7 @@ def test_a_killed_connection_is_replaced_on_the_next_call_without_an_outage(
     store = make_store(url)
     policy = CallPolicy(store=store, failure_threshold=5)
     assert policy.execute(KEY, lambda: "ok") == "ok"
-    (killed,) = ids(client, name)
+    (killed,) = named_ids(client, name)
     assert own_connection_id(store) == killed
     with caplog.at_level(logging.WARNING, logger="callpolicy.redis"):
         assert client.client_kill_filter(_id=str(killed)) == 1
@@ -220,7 +188,7 @@ def test_a_killed_connection_is_replaced_on_the_next_call_without_an_outage(
     assert client.hget(f"{prefix}:cb:{{{KEY}}}", "failures") == b"1"
     assert not store.health.down
     assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
-    (replacement,) = ids(client, name)
+    (replacement,) = named_ids(client, name)
     assert replacement != killed
     assert own_connection_id(store) == replacement
 
