@@ -5,6 +5,19 @@ it over HTTP, so the tests exercise their real error types, timeouts and stream 
 Each request to ``/v1/chat/completions`` consumes the next scripted behaviour
 (:meth:`OpenAICompatServer.push`), or the default one when the script is empty.
 
+A healthy stream is sent like OpenAI's: a role chunk, one chunk per word (or per tool call),
+a chunk with an empty delta carrying ``finish_reason``, a usage chunk (empty ``choices``) when
+the request asks for ``stream_options.include_usage``, then ``data: [DONE]``. Stream faults,
+each after ``after_chunks`` SSE events (the role chunk counts as the first):
+
+- :class:`Fail` -- an HTTP error before the first byte (plain or stream request alike);
+- :class:`StreamDies` -- the connection drops (an incomplete chunked body for the client);
+- :class:`StreamMalformed` -- an event whose data is not JSON, then the stream goes on;
+- :class:`StreamStalls` -- nothing more for ``seconds`` (longer than the client's read
+  timeout), released early when the server closes, then the connection drops;
+- :class:`StreamEndsEarly` -- ``data: [DONE]`` and a clean end of the body, but no chunk ever
+  carried a ``finish_reason`` (a cut-short answer that looks complete to the transport).
+
 >>> with OpenAICompatServer() as server:
 ...     server.push(Fail(503), Reply("hello"))
 ...     server.base_url.startswith("http://127.0.0.1:")
@@ -25,7 +38,17 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["Drop", "Fail", "Hang", "OpenAICompatServer", "Reply", "StreamDies"]
+__all__ = [
+    "Drop",
+    "Fail",
+    "Hang",
+    "OpenAICompatServer",
+    "Reply",
+    "StreamDies",
+    "StreamEndsEarly",
+    "StreamMalformed",
+    "StreamStalls",
+]
 
 
 @dataclass(frozen=True)
@@ -65,9 +88,44 @@ class StreamDies:
     For a plain request, behaves like :class:`Drop`."""
 
     after_chunks: int = 2
+    content: str = "the stream was going well until"
 
 
-Behaviour = Reply | Fail | Hang | Drop | StreamDies
+@dataclass(frozen=True)
+class StreamMalformed:
+    """For a stream request: send ``after_chunks`` chunks, then an SSE event whose data is
+    ``data`` (not JSON by default), then the rest of the stream as if nothing happened.
+    For a plain request, behaves like :class:`Drop`."""
+
+    after_chunks: int = 2
+    content: str = "the stream was going well until"
+    data: str = '{"id": "chatcmpl-broken", "choices": [{"delta": {"content": "tru'
+
+
+@dataclass(frozen=True)
+class StreamStalls:
+    """For a stream request: send ``after_chunks`` chunks, then nothing for ``seconds``
+    (released early when the server closes), then drop the connection. Give the client a
+    read timeout shorter than ``seconds``. For a plain request: the same wait, then a drop."""
+
+    after_chunks: int = 2
+    seconds: float = 30.0
+    content: str = "the stream was going well until"
+
+
+@dataclass(frozen=True)
+class StreamEndsEarly:
+    """For a stream request: send up to ``after_chunks`` chunks, none of them with a
+    ``finish_reason`` (nor a usage chunk), then ``data: [DONE]`` and end the body cleanly.
+    For a plain request, behaves like :class:`Drop`."""
+
+    after_chunks: int = 2
+    content: str = "the stream was going well until"
+
+
+StreamFault = StreamDies | StreamMalformed | StreamStalls | StreamEndsEarly
+Behaviour = Reply | Fail | Hang | Drop | StreamFault
+_STREAM_FAULTS = (StreamDies, StreamMalformed, StreamStalls, StreamEndsEarly)
 
 _DEFAULT_USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 _ids = itertools.count(1)
@@ -162,9 +220,11 @@ class OpenAICompatServer:
                     if server._closing.is_set():
                         self._drop()
                         return
-                if isinstance(behaviour, Drop) or (
-                    isinstance(behaviour, StreamDies) and not body.get("stream")
-                ):
+                if isinstance(behaviour, _STREAM_FAULTS) and not body.get("stream"):
+                    if isinstance(behaviour, StreamStalls):
+                        server._closing.wait(behaviour.seconds)
+                    self._drop()
+                elif isinstance(behaviour, Drop):
                     self._drop()
                 elif isinstance(behaviour, Fail):
                     self._send_json(
@@ -208,6 +268,17 @@ class OpenAICompatServer:
                 self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 self.wfile.flush()
 
+            def _stream_fault(self, behaviour: Behaviour) -> bool:
+                """Apply a stream fault at its position; True when the stream ends there."""
+                if isinstance(behaviour, StreamStalls):
+                    server._closing.wait(behaviour.seconds)
+                if isinstance(behaviour, StreamDies | StreamStalls):
+                    self._drop()
+                    return True
+                if isinstance(behaviour, StreamMalformed):
+                    self._chunk(f"data: {behaviour.data}\n\n".encode())
+                return False
+
             def _stream(self, body: dict[str, Any], behaviour: Behaviour) -> None:
                 # Chunked encoding, so that a connection dropped midway is an error for
                 # the client (an incomplete chunked body), not a quietly short stream.
@@ -217,12 +288,17 @@ class OpenAICompatServer:
                     self.send_header("transfer-encoding", "chunked")
                     self.end_headers()
                     events = _stream_events(body, behaviour)
-                    limit = behaviour.after_chunks if isinstance(behaviour, StreamDies) else None
-                    for index, event in enumerate(events):
-                        if limit is not None and index >= limit:
-                            self._drop()
+                    if isinstance(behaviour, StreamEndsEarly):
+                        events = [e for e in events if not _ends(e)][: behaviour.after_chunks]
+                    limit = -1
+                    if isinstance(behaviour, _STREAM_FAULTS):
+                        # At most one position past the last event: a fault always applies.
+                        limit = min(behaviour.after_chunks, len(events))
+                    for index in range(len(events) + 1):
+                        if index == limit and self._stream_fault(behaviour):
                             return
-                        self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+                        if index < len(events):
+                            self._chunk(f"data: {json.dumps(events[index])}\n\n".encode())
                     self._chunk(b"data: [DONE]\n\n")
                     self.wfile.write(b"0\r\n\r\n")
                     self.wfile.flush()
@@ -271,8 +347,18 @@ def _completion(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
     }
 
 
+def _ends(event: dict[str, Any]) -> bool:
+    """Whether an event is the end of an answer: a ``finish_reason`` or the usage chunk."""
+    return "usage" in event or any(c.get("finish_reason") for c in event["choices"])
+
+
 def _stream_events(body: dict[str, Any], behaviour: Behaviour) -> list[dict[str, Any]]:
-    reply = behaviour if isinstance(behaviour, Reply) else Reply("the stream was going well until")
+    if isinstance(behaviour, Reply):
+        reply = behaviour
+    elif isinstance(behaviour, _STREAM_FAULTS):
+        reply = Reply(behaviour.content)
+    else:
+        reply = Reply("the stream was going well until")
     base = {
         "id": f"chatcmpl-{next(_ids)}",
         "object": "chat.completion.chunk",
