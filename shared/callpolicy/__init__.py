@@ -30,7 +30,7 @@ from ._config import (
     FallbackOn,
     RetryPolicy,
 )
-from ._errors import CallPolicyError, CircuitOpenError
+from ._errors import CallPolicyError, CircuitOpenError, IncompleteStreamError
 from ._events import Event, EventKind, Listener
 from ._fallback import FallbackStart, fallback_start
 from ._memory import MemoryStore
@@ -73,6 +73,7 @@ __all__ = [
     "EventKind",
     "FallbackOn",
     "FallbackStart",
+    "IncompleteStreamError",
     "KeyMetrics",
     "Listener",
     "MemoryBudgetStore",

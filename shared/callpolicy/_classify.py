@@ -89,6 +89,9 @@ _SDK_CLASSES: dict[str, ErrorClass] = {
     "NotFoundError": ErrorClass.CLIENT,
     "UnprocessableEntityError": ErrorClass.CLIENT,
     "InvalidArgument": ErrorClass.CLIENT,
+    # callpolicy's own: a stream that ended without its end marker (a dropped connection
+    # that a proxy closed cleanly, most often).
+    "IncompleteStreamError": ErrorClass.NETWORK,
 }
 
 _CONTEXT_PHRASES = re.compile(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CallPolicyError", "CircuitOpenError"]
+__all__ = ["CallPolicyError", "CircuitOpenError", "IncompleteStreamError"]
 
 
 class CallPolicyError(Exception):
@@ -54,6 +54,28 @@ class CircuitOpenError(CallPolicyError):
         if self.reason is None:
             return (type(self), fields)
         return (_rebuild_circuit_open, (type(self), *fields, self.reason))
+
+
+class IncompleteStreamError(CallPolicyError):
+    """A guarded stream ended without its provider's end marker (a finish reason): cut
+    short, though the transport said nothing. Raised after the stream's last chunk, and
+    counted against the circuit as a failure (classified ``network``).
+
+    Attributes:
+        key: the circuit key (``provider::model``) of the stream that was cut short.
+        chunks: how many chunks it delivered before it ended.
+    """
+
+    def __init__(self, key: str, chunks: int) -> None:
+        self.key = key
+        self.chunks = chunks
+        super().__init__(
+            f"the stream of {key} ended after {chunks} chunk{'s' if chunks != 1 else ''} "
+            "without the provider's end marker (cut short)"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.key, self.chunks))
 
 
 def _why(reason: str | None, failures: int) -> str:

@@ -21,7 +21,15 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import replace
 from typing import Any, TypeVar, get_args
 
@@ -39,11 +47,13 @@ from ._memory import MemoryStore
 from ._report import html_table, text_table
 from ._request import CallRequest
 from ._store import Circuit, CircuitStore, Permit, Transition
+from ._stream import aguard_stream, guard_stream
 from ._types import CircuitSnapshot, CircuitState, ErrorClass, KeyMetrics, Outcome, split_key
 
 __all__ = ["CallPolicy"]
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 _SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
@@ -592,6 +602,55 @@ class CallPolicy:
             self._refused(circuit, refusal)
             self._note_gave_up(last_error, circuit, attempt - 1, started, "the circuit opened")
             return None
+
+    # -- the guarded stream (callpolicy/_stream.py) ---------------------------------------
+    def stream(
+        self,
+        key: str,
+        start: Callable[[], Iterable[C]],
+        /,
+        *,
+        fallback: Callable[[], Iterable[C]] | None = None,
+        fallback_key: str | None = None,
+        finished: Callable[[C], bool] | None = None,
+        fallback_finished: Callable[[C], bool] | None = None,
+    ) -> Iterator[C]:
+        """The stream ``start()`` opens, guarded as one call under ``key``'s breaker.
+
+        ``start`` opens the primary's stream (called once per attempt); ``fallback`` opens
+        the fallback's, guarded once under ``fallback_key`` when given. Admission, retry
+        and fallback apply until the first chunk; after it, a failure is recorded and
+        re-raised with a note (``callpolicy: stream of <key> failed after N chunks``),
+        never replayed. ``finished(chunk)`` (``fallback_finished`` for the fallback's
+        chunks) is True for a chunk carrying the provider's end marker: a stream that ends
+        without one raises :class:`IncompleteStreamError` after its last chunk and counts
+        as a failure; None: the integration reports none (no check). It must not raise.
+        Consumed to its end, the stream is a success; closed early by its consumer, it is
+        neither (a half-open slot is freed). Each chunk is yielded as the same object, as
+        it comes. Nothing happens until the stream is iterated; the permit is held while
+        it runs.
+
+        >>> policy = CallPolicy()
+        >>> list(policy.stream("acme::m1", lambda: iter(["Hel", "lo"])))
+        ['Hel', 'lo']
+        """
+        return guard_stream(self, key, start, fallback, fallback_key, finished, fallback_finished)
+
+    def astream(
+        self,
+        key: str,
+        start: Callable[[], AsyncIterable[C] | Awaitable[AsyncIterable[C]]],
+        /,
+        *,
+        fallback: Callable[[], AsyncIterable[C] | Awaitable[AsyncIterable[C]]] | None = None,
+        fallback_key: str | None = None,
+        finished: Callable[[C], bool] | None = None,
+        fallback_finished: Callable[[C], bool] | None = None,
+    ) -> AsyncIterator[C]:
+        """Async :meth:`stream`: ``start`` returns an async iterable, or an awaitable of
+        one; the result is an async generator (``aclose()`` closes the inner stream, and
+        a cancelled consumer frees its slot like an early stop)."""
+        return aguard_stream(self, key, start, fallback, fallback_key, finished, fallback_finished)
 
     # -- the outer policies: cache, then budget ---------------------------------------
     def _cached(
