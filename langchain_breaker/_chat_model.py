@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any, cast
@@ -23,6 +24,7 @@ from pydantic import (
     SkipValidation,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from typing_extensions import Self, override
 
@@ -46,6 +48,7 @@ from ._guarded import GuardedRunnable
 from ._keys import CircuitKeys
 from ._outer import TRACING_KWARGS, ChatCodec, Outer, StructuredCodec, unbind
 from ._route import Route
+from ._stream_end import AUTO, StreamFinished, check_option
 
 __all__ = ["CircuitBreakerChatModel"]
 
@@ -87,11 +90,16 @@ class CircuitBreakerChatModel(BaseChatModel):
     (off unless ``retry`` is given) pass through the breaker, and ``fallback`` answers
     when the circuit is open or the inner model failed (per ``fallback_on``).
 
-    ``stream`` and ``astream`` are the inner model's own streams, chunk for chunk: the
-    breaker, retry and fallback do **not** apply to them, since a partly delivered stream
-    can be neither classified with confidence nor replayed on another model. Set
-    ``guard_stream_start=True`` to have the breaker guard a stream's start (admission, and
-    a failure before the first chunk); the chunks still pass untouched. A wrapper with
+    ``stream`` and ``astream`` (so ``astream_events``, LCEL chains and LangGraph) are
+    guarded too (``guard_streams=True``, the default), each stream as one call: an open
+    circuit sends it to the fallback's stream (or raises ``CircuitOpenError``); a failure
+    before the first chunk is counted, retried and served by the fallback's stream; a
+    failure after it is counted and re-raised with a note (never replayed, never followed
+    by another model's chunks); a stream that ends without its provider's end marker
+    (OpenAI's ``finish_reason``, Anthropic's ``stop_reason``: see ``stream_finished``)
+    raises ``callpolicy.IncompleteStreamError`` and counts; a consumer that stops early
+    counts as neither. The chunks are the inner model's own objects, as they come.
+    ``guard_streams=False`` passes streams through untouched. A wrapper with
     ``disable_streaming=True`` streams by calling ``invoke`` (so through the engine), as
     any LangChain chat model does.
 
@@ -132,7 +140,12 @@ class CircuitBreakerChatModel(BaseChatModel):
         listener_timeout: seconds an async listener may run before it is cancelled.
         store: where circuit state lives (:class:`callpolicy.MemoryStore` by default; a
             Redis store shares it between processes).
-        guard_stream_start: let the breaker guard the start of ``stream``/``astream``.
+        guard_streams: guard ``stream``/``astream`` (default True); False passes them
+            through untouched. ``guard_stream_start`` is its deprecated alias.
+        stream_finished, fallback_stream_finished: how to tell the chunk carrying the
+            inner model's (the fallback's) end marker: ``"auto"`` (default: OpenAI's and
+            Anthropic's integrations are recognised), a function of one chunk, or None
+            (no check: a stream that ends is complete).
         budget: a :class:`callpolicy.Budget`: every call is checked first and refused with
             :class:`callpolicy.BudgetExceededError` before it reaches a model; usage is
             read from the answer's ``usage_metadata`` (a call without it counts by its
@@ -212,16 +225,35 @@ class CircuitBreakerChatModel(BaseChatModel):
     costs no budget, no breaker slot and no model call. ``None`` or ``False``: none. A
     LangChain ``BaseCache`` (or ``True``) is refused: it belongs on the inner model."""
 
-    guard_stream_start: bool = False
-    """Let the breaker guard the start of ``stream``/``astream`` (admission, and a failure
-    before the first chunk: counted, retried, served by the fallback's stream). Chunks
-    still pass untouched, and an error after the first chunk propagates unchanged."""
+    guard_streams: bool = True
+    """Guard ``stream``/``astream`` as calls (the engine's ``CallPolicy.stream``); False:
+    the inner model's streams pass through untouched (metered by the budget, if any)."""
+    stream_finished: SkipValidation[StreamFinished] = Field(default=AUTO, exclude=True)
+    """Which chunk of the inner model's stream carries its end marker: ``"auto"`` (the
+    integrations in ``langchain_breaker._stream_end``), a function of one chunk, or None."""
+    fallback_stream_finished: SkipValidation[StreamFinished] = Field(default=AUTO, exclude=True)
+    """``stream_finished`` for the fallback's chunks."""
 
     _route: Route = PrivateAttr()
     _keys: CircuitKeys = PrivateAttr()
     _tools_bound: bool = PrivateAttr(default=False)
 
     # -- construction ------------------------------------------------------------------
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_guard_stream_start(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "guard_stream_start" in data:
+            data = dict(data)
+            data["guard_streams"] = _deprecated_alias(
+                data.pop("guard_stream_start"), data.get("guard_streams")
+            )
+        return data
+
+    @field_validator("stream_finished", "fallback_stream_finished", mode="before")
+    @classmethod
+    def _check_stream_finished(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_option(str(info.field_name), value)
+
     @field_validator("inner", "fallback", mode="before")
     @classmethod
     def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
@@ -450,7 +482,7 @@ class CircuitBreakerChatModel(BaseChatModel):
             await self.rate_limiter.aacquire(blocking=True)
         return cast("AIMessage", await self._fast_route().ainvoke(input, config, kwargs))
 
-    # -- streams: the inner model's own ------------------------------------------------
+    # -- streams: guarded by the engine (or the inner model's own) ----------------------
     def _streaming_off(self, kwargs: dict[str, Any]) -> bool:
         mode = self.disable_streaming
         return mode is True or (
@@ -471,12 +503,18 @@ class CircuitBreakerChatModel(BaseChatModel):
         if self._streaming_off(kwargs):
             return _invoked(self, input, config, kwargs)  # through the engine
         route = self._fast_route()
-        if self.guard_stream_start:
-            chunks = route.stream_guarded(input, config, kwargs)
+        if self.guard_streams:
+            chunks = route.stream(
+                input,
+                config,
+                kwargs,
+                finished=self.stream_finished,
+                fallback_finished=self.fallback_stream_finished,
+            )
         else:
             chunks = route.primary.stream(input, config, **kwargs)
-        if route.outer is not None:
-            chunks = route.metered(chunks, input, kwargs)
+            if route.outer is not None:
+                chunks = route.metered(chunks, input, kwargs)
         return cast("Iterator[AIMessageChunk]", chunks)
 
     @override
@@ -493,12 +531,18 @@ class CircuitBreakerChatModel(BaseChatModel):
         if self._streaming_off(kwargs):
             return _ainvoked(self, input, config, kwargs)
         route = self._fast_route()
-        if self.guard_stream_start:
-            chunks = route.astream_guarded(input, config, kwargs)
+        if self.guard_streams:
+            chunks = route.astream(
+                input,
+                config,
+                kwargs,
+                finished=self.stream_finished,
+                fallback_finished=self.fallback_stream_finished,
+            )
         else:
             chunks = route.primary.astream(input, config, **kwargs)
-        if route.outer is not None:
-            chunks = route.ametered(chunks, input, kwargs)
+            if route.outer is not None:
+                chunks = route.ametered(chunks, input, kwargs)
         return cast("AsyncIterator[AIMessageChunk]", chunks)
 
     # ``stream_events(version="v3")`` streams too: the inner model's own.
@@ -707,10 +751,27 @@ class CircuitBreakerChatModel(BaseChatModel):
             callbacks=self.callbacks,
             outer=outer,
         )
-        return GuardedRunnable(route, guard_stream_start=self.guard_stream_start)
+        return GuardedRunnable(route, guard_streams=self.guard_streams)
 
 
 _Legacy = tuple[BaseChatModel, dict[str, Any]]
+
+
+def _deprecated_alias(value: Any, guard_streams: Any) -> Any:
+    """``guard_stream_start=value`` (deprecated): the value for ``guard_streams``."""
+    warnings.warn(
+        "CircuitBreakerChatModel: guard_stream_start is deprecated; streams are guarded by "
+        "default (guard_streams=True), whole streams and not only their start: use "
+        "guard_streams",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    if guard_streams is not None and guard_streams != value:
+        raise ValueError(
+            f"guard_stream_start: {value!r} contradicts guard_streams={guard_streams!r} "
+            "(guard_stream_start is a deprecated alias of guard_streams)"
+        )
+    return value
 
 
 def _legacy_call(runnable: Runnable[Any, Any], kwargs: dict[str, Any]) -> _Legacy:

@@ -51,9 +51,15 @@ class EventRelay:
 
     __slots__ = ("_config", "_events", "_token")
 
-    def __init__(self, config: RunnableConfig) -> None:
+    def __init__(self, config: RunnableConfig, *, active: bool = True) -> None:
         self._config = config
         self._events: list[Event] = []
+        self._token: contextvars.Token[list[Event] | None] | None = (
+            _pending.set(self._events) if active else None
+        )
+
+    def activate(self) -> None:
+        """Start collecting this context's events (a relay built with ``active=False``)."""
         self._token = _pending.set(self._events)
 
     @staticmethod
@@ -90,4 +96,6 @@ class EventRelay:
                 return
 
     def close(self) -> None:
-        _pending.reset(self._token)
+        if self._token is not None:
+            _pending.reset(self._token)
+            self._token = None

@@ -26,14 +26,16 @@ class GuardedRunnable(Runnable[Any, Any]):
 
     ``invoke``/``ainvoke`` (so ``batch``/``abatch``) go through the engine, with the
     wrapper's budget and cache if any (a cached answer is the parsed object, or with
-    ``include_raw`` the raw message too, marked); ``stream`` and ``astream`` pass the
-    primary's stream through untouched unless ``guard_stream_start``. With a budget, a
-    stream counts as one call, by its estimate (parsed chunks report no usage).
+    ``include_raw`` the raw message too, marked); ``stream`` and ``astream`` go through
+    the engine's stream guard too (the chat model's rules; parsed chunks carry no end
+    marker, so no cut-short check), or pass through untouched with
+    ``guard_streams=False``. With a budget, a stream counts as one call, by its estimate
+    (parsed chunks report no usage).
     """
 
-    def __init__(self, route: Route, *, guard_stream_start: bool = False) -> None:
+    def __init__(self, route: Route, *, guard_streams: bool = True) -> None:
         self.route = route
-        self.guard_stream_start = guard_stream_start
+        self.guard_streams = guard_streams
 
     @property
     def primary(self) -> Runnable[Any, Any]:
@@ -76,10 +78,9 @@ class GuardedRunnable(Runnable[Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
         route = self.route
-        if self.guard_stream_start:
-            chunks = route.stream_guarded(input, config, kwargs)
-        else:
-            chunks = route.primary.stream(input, config, **kwargs)
+        if self.guard_streams:
+            return route.stream(input, config, kwargs)
+        chunks = route.primary.stream(input, config, **kwargs)
         return chunks if route.outer is None else route.metered(chunks, input, kwargs)
 
     @override
@@ -87,10 +88,9 @@ class GuardedRunnable(Runnable[Any, Any]):
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
         route = self.route
-        if self.guard_stream_start:
-            chunks = route.astream_guarded(input, config, kwargs)
-        else:
-            chunks = route.primary.astream(input, config, **kwargs)
+        if self.guard_streams:
+            return route.astream(input, config, kwargs)
+        chunks = route.primary.astream(input, config, **kwargs)
         return chunks if route.outer is None else route.ametered(chunks, input, kwargs)
 
     def __repr__(self) -> str:

@@ -575,15 +575,24 @@ def _chunk_usage(chunk: object) -> Usage | None:
 
 
 def metered(
-    chunks: Iterator[Any], budget: Budget, key: str, estimate: Callable[[], int]
+    chunks: Iterator[Any],
+    budget: Budget,
+    key: str,
+    estimate: Callable[[], int],
+    key_of: Callable[[Any], str | None] | None = None,
 ) -> Iterator[Any]:
     """``chunks``, each the same object, their usage recorded in ``budget`` as they pass
-    (the engine's meter; LangChain chunks report usage as deltas, each one added)."""
-    return budget.metered(chunks, key=key, usage_of=_chunk_usage, estimate=estimate)
+    (the engine's meter; LangChain chunks report usage as deltas, each one added), under
+    ``key``, or the key ``key_of`` names (the fallback's, when it streams)."""
+    return budget.metered(chunks, key=key, usage_of=_chunk_usage, estimate=estimate, key_of=key_of)
 
 
 def ametered(
-    chunks: AsyncIterator[Any], budget: Budget, key: str, estimate: Callable[[], int]
+    chunks: AsyncIterator[Any],
+    budget: Budget,
+    key: str,
+    estimate: Callable[[], int],
+    key_of: Callable[[Any], str | None] | None = None,
 ) -> AsyncIterator[Any]:
     """Async :func:`metered`."""
-    return budget.ametered(chunks, key=key, usage_of=_chunk_usage, estimate=estimate)
+    return budget.ametered(chunks, key=key, usage_of=_chunk_usage, estimate=estimate, key_of=key_of)

@@ -10,8 +10,8 @@ run per attempt, of the model that answered.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
-from typing import Any, Final, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Final, NamedTuple, cast
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -25,7 +25,8 @@ from callpolicy import CallPolicy, fallback_start
 
 from ._events import EventRelay
 from ._keys import CircuitKeys
-from ._outer import Outer, ametered, metered
+from ._outer import Outer, ametered, metered, unbind
+from ._stream_end import StreamFinished, end_marker
 
 __all__ = ["FALLBACK", "META_ATTEMPT", "META_KEY", "META_ROLE", "META_STATE", "PRIMARY", "Route"]
 
@@ -330,103 +331,209 @@ class Route:
         )
 
     # -- streams: metered by the budget, if any -------------------------------------------
-    def metered(self, chunks: Iterator[Any], input: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
+    def metered(
+        self,
+        chunks: Iterator[Any],
+        input: Any,
+        kwargs: dict[str, Any],
+        answered: list[str] | None = None,
+    ) -> Iterator[Any]:
         """``chunks`` as they are, or, with a budget, each chunk (the same object) counted
-        as it passes: the usage it reports, and the stream as one call."""
+        as it passes: the usage it reports, and the stream as one call (under
+        ``answered[0]``, the key of the model streaming, when given)."""
         outer = self.outer
         if outer is None or outer.budget is None:
             return chunks
-        return metered(chunks, outer.budget, self.key_of(kwargs), lambda: outer.estimate(input))
+        return metered(
+            chunks,
+            outer.budget,
+            self.key_of(kwargs),
+            lambda: outer.estimate(input),
+            None if answered is None else (lambda _chunk: answered[0]),
+        )
 
     def ametered(
-        self, chunks: AsyncIterator[Any], input: Any, kwargs: dict[str, Any]
+        self,
+        chunks: AsyncIterator[Any],
+        input: Any,
+        kwargs: dict[str, Any],
+        answered: list[str] | None = None,
     ) -> AsyncIterator[Any]:
         """Async :meth:`metered`."""
         outer = self.outer
         if outer is None or outer.budget is None:
             return chunks
-        return ametered(chunks, outer.budget, self.key_of(kwargs), lambda: outer.estimate(input))
+        return ametered(
+            chunks,
+            outer.budget,
+            self.key_of(kwargs),
+            lambda: outer.estimate(input),
+            None if answered is None else (lambda _chunk: answered[0]),
+        )
 
-    # -- streams whose start is guarded (opt-in) -----------------------------------------
-    def stream_guarded(
-        self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
+    # -- streams, guarded by the engine ------------------------------------------------------
+    def _stream_calls(
+        self,
+        method: str,
+        input: Any,
+        config: RunnableConfig | None,
+        kwargs: dict[str, Any],
+        finished: StreamFinished,
+        fallback_finished: StreamFinished,
+    ) -> _StreamCalls:
+        """What the engine needs to guard one stream: the key, the two openers (each
+        labels its run as ``invoke``'s attempts are labelled), the end-marker checks."""
+        key = self.key_of(kwargs)
+        cfg = self.prepare(config, key)
+        primary, fallback = self.primary, self.fallback
+        attempt = 0
+        answered = [key]
+        relay = EventRelay(cfg, active=False) if EventRelay.wanted(self.policy, cfg) else None
+
+        def start() -> Any:
+            nonlocal attempt
+            attempt += 1
+            if relay is not None:
+                relay.flush()
+            return getattr(primary, method)(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+
+        call_fallback = None
+        fallback_marker = None
+        if fallback is not None:
+            fallback_kwargs = self.fallback_kwargs(kwargs)
+
+            def call_fallback() -> Any:
+                nonlocal attempt
+                attempt += 1
+                if relay is not None:
+                    relay.flush()
+                answered[0] = self.keys.fallback or key
+                labelled = self.stamp_fallback(cfg, key, attempt)
+                return getattr(fallback, method)(input, labelled, **fallback_kwargs)
+
+            fallback_marker = end_marker(_model_of(fallback), fallback_finished, fallback_kwargs)
+        return _StreamCalls(
+            key,
+            start,
+            call_fallback,
+            end_marker(_model_of(primary), finished, kwargs),
+            fallback_marker,
+            relay,
+            answered,
+        )
+
+    def stream(
+        self,
+        input: Any,
+        config: RunnableConfig | None,
+        kwargs: dict[str, Any],
+        *,
+        finished: StreamFinished = None,
+        fallback_finished: StreamFinished = None,
     ) -> Iterator[Any]:
-        """Stream with the breaker guarding only the start: admission, and a failure before
-        the first chunk (counted, retried, or served by the fallback's stream). Once a
-        chunk is out, the chunks pass through untouched and a later error propagates as is.
-        """
-        key = self.key_of(kwargs)
-        cfg = self.prepare(config, key)
-        attempt = 0
-
-        def start(runnable: Runnable[Any, Any], role: str, call_kwargs: dict[str, Any]) -> Any:
-            nonlocal attempt
-            attempt += 1
-            labelled = (
-                self.stamp(cfg, PRIMARY, attempt)
-                if role == PRIMARY
-                else self.stamp_fallback(cfg, key, attempt)
-            )
-            chunks = iter(runnable.stream(input, labelled, **call_kwargs))
-            try:
-                first = next(chunks)
-            except StopIteration:
-                return chunks, _NOTHING
-            return chunks, first
-
-        fallback = self.fallback
-        chunks, first = self.policy.execute(
-            key,
-            lambda: start(self.primary, PRIMARY, kwargs),
-            fallback=None
-            if fallback is None
-            else lambda: start(fallback, FALLBACK, self.fallback_kwargs(kwargs)),
+        """The primary's stream under the engine's guard (``CallPolicy.stream``): admission,
+        retry and the fallback's stream before the first chunk, the chunks untouched, a
+        failure after it counted, a stream cut short (no end marker) an error; metered by
+        the budget, if any."""
+        calls = self._stream_calls("stream", input, config, kwargs, finished, fallback_finished)
+        chunks = self.policy.stream(
+            calls.key,
+            calls.start,
+            fallback=calls.fallback,
             fallback_key=self.keys.fallback,
+            finished=calls.finished,
+            fallback_finished=calls.fallback_finished,
         )
-        if first is not _NOTHING:
-            yield first
-        yield from chunks
+        if calls.relay is not None:
+            chunks = _relayed(calls.relay, chunks)
+        if self.outer is not None:
+            chunks = self.metered(chunks, input, kwargs, calls.answered)
+        return chunks
 
-    async def astream_guarded(
-        self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
+    def astream(
+        self,
+        input: Any,
+        config: RunnableConfig | None,
+        kwargs: dict[str, Any],
+        *,
+        finished: StreamFinished = None,
+        fallback_finished: StreamFinished = None,
     ) -> AsyncIterator[Any]:
-        """Async :meth:`stream_guarded`."""
-        key = self.key_of(kwargs)
-        cfg = self.prepare(config, key)
-        attempt = 0
-
-        async def start(
-            runnable: Runnable[Any, Any], role: str, call_kwargs: dict[str, Any]
-        ) -> tuple[AsyncIterator[Any], Any]:
-            nonlocal attempt
-            attempt += 1
-            labelled = (
-                self.stamp(cfg, PRIMARY, attempt)
-                if role == PRIMARY
-                else self.stamp_fallback(cfg, key, attempt)
-            )
-            chunks = aiter(runnable.astream(input, labelled, **call_kwargs))
-            try:
-                first = await anext(chunks)
-            except StopAsyncIteration:
-                return chunks, _NOTHING
-            return chunks, first
-
-        fallback = self.fallback
-        chunks, first = await self.policy.aexecute(
-            key,
-            lambda: start(self.primary, PRIMARY, kwargs),
-            fallback=None
-            if fallback is None
-            else lambda: start(fallback, FALLBACK, self.fallback_kwargs(kwargs)),
+        """Async :meth:`stream`."""
+        calls = self._stream_calls("astream", input, config, kwargs, finished, fallback_finished)
+        chunks = self.policy.astream(
+            calls.key,
+            calls.start,
+            fallback=calls.fallback,
             fallback_key=self.keys.fallback,
+            finished=calls.finished,
+            fallback_finished=calls.fallback_finished,
         )
+        if calls.relay is not None:
+            chunks = _arelayed(calls.relay, chunks)
+        if self.outer is not None:
+            chunks = self.ametered(chunks, input, kwargs, calls.answered)
+        return chunks
+
+
+class _StreamCalls(NamedTuple):
+    key: str
+    start: Callable[[], Any]
+    fallback: Callable[[], Any] | None
+    finished: Callable[[Any], bool] | None
+    fallback_finished: Callable[[Any], bool] | None
+    relay: EventRelay | None
+    answered: list[str]
+
+
+def _model_of(runnable: Runnable[Any, Any]) -> Any:
+    """The chat model under a binding (bound tools): its class says which end marker."""
+    model, _bound = unbind(runnable)
+    return model
+
+
+def _relayed(relay: EventRelay, chunks: Iterator[Any]) -> Iterator[Any]:
+    """``chunks``, with the engine's events of the stream's opening (refusal, retries,
+    fallback) handed to the caller's callbacks as custom events. The events are collected
+    only while the opening runs, inside one ``next()``: a context variable must not stay
+    set across a ``yield`` (the consumer's context would see it)."""
+    relay.activate()
+    try:
+        first = next(chunks, _NOTHING)
+    finally:
         try:
-            if first is not _NOTHING:
-                yield first
-            async for chunk in chunks:
-                yield chunk
+            relay.flush()
         finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            relay.close()
+    if first is _NOTHING:
+        return
+    try:
+        yield first
+    except BaseException:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+        raise
+    yield from chunks
+
+
+async def _arelayed(relay: EventRelay, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Async :func:`_relayed`."""
+    relay.activate()
+    try:
+        first = await anext(chunks, _NOTHING)
+    finally:
+        try:
+            await relay.aflush()
+        finally:
+            relay.close()
+    if first is _NOTHING:
+        return
+    try:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -136,7 +136,7 @@ async def test_429_retry_after_is_honoured_by_the_retry_policy(
     assert openai_server.request_count == 2  # one per attempt: the SDK itself did not retry
 
 
-async def test_a_stream_that_dies_midway_is_passed_through_unchanged(
+async def test_a_stream_that_dies_midway_reaches_the_consumer_unchanged_and_counts(
     openai_server: OpenAICompatServer, clock: FakeClock, mode: str
 ) -> None:
     words = "one two three four five"
@@ -163,8 +163,8 @@ async def test_a_stream_that_dies_midway_is_passed_through_unchanged(
     assert (chunks, error) == (bare_chunks, bare_error)
     assert "".join(chunks).strip()
     assert "".join(chunks) != words
-    assert model.state_for() is CLOSED  # streams bypass the breaker...
-    assert asked(openai_server) == [PRIMARY, PRIMARY]  # ...and the fallback
+    assert model.state_for() is OPEN  # counted...
+    assert asked(openai_server) == [PRIMARY, PRIMARY]  # ...and never followed by the fallback
 
 
 async def test_an_invoke_that_streams_internally_counts_a_stream_dying_midway(

@@ -1,7 +1,9 @@
-"""Streams pass through untouched: the inner model's own chunks, and its own errors.
+"""Streams are guarded by default, and their chunks pass through untouched: the inner
+model's own chunk objects, and its own errors (counted, with a note).
 
-The breaker, retry and fallback do not apply to ``stream``/``astream``; the opt-in
-``guard_stream_start`` lets the breaker guard only a stream's start.
+``guard_streams=False`` passes streams through as they are; ``guard_stream_start`` is its
+deprecated alias. The engine's rules are tested in tests/engine/test_stream.py; these
+tests pin what the LangChain wrapper adds (runs, kwargs, markers, structured output).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ async def test_the_last_chunk_carries_the_inner_models_usage_and_metadata(mode: 
     assert total.response_metadata["model_name"] == "m1"
 
 
-async def test_an_error_mid_stream_propagates_unchanged_after_the_chunks_before_it(
+async def test_an_error_mid_stream_is_counted_and_reraised_after_the_chunks_before_it(
     mode: str,
 ) -> None:
     error = ServerError("connection dropped")
@@ -98,16 +100,20 @@ async def test_an_error_mid_stream_propagates_unchanged_after_the_chunks_before_
     model = CircuitBreakerChatModel(inner=inner, fallback=backup, failure_threshold=1)
     chunks, raised = await collect_until_error(model, mode)
     assert [c.content for c in chunks] == ["one ", "two "]
-    assert raised is error
-    assert backup.calls == 0  # no fallback for a stream
-    assert model.state_for() is CLOSED  # and nothing counted
+    assert raised is error  # the inner model's own error, with a note
+    assert f"callpolicy: stream of {model.key} failed after 2 chunks" in error.__notes__
+    assert backup.calls == 0  # never another model's chunks after the first
+    assert model.state_for() is OPEN  # counted
 
 
-async def test_the_breaker_does_not_see_streams(mode: str, clock: FakeClock) -> None:
+async def test_with_guard_streams_off_the_breaker_does_not_see_streams(
+    mode: str, clock: FakeClock
+) -> None:
     inner = ScriptedChatModel(script=[ServerError("500")] * 3)
     model = CircuitBreakerChatModel(
         inner=inner,
         policy=CallPolicy(clock=clock, failure_threshold=1, retry=RetryPolicy(base_delay=0)),
+        guard_streams=False,
     )
     for _ in range(3):
         with pytest.raises(ServerError):
@@ -126,7 +132,7 @@ async def test_stop_and_kwargs_reach_the_inner_stream(mode: str) -> None:
     assert inner.call_kwargs == [{"temperature": 0.5}]
 
 
-# -- guard_stream_start -----------------------------------------------------------------
+# -- guarded streams (the default) -------------------------------------------------------
 
 
 def guarded_streams(
@@ -136,7 +142,6 @@ def guarded_streams(
         inner=inner,
         fallback=fallback,
         policy=CallPolicy(clock=clock, failure_threshold=2, cooldown=30),
-        guard_stream_start=True,
     )
 
 
@@ -168,7 +173,7 @@ async def test_a_guarded_start_streams_the_fallback_when_open(clock: FakeClock, 
     assert (inner.calls, backup.calls) == (2, 3)
 
 
-async def test_a_guarded_start_lets_an_error_after_the_first_chunk_through(
+async def test_an_error_after_the_first_chunk_is_counted_and_not_served_by_the_fallback(
     clock: FakeClock, mode: str
 ) -> None:
     error = ServerError("late")
@@ -180,7 +185,7 @@ async def test_a_guarded_start_lets_an_error_after_the_first_chunk_through(
     assert raised is error
     assert backup.calls == 0
     assert model.policy is not None
-    assert model.policy.circuit(model.key_for()).snapshot().failures == 0
+    assert model.policy.circuit(model.key_for()).snapshot().failures == 1
 
 
 async def test_a_guarded_stream_abandoned_early_closes_the_inner_stream(
@@ -196,6 +201,26 @@ async def test_a_guarded_stream_abandoned_early_closes_the_inner_stream(
         assert (await anext(astream)).content == "a "
         await astream.aclose()  # type: ignore[attr-defined]
     assert model.state_for() is CLOSED
+    assert model.policy is not None
+    assert model.policy.metrics()[model.key_for()].cancelled == 1
+
+
+def test_guard_stream_start_is_a_deprecated_alias_of_guard_streams() -> None:
+    with pytest.warns(DeprecationWarning, match="guard_streams"):
+        model = CircuitBreakerChatModel(inner=ScriptedChatModel(), guard_stream_start=False)
+    assert model.guard_streams is False
+    with (
+        pytest.warns(DeprecationWarning, match="deprecated"),
+        pytest.raises(ValueError, match="contradicts"),
+    ):
+        CircuitBreakerChatModel(
+            inner=ScriptedChatModel(), guard_stream_start=False, guard_streams=True
+        )
+
+
+def test_a_bad_stream_finished_option_is_refused_naming_it() -> None:
+    with pytest.raises(TypeError, match="fallback_stream_finished"):
+        CircuitBreakerChatModel(inner=ScriptedChatModel(), fallback_stream_finished="yes")
 
 
 # -- disable_streaming: streams through invoke, so through the engine --------------------
