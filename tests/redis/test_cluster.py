@@ -127,7 +127,9 @@ def test_circuits_spread_over_every_primary_and_each_script_runs_on_its_slots_no
                 policy.execute(key, lambda: "never")
     # No fallback to local state: Redis decided every call.
     assert not [r for r in caplog.records if r.name == "callpolicy.redis"]
-    ran = [after - earlier for after, earlier in zip(_evalsha_per_node(cluster), before)]
+    ran = [
+        after - earlier for after, earlier in zip(_evalsha_per_node(cluster), before, strict=True)
+    ]
     assert all(n > 0 for n in ran), ran  # every primary served some circuits
     assert sum(ran) == len(KEYS) * 6  # admit x4, record x2 (the success was clean)
 
@@ -251,9 +253,7 @@ def test_shared_keys_and_status_see_circuits_on_every_node(
     assert found == dict.fromkeys(KEYS, "open")
     for key in KEYS:
         policy.reset(key)
-    assert {make_store().circuit_for_key(k).snapshot().state for k in KEYS} == {
-        CircuitState.CLOSED
-    }
+    assert {make_store().circuit_for_key(k).snapshot().state for k in KEYS} == {CircuitState.CLOSED}
 
 
 async def test_async_calls_go_through_an_asyncio_cluster_client(
@@ -308,24 +308,32 @@ def test_a_key_that_would_span_slots_is_refused_clearly(make_store: MakeClusterS
         make_store(prefix="}odd").cache_backend()
 
 
-def test_a_cluster_outage_falls_back_to_local_state_and_recovers(
+def test_a_dead_primary_is_an_outage_for_callers_and_shared_state_resumes_after(
     prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A primary goes away: its slots are down (CLUSTERDOWN, connection errors), calls go
-    on locally; a new cluster in its place, and the shared state resumes."""
+    """A primary dies: its slots are down (connection errors, then CLUSTERDOWN once the
+    others notice), calls go on in local state; it comes back, and the shared state
+    resumes. A cluster of its own: this one is broken on purpose."""
     own = RedisClusterNodes()
     try:
         store = RedisStore.from_url(own.url, prefix=prefix, backoff_base=0.01, backoff_max=0.01)
-        with store, caplog.at_level(logging.WARNING, logger="callpolicy.redis"):
+        with store, caplog.at_level(logging.INFO, logger="callpolicy.redis"):
             policy = CallPolicy(store=store, failure_threshold=1)
             budget = Budget(max_calls=100, store=store.budget_store())
             cache = ResponseCache(backend=store)
-            own._processes.stop(own.ports[1])  # a primary (a third of the slots) dies
+            own.kill(1)  # a third of the slots
             for key in KEYS:
                 assert policy.execute(key, lambda: "ok") == "ok"
                 budget.commit(budget.reserve(key, 1), None)
                 assert cache.get(key) is None
             assert any("unreachable" in r.getMessage() for r in caplog.records)
+            own.revive(1)
+            for key in KEYS:
+                _trip(policy, key)  # shared again: every circuit's trip is on the cluster
+            with own.client() as plain:
+                opened = [plain.hget(f"{prefix}:cb:{{{k}}}", "state") for k in KEYS]
+            assert opened.count(b"open") >= len(KEYS) - 1  # the first may find it still down
+            assert any("reachable again" in r.getMessage() for r in caplog.records)
     finally:
         own.stop()
 

@@ -43,8 +43,12 @@ class _Processes:
     def __init__(self, prefix: str) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
+        self._args: dict[int, tuple[str, ...]] = {}
 
     def start(self, port: int, *args: str) -> None:
+        """Start a server on ``port`` (with the arguments of its last start if none)."""
+        args = args or self._args[port]
+        self._args[port] = args
         self._processes[port] = subprocess.Popen(
             [_binary("redis-server"), *args],
             stdout=subprocess.DEVNULL,
@@ -139,6 +143,21 @@ class RedisClusterNodes:
     def node(self, port: int) -> redis.Redis:
         """A plain client of one node (it does not follow redirections)."""
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+
+    def kill(self, index: int) -> None:
+        """Kill primary ``index`` (``SIGKILL``): its slots are down until :meth:`revive`."""
+        self._processes.stop(self.ports[index])
+
+    def revive(self, index: int) -> None:
+        """Restart primary ``index`` (it rejoins with its node id and slots); wait until
+        every node sees the cluster whole again."""
+        self._processes.start(self.ports[index])
+        for port in self.ports:
+            with self.node(port) as node:
+                _wait(
+                    f"cluster node {port} to see the cluster whole again",
+                    lambda node=node: node.cluster("info")["cluster_state"] == "ok",  # type: ignore[misc]
+                )
 
     def client(self) -> redis.cluster.RedisCluster:
         return redis.cluster.RedisCluster(host="127.0.0.1", port=self.ports[0], socket_timeout=2)

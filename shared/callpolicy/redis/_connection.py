@@ -42,7 +42,12 @@ __all__ = [
 
 logger = logging.getLogger("callpolicy.redis")
 
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, *TOPOLOGY_FAULTS)
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    *TOPOLOGY_FAULTS,
+)
 
 
 def text(value: Any) -> str:

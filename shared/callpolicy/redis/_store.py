@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from .._config import BreakerConfig
@@ -54,6 +55,7 @@ from ._connection import (
 )
 from ._topology import (
     AsyncClientFactory,
+    InitializedFirst,
     async_cluster_factory,
     cluster_from_url,
     cluster_url,
@@ -744,14 +746,16 @@ class RedisStore:
                 aclient = aioredis.Redis(
                     **{k: v for k, v in settings.items() if k in _ASYNC_CLIENT_SETTINGS}
                 )
-            scripts: dict[str, Any] = {
+            made: dict[str, Any] = {
                 name: aclient.register_script(source)
                 for name, source in (("admit", _scripts.ADMIT), ("record", _scripts.RECORD))
             }
+            if isinstance(aclient, AsyncRedisCluster):
+                made = {name: InitializedFirst(script) for name, script in made.items()}
             if others:
-                scripts["others"] = others
-            self._async[loop] = scripts
-            return scripts
+                made["others"] = others
+            self._async[loop] = made
+            return made
 
     def circuit(
         self,

@@ -40,6 +40,7 @@ __all__ = [
     "CLUSTER_SCHEMES",
     "TOPOLOGY_FAULTS",
     "AsyncClientFactory",
+    "InitializedFirst",
     "async_cluster_factory",
     "cluster_from_url",
     "cluster_url",
@@ -106,10 +107,31 @@ def async_cluster_factory(client: RedisCluster) -> AsyncClientFactory:
 
     def build() -> tuple[Any, list[Any]]:
         startup = [AsyncClusterNode(host, port) for host, port in nodes]
-        aclient = AsyncRedisCluster(startup_nodes=startup, retry=AsyncRetry(NoBackoff(), 1), **kwargs)
+        aclient = AsyncRedisCluster(
+            startup_nodes=startup, retry=AsyncRetry(NoBackoff(), 1), **kwargs
+        )
         return aclient, []
 
     return build
+
+
+class InitializedFirst:
+    """A script of a ``redis.asyncio.cluster.RedisCluster`` whose first call initialises
+    the client (fetches the slot map) before it runs: concurrent first calls on a new
+    client otherwise race in redis-py 8 (a ``ConnectionError``, or an ``AttributeError``
+    of a connection another task reset). ``initialize()`` is idempotent and locked."""
+
+    __slots__ = ("registered_client", "script")
+
+    def __init__(self, script: Any) -> None:
+        self.script = script
+        self.registered_client = script.registered_client
+
+    async def __call__(self, *, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        client = self.registered_client
+        if client._initialize:  # until its slot map is fetched
+            await client.initialize()
+        return await self.script(keys=keys, args=args)
 
 
 def sentinel_clients(
@@ -122,11 +144,16 @@ def sentinel_clients(
     """A sync client of the primary that the Sentinels name ``service_name`` (it asks them
     again on every new connection, so after a failover it reaches the new primary), the
     Sentinels' own clients (to close with it), and how to build the asyncio twin."""
-    manager = Sentinel(list(sentinels), sentinel_kwargs=dict(sentinel_kwargs), **settings)
-    client = manager.master_for(service_name)
+    # redis-py's Sentinel classes are untyped.
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        list(sentinels), sentinel_kwargs=dict(sentinel_kwargs), **settings
+    )
+    client: redis.Redis = manager.master_for(service_name)  # type: ignore[no-untyped-call]
 
     def build() -> tuple[Any, list[Any]]:
-        amanager = AsyncSentinel(list(sentinels), sentinel_kwargs=dict(sentinel_kwargs), **settings)
+        amanager = AsyncSentinel(  # type: ignore[no-untyped-call]
+            list(sentinels), sentinel_kwargs=dict(sentinel_kwargs), **settings
+        )
         aclient: aioredis.Redis = amanager.master_for(service_name)
         return aclient, list(amanager.sentinels)
 
