@@ -224,7 +224,7 @@ class SentinelGroup:
         """The primary's address, as the Sentinel knows it now."""
         with self.sentinel() as sentinel:
             host, port = sentinel.sentinel_get_master_addr_by_name(self.service)
-        return str(host), int(port)
+        return host.decode() if isinstance(host, bytes) else str(host), int(port)
 
     def failover(self) -> tuple[str, int]:
         """Promote the replica (``SENTINEL FAILOVER``); wait until the Sentinel names it and
