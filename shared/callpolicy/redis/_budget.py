@@ -29,6 +29,7 @@ from .._budget_store import (
 )
 from .._errors import CallPolicyError
 from ._connection import UNREACHABLE, text
+from ._topology import one_slot
 
 if TYPE_CHECKING:
     from ._store import RedisStore
@@ -235,6 +236,10 @@ class RedisBudgetStore:
         self._local_windows: dict[int, int] = {}
         self._replay: deque[tuple[str, list[Any], list[str]]] = deque()
         self._replay_lock = threading.Lock()
+        self._plain_keys = self._keys
+        self._checked_scopes: set[str] = set()
+        if store.is_cluster:
+            self._keys = self._cluster_keys  # type: ignore[method-assign]
         client = store.client
         self._reserve = client.register_script(RESERVE)
         self._settle = client.register_script(SETTLE)
@@ -242,8 +247,22 @@ class RedisBudgetStore:
         self._tally = client.register_script(TALLY)
 
     def _keys(self, scope: str) -> list[str]:
+        """A scope's five keys, one hash tag (``{scope}``): one slot on a cluster."""
         base = f"{self._store.prefix}:budget:{{{scope}}}"
         return [base, f"{base}:wcalls", f"{base}:wtokens", f"{base}:wcost", f"{base}:pending"]
+
+    def _cluster_keys(self, scope: str) -> list[str]:
+        """:meth:`_keys`, checked once per scope to share one slot of the cluster."""
+        keys = self._plain_keys(scope)
+        if scope not in self._checked_scopes:
+            if not one_slot(keys):
+                raise ValueError(
+                    f"scope: budget scope {scope!r} with prefix {self._store.prefix!r} "
+                    "spreads its counters over hash slots of a Redis Cluster (a scope or "
+                    "prefix starting with '}' or holding '{}'): choose another key"
+                )
+            self._checked_scopes.add(scope)
+        return keys
 
     @property
     def _ttl_ms(self) -> int:

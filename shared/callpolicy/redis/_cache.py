@@ -1,8 +1,12 @@
 """Cached answers on Redis, shared by every process: JSON text under a key, with a TTL and
 an LRU bound on entries and bytes kept by Lua scripts (one round trip per get or set).
 
-Scripts name the entries they evict at run time, which a standalone Redis (or a
-replicated one) allows; on Redis Cluster use one cache prefix per hash slot.
+Scripts name the entries they evict at run time, which Redis allows of keys in the slot
+of the keys the script declares. On a Redis Cluster every key of a store's cache carries
+the hash tag ``{<prefix>:cache}`` (``{myapp:cache}:e:<key>``, ``{myapp:cache}:lru``...):
+one slot, so one primary holds the whole cache and serves its traffic (one cache per
+prefix; give apps their own prefix to spread them). On one server the keys are
+``myapp:cache:e:<key>``, ``myapp:cache:lru``...
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .._cache_backend import BackendBounds, entry_size
 from ._connection import UNREACHABLE, text
+from ._topology import one_slot
 
 if TYPE_CHECKING:
     from ._store import RedisStore
@@ -92,10 +97,16 @@ class RedisCacheBackend:
         self._store = store
         self.max_entries = bounds.max_entries
         self.max_bytes = bounds.max_bytes
-        base = f"{store.prefix}:cache"
+        # On a cluster, one hash tag: the scripts bound and evict the cache as a whole.
+        base = f"{{{store.prefix}:cache}}" if store.is_cluster else f"{store.prefix}:cache"
         self._entry_prefix = f"{base}:e:"
         self._lru, self._sizes = f"{base}:lru", f"{base}:sizes"
         self._bytes, self._clock = f"{base}:bytes", f"{base}:clock"
+        if store.is_cluster and not one_slot([self._lru, f"{self._entry_prefix}x"]):
+            raise ValueError(
+                f"prefix: {store.prefix!r} spreads the cache over hash slots of a Redis "
+                "Cluster (a prefix starting with '}'): choose another"
+            )
         client = store.client
         self._get = client.register_script(GET)
         self._set = client.register_script(SET)

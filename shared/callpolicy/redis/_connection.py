@@ -22,6 +22,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._errors import CallPolicyError
+from ._topology import TOPOLOGY_FAULTS
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:  # what redis-py's own packer calls, without its checks of every argument (~4 us)
@@ -41,7 +42,12 @@ __all__ = [
 
 logger = logging.getLogger("callpolicy.redis")
 
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    *TOPOLOGY_FAULTS,
+)
 
 
 def text(value: Any) -> str:
@@ -204,20 +210,31 @@ def release_closed_loop_client(client: aioredis.Redis) -> None:
     run here: ``connection_lost``, which closes the socket. A transport without that
     step (not asyncio's selector transport: uvloop, TLS) is left to the collector.
     """
-    pool: Any = client.connection_pool
+    pool: Any = getattr(client, "connection_pool", None)
     connection: Any
+    if pool is None:  # a redis.asyncio.cluster.RedisCluster: a list of connections per node
+        for node in client.nodes_manager.nodes_cache.values():  # type: ignore[attr-defined]
+            for connection in node._connections:
+                _release_connection(connection)
+            node._free.clear()
+        return
     for connection in [*pool._available_connections, *pool._in_use_connections]:
-        writer = getattr(connection, "_writer", None)
-        if writer is None:
-            continue
-        transport = writer.transport
-        # "Event loop is closed": the loop could not schedule connection_lost.
-        with contextlib.suppress(RuntimeError):
-            transport.abort()
-        lost = getattr(transport, "_call_connection_lost", None)
-        if lost is not None and getattr(transport, "_sock", None) is not None:
-            # Waking a waiter of the closed loop may raise too; the socket is closed first.
-            with contextlib.suppress(RuntimeError):
-                lost(None)
-        connection._close()  # forget the streams (the transport is closing: no loop call)
+        _release_connection(connection)
     pool.reset()
+
+
+def _release_connection(connection: Any) -> None:
+    """One connection of :func:`release_closed_loop_client`: its socket closed."""
+    writer = getattr(connection, "_writer", None)
+    if writer is None:
+        return
+    transport = writer.transport
+    # "Event loop is closed": the loop could not schedule connection_lost.
+    with contextlib.suppress(RuntimeError):
+        transport.abort()
+    lost = getattr(transport, "_call_connection_lost", None)
+    if lost is not None and getattr(transport, "_sock", None) is not None:
+        # Waking a waiter of the closed loop may raise too; the socket is closed first.
+        with contextlib.suppress(RuntimeError):
+            lost(None)
+    connection._close()  # forget the streams (the transport is closing: no loop call)

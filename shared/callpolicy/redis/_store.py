@@ -33,6 +33,8 @@ from typing import Any, Literal
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
 
 from .._config import BreakerConfig
 from .._errors import CircuitOpenError
@@ -50,6 +52,15 @@ from ._connection import (
     ThreadConnection,
     release_closed_loop_client,
     text,
+)
+from ._topology import (
+    AsyncClientFactory,
+    InitializedFirst,
+    async_cluster_factory,
+    cluster_from_url,
+    cluster_url,
+    one_slot,
+    sentinel_clients,
 )
 
 __all__ = ["RedisStore"]
@@ -121,6 +132,12 @@ class _RedisCircuit:
         self._notify = notify
         base = f"{store.prefix}:cb:{{{key}}}"  # braces: one hash slot on a cluster
         self._keys = [base, f"{base}:probes", f"{base}:window"]
+        if store.is_cluster and not one_slot(self._keys):
+            raise ValueError(
+                f"key: {key!r} with prefix {store.prefix!r} spreads a circuit over hash "
+                "slots of a Redis Cluster (a key or prefix starting with '}' or holding "
+                "'{}'): choose another"
+            )
         self._local: Circuit = store._local.circuit(
             key, provider=provider, model=model, config=config, on_transition=notify
         )
@@ -329,8 +346,9 @@ class RedisStore:
     """Circuit state in Redis, shared by every process that uses the same server and prefix.
 
     Args:
-        client: a sync ``redis.Redis``; async calls use a ``redis.asyncio.Redis`` built
-            from the same connection settings, one per event loop.
+        client: a sync ``redis.Redis``, or a ``redis.cluster.RedisCluster``; async calls
+            use a ``redis.asyncio.Redis`` (a ``redis.asyncio.cluster.RedisCluster``)
+            built from the same connection settings, one per event loop.
         prefix: namespace of every key (``{prefix}:cb:{provider::model}``).
         probe_lease: seconds a half-open probe holds its slot if its process never
             reports back (it died): then the slot frees itself.
@@ -349,7 +367,7 @@ class RedisStore:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         *,
         prefix: str = "callpolicy",
         probe_lease: float = 60.0,
@@ -358,16 +376,27 @@ class RedisStore:
         backoff_max: float = 30.0,
         close_client: bool = False,
     ) -> None:
-        if not isinstance(client, redis.Redis):
-            raise TypeError(f"client: expected a redis.Redis, got {type(client).__name__}")
+        if not isinstance(client, (redis.Redis, RedisCluster)):
+            raise TypeError(
+                "client: expected a redis.Redis or a redis.cluster.RedisCluster, got "
+                f"{type(client).__name__}"
+            )
         if not isinstance(prefix, str) or not prefix or prefix != prefix.strip():
             raise ValueError("prefix: expected a non-empty string without surrounding spaces")
         if probe_lease <= 0:
             raise ValueError("probe_lease: must be > 0 seconds")
         if key_ttl <= 0:
             raise ValueError("key_ttl: must be > 0 seconds")
-        self.client = client
+        self.client: Any = client
         self.prefix = prefix
+        self.is_cluster = isinstance(client, RedisCluster)
+        """Whether the store is on a Redis Cluster (every script's keys in one slot)."""
+        # How async calls get their client, one per event loop (None: from the sync
+        # client's pool settings), and what else to close with the sync client.
+        self._async_factory: AsyncClientFactory | None = (
+            async_cluster_factory(client) if isinstance(client, RedisCluster) else None
+        )
+        self._also_close: list[redis.Redis] = []
         self._close_client = close_client
         self._closed = False
         self._async_pool_settings: tuple[str, dict[str, Any]] | None = None
@@ -405,9 +434,11 @@ class RedisStore:
         socket_timeout: float = 0.5,
         max_connections: int = 100,
         pool_timeout: float = 5.0,
+        cluster: bool = False,
         **options: Any,
     ) -> RedisStore:
-        """A store on the server at ``url``.
+        """A store on the server at ``url``; on a Redis Cluster with ``cluster=True`` or a
+        ``redis+cluster://`` (``rediss+cluster://``) URL naming any of its nodes.
 
         ``socket_timeout`` bounds how long a call can wait on an unresponsive Redis before
         it falls back to local state. Connections come from a *blocking* pool of
@@ -419,6 +450,12 @@ class RedisStore:
         instead, with the pool's settings, opened on its first call and closed when the
         thread ends (or by :meth:`close`): up to ``max_connections`` threads have one, any
         more share the pool. A process can so hold up to twice ``max_connections``.
+
+        On a cluster, the client is a ``redis.cluster.RedisCluster`` (it fetches the slot
+        map at once: it raises if no node answers) with a blocking pool of
+        ``max_connections`` per node, that follows ``MOVED``/``ASK`` redirections itself
+        and retries once, on a fresh slot map, after a connection error. Every call goes
+        through it: the per-thread connections are a single server's.
         """
         if max_connections < 1:
             raise ValueError("max_connections: must be >= 1")
@@ -428,11 +465,64 @@ class RedisStore:
             "max_connections": max_connections,
             "timeout": pool_timeout,
         }
+        url, named_cluster = cluster_url(url)
+        if cluster or named_cluster:
+            store = cls(cluster_from_url(url, settings), prefix=prefix, **options)
+            store._close_client = True
+            return store
         pool = redis.BlockingConnectionPool.from_url(url, **settings)
         # from_pool: the client owns the pool, and closing it disconnects the pool.
         store = cls(redis.Redis.from_pool(pool), prefix=prefix, **options)
         store._async_pool_settings = (url, settings)
         store._close_client = True
+        store._thread_connection_limit = max_connections
+        return store
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        service_name: str,
+        *,
+        prefix: str = "callpolicy",
+        socket_timeout: float = 0.5,
+        max_connections: int = 100,
+        sentinel_kwargs: dict[str, Any] | None = None,
+        connection_kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> RedisStore:
+        """A store on the primary that the Sentinels at ``sentinels`` (``(host, port)``
+        pairs) monitor as ``service_name``.
+
+        Each new connection asks the Sentinels where the primary is. When it fails and
+        a replica is promoted, calls meanwhile fall back to local state (as for any
+        outage: a connection error, ``READONLY`` from the demoted primary, no primary
+        known) and the shared state resumes on the new primary once the store retries.
+
+        ``connection_kwargs`` go to the primary's connections (``password``,
+        ``username``, ``ssl``...), ``sentinel_kwargs`` to the Sentinels' (their own
+        password, if any); both get ``socket_timeout``. The primary's pool is redis-py's
+        ``SentinelConnectionPool`` (not a blocking one): past ``max_connections``
+        concurrent callers, a call falls back to local state. Sync circuit calls run on
+        a connection of each calling thread's own, as with :meth:`from_url`.
+        """
+        if max_connections < 1:
+            raise ValueError("max_connections: must be >= 1")
+        if not sentinels:
+            raise ValueError("sentinels: expected at least one (host, port) pair")
+        if not isinstance(service_name, str) or not service_name:
+            raise ValueError("service_name: expected the name the Sentinels monitor")
+        timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+        client, others, build_async = sentinel_clients(
+            sentinels,
+            service_name,
+            settings={**timeouts, "max_connections": max_connections, **(connection_kwargs or {})},
+            sentinel_kwargs={**timeouts, **(sentinel_kwargs or {})},
+        )
+        store = cls(client, prefix=prefix, **options)
+        store._close_client = True
+        store._also_close = others
+        store._async_factory = build_async
         store._thread_connection_limit = max_connections
         return store
 
@@ -517,8 +607,9 @@ class RedisStore:
             self.health = ClosedHealth(message)
             self._scripts = _ClosedScripts(message)
             clients = [
-                (loop, scripts["admit"].registered_client)
+                (loop, aclient)
                 for loop, scripts in list(self._async.items())
+                for aclient in (scripts["admit"].registered_client, *scripts.get("others", ()))
             ]
             self._async.clear()
             threads = list(self._thread_connections)
@@ -529,6 +620,8 @@ class RedisStore:
             own.release()
         if self._close_client:
             self.client.close()
+            for other in self._also_close:
+                other.close()
         return clients
 
     def _closed_message(self) -> str:
@@ -635,10 +728,15 @@ class RedisStore:
                 if old.is_closed():
                     del self._async[old]
                     release_closed_loop_client(old_scripts["admit"].registered_client)
+                    for other in old_scripts.get("others", ()):
+                        release_closed_loop_client(other)
             # redis.asyncio connections belong to one event loop: one client per loop.
             # Same server and timeouts as the sync client (only the settings both share).
             # Either way the client owns its pool: closing it disconnects the pool.
-            if self._async_pool_settings is not None:
+            others: list[Any] = []
+            if self._async_factory is not None:  # a cluster's, a Sentinel's primary's
+                aclient, others = self._async_factory()
+            elif self._async_pool_settings is not None:
                 url, pool_settings = self._async_pool_settings
                 aclient = aioredis.Redis.from_pool(
                     aioredis.BlockingConnectionPool.from_url(url, **pool_settings)
@@ -648,12 +746,16 @@ class RedisStore:
                 aclient = aioredis.Redis(
                     **{k: v for k, v in settings.items() if k in _ASYNC_CLIENT_SETTINGS}
                 )
-            scripts = {
+            made: dict[str, Any] = {
                 name: aclient.register_script(source)
                 for name, source in (("admit", _scripts.ADMIT), ("record", _scripts.RECORD))
             }
-            self._async[loop] = scripts
-            return scripts
+            if isinstance(aclient, AsyncRedisCluster):
+                made = {name: InitializedFirst(script) for name, script in made.items()}
+            if others:
+                made["others"] = others
+            self._async[loop] = made
+            return made
 
     def circuit(
         self,
