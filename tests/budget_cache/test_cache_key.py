@@ -17,7 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, SecretStr
 
-from callpolicy._cache_key import cache_key, canonical_json, is_secret_name
+from callpolicy._cache_key import (
+    UncacheableRequestError,
+    cache_key,
+    canonical_json,
+    is_secret_name,
+)
 
 SECRET = "sk-live-THIS-MUST-NEVER-BE-HASHED-1234567890"
 
@@ -245,7 +250,10 @@ def test_rich_values_have_a_canonical_form() -> None:
 
 
 def test_a_value_without_a_json_form_is_a_type_error_naming_where() -> None:
-    with pytest.raises(TypeError, match=r"request\['messages'\]\[1\]\['client'\] is a object"):
+    with pytest.raises(
+        UncacheableRequestError,
+        match=r"request\['messages'\]\[1\]\['client'\] is a builtins\.object",
+    ):
         cache_key({"messages": [{}, {"client": object()}]})
     with pytest.raises(TypeError, match="function"):
         cache_key({"tools": [len]})
