@@ -342,3 +342,27 @@ async def test_concurrent_callers_still_share_a_fallbacks_answer() -> None:
 def test_the_option_is_validated_at_construction(value: Any) -> None:
     with pytest.raises(ValidationError, match="cache_fallback_answers"):
         ResponseCache(cache_fallback_answers=value)
+
+
+def test_langchain_keeps_the_response_id_when_the_provider_receives_it() -> None:
+    from langchain_core.messages import AIMessage
+
+    from langchain_breaker._outer import ChatCodec, _messages_described
+
+    def history(response_id: str) -> list[Any]:
+        answer = AIMessage("Paris.", id="run-1", response_metadata={"id": response_id})
+        return [HumanMessage("Capital?"), answer, HumanMessage("And Spain?")]
+
+    # Chat Completions: the response id is not sent, so it is not in the key.
+    assert _messages_described(history("resp_1")) == _messages_described(history("resp_2"))
+    # Responses API with use_previous_response_id: it is sent (previous_response_id).
+    assert _messages_described(history("resp_1"), response_ids=True) != _messages_described(
+        history("resp_2"), response_ids=True
+    )
+    for chained in (False, True):
+        codec = ChatCodec(
+            ChatOpenAI(model="gpt-4o", api_key="sk-x", use_previous_response_id=chained)
+        )
+        first = codec.legacy_request(history("resp_1"), None, {}).describe()
+        second = codec.legacy_request(history("resp_2"), None, {}).describe()
+        assert (first != second) is chained
