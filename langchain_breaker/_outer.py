@@ -17,17 +17,9 @@ Three kinds of call are described:
 
 from __future__ import annotations
 
-import base64
 import copy
-import dataclasses
-import datetime
-import decimal
-import enum
-import functools
 import json
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from pathlib import PurePath
 from typing import Any, Final
 
 from langchain_core.language_models import BaseChatModel
@@ -41,9 +33,19 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import Runnable, RunnableBinding
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic import BaseModel
 
-from callpolicy import Budget, CallRequest, ResponseCache, Usage
+from callpolicy import (
+    SCHEMA_ARGUMENTS,
+    Budget,
+    CallRequest,
+    ResponseCache,
+    UncacheableRequestError,
+    Usage,
+    by_type,
+    key_data,
+    key_text,
+)
 
 __all__ = [
     "META_CACHE",
@@ -96,27 +98,6 @@ _MODEL_FIELDS = (
     "region_name",
 )
 
-# Call kwargs that carry JSON schemas (tools, output formats): described as JSON text, so
-# that the key's secret filter, which drops entries *named* like secrets at any depth,
-# never drops a tool parameter called "password" or "token" (a changed schema of it would
-# otherwise be a false hit). Schemas hold no credentials.
-_SCHEMA_KWARGS = frozenset(
-    (
-        "tools",
-        "functions",
-        "tool_choice",
-        "function_call",
-        "response_format",
-        "text",
-        "format",
-        "response_schema",
-        "response_json_schema",
-        "json_schema",
-    )
-)
-
-_DROP: Any = object()
-
 
 def unbind(runnable: Runnable[Any, Any]) -> tuple[Runnable[Any, Any], dict[str, Any]]:
     """The runnable under a (possibly nested) binding, and the kwargs bound to it."""
@@ -127,89 +108,55 @@ def unbind(runnable: Runnable[Any, Any]) -> tuple[Runnable[Any, Any], dict[str, 
     return runnable, bound
 
 
-# -- describing a request: JSON data, with no secrets ------------------------------------
+# -- describing a request: the engine's walker, with LangChain's tools --------------------
 def describe_value(value: Any) -> Any:
-    """``value`` as data :func:`callpolicy.cache_key` can hash, secrets left out.
-
-    JSON values pass as they are; pydantic objects are their fields, pydantic classes their
-    JSON schema, tools their OpenAI form; ``SecretStr`` values are dropped. A value with no
-    JSON form (a client object, a function) is described by its type: it cannot be seen
-    into, and an unstable key (``repr`` with an address) would never hit.
-    """
-    found = _described(value)
-    return None if found is _DROP else found
+    """``value`` as data :func:`callpolicy.cache_key` can hash (the engine's
+    :func:`callpolicy.key_data`): JSON values as they are, pydantic objects as their
+    fields, pydantic classes as their JSON schema, LangChain tools and TypedDict classes
+    in their OpenAI form; ``SecretStr`` values null. A value with no JSON form (a client
+    object, a function) raises :class:`callpolicy.UncacheableRequestError`: the engine then
+    calls the model without the cache rather than risk another request's answer."""
+    return key_data(value, convert=_convert)
 
 
-def _described(value: Any) -> Any:
-    kind = type(value)
-    if value is None or kind is str or kind is int or kind is float or kind is bool:
-        return value
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for name, item in value.items():
-            plain = _described(item)
-            if plain is not _DROP:
-                out[name if isinstance(name, str) else str(_described(name))] = plain
-        return out
-    if isinstance(value, (list, tuple)):
-        return [plain for plain in map(_described, value) if plain is not _DROP]
-    if isinstance(value, (SecretStr, SecretBytes)):
-        return _DROP
-    if isinstance(value, enum.Enum):
-        return _described(value.value)
-    if isinstance(value, (str, int, float)):
-        return value
-    if isinstance(value, BaseModel):
-        return _described(value.model_dump(mode="python"))
-    if isinstance(value, type):
-        return _described_class(value)
+def _convert(value: Any) -> Any:
+    """LangChain's values the engine's walker does not know: tools (whole, as JSON text,
+    so that a parameter called ``password`` is not dropped by name)."""
     if isinstance(value, BaseTool):
-        return _described(convert_to_openai_tool(value))
-    if dataclasses.is_dataclass(value):
-        return _described({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
-    if isinstance(value, (set, frozenset)):
-        return sorted((_described(v) for v in value), key=_sort_key)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, (uuid.UUID, decimal.Decimal, PurePath)):
-        return str(value)
-    return {"$object": _qualname(kind)}
+        return {"$tool": key_text(convert_to_openai_tool(value))}
+    if isinstance(value, type) and not issubclass(value, BaseModel):
+        return _as_tool(value)  # a TypedDict, say
+    return NotImplemented
 
 
-def _sort_key(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+def _convert_tool(value: Any) -> Any:
+    """:func:`_convert` where a tool is expected (``tools=``, ``functions=``, ...): a plain
+    function is a tool too, described by its schema as every ``bind_tools`` sends it."""
+    found = _convert(value)
+    if found is NotImplemented and callable(value) and not isinstance(value, type):
+        return _as_tool(value)
+    return found
 
 
-def _json_default(value: Any) -> Any:
-    found = _described(value)
-    return None if found is _DROP else found
-
-
-def _json_text(value: Any) -> str:
-    """``value`` as canonical JSON text (sorted keys; no entry dropped by its name)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_default)
-
-
-@functools.lru_cache(maxsize=256)
-def _described_class(cls: type) -> Any:
-    """A class as a bound kwarg (``response_format=Person``): its JSON schema."""
-    if issubclass(cls, BaseModel):
-        return {"$schema": cls.model_json_schema(), "$name": cls.__name__}
+def _as_tool(value: Any) -> Any:
     try:
-        return {"$tool": convert_to_openai_tool(cls)}  # a TypedDict, say
-    except Exception:
-        return {"$type": _qualname(cls)}
+        return {"$tool": key_text(convert_to_openai_tool(value))}
+    except Exception:  # no schema to be had: the engine calls it uncacheable
+        return NotImplemented
 
 
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+def _schema_text(value: Any, *where: str) -> str:
+    """A schema argument as canonical JSON text; ``where`` names it in an error."""
+    try:
+        return key_text(value, convert=_convert_tool)
+    except UncacheableRequestError as exc:
+        exc.path.extend(reversed(where))
+        raise
 
 
 def describe_schema(schema: Any) -> str:
     """The structured-output schema of ``with_structured_output``, as JSON text."""
-    return _json_text(_described_class(schema) if isinstance(schema, type) else schema)
+    return _schema_text(schema, "['structured_output']", "['schema']")
 
 
 def _model_params(model: BaseChatModel) -> dict[str, Any]:
@@ -217,33 +164,55 @@ def _model_params(model: BaseChatModel) -> dict[str, Any]:
     and the fields of :data:`_MODEL_FIELDS` it has. Provider and model name are in the
     engine's part of the key (the circuit key); secrets are dropped by the key."""
     fields = model.__dict__
-    return {
+    described = {
         "_type": model._llm_type,
         "params": model._identifying_params,
         "fields": {name: fields[name] for name in _MODEL_FIELDS if fields.get(name) is not None},
     }
+    # Settings stay the same from call to call: one with no JSON form (a client object)
+    # counts by its type rather than making every call uncacheable.
+    return key_data(described, convert=_convert, opaque=by_type)  # type: ignore[no-any-return]
 
 
 def _call_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        name: _json_text(value) if name in _SCHEMA_KWARGS else value
+        name: _schema_text(value, "['kwargs']", f"[{name!r}]")
+        if name in SCHEMA_ARGUMENTS
+        else value
         for name, value in kwargs.items()
         if name not in TRACING_KWARGS
     }
 
 
-def _messages_described(messages: Sequence[BaseMessage]) -> str:
+# Message fields the provider never receives: the run id, what the provider *reported*
+# about an earlier answer (response_metadata, including callpolicy's own cache mark;
+# usage_metadata), and a tool's artifact (kept for the application, not sent).
+_CLIENT_ONLY_FIELDS = ("id", "response_metadata", "usage_metadata", "artifact")
+
+
+def _messages_described(messages: Sequence[BaseMessage], *, response_ids: bool = False) -> str:
     """Every message with all its content blocks, as canonical JSON text (sorted keys),
-    without its ``id`` (as LangChain's own cache normalizes it: a run id does not change
-    the answer). One string: the key's canonical form then hashes it without walking
-    every block in Python, and a field of a message named like a secret stays in (it is
-    the conversation, not a credential)."""
+    as the provider receives it: without :data:`_CLIENT_ONLY_FIELDS` (so a follow-up turn
+    whose history holds a cached answer, marked as such, is the same request as one whose
+    history holds the fresh answer). ``response_ids``: keep an answer's
+    ``response_metadata["id"]`` (sent as ``previous_response_id`` by OpenAI's Responses
+    API with ``use_previous_response_id``). One string: the key's canonical form then
+    hashes it without walking every block again, and a field of a message named like a
+    secret stays in (it is the conversation, not a credential)."""
     described = []
     for message in messages:
         data = message.model_dump()
-        data.pop("id", None)
+        metadata = data.get("response_metadata")
+        for name in _CLIENT_ONLY_FIELDS:
+            data.pop(name, None)
+        if response_ids and isinstance(metadata, dict) and metadata.get("id") is not None:
+            data["response_id"] = metadata["id"]
         described.append({"type": message.type, "data": data})
-    return _json_text(described)
+    try:
+        return key_text(described, convert=_convert)
+    except UncacheableRequestError as exc:
+        exc.path.append("['messages']")
+        raise
 
 
 def _input_text(messages: Sequence[BaseMessage]) -> str:
@@ -504,14 +473,24 @@ def _described_call(
     kwargs: Mapping[str, Any],
     structured: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
+    response_ids = bool(model.__dict__.get("use_previous_response_id"))
     described: dict[str, Any] = {
-        "model": describe_value(_model_params(model)),
-        "messages": _messages_described(messages),
-        "kwargs": describe_value(_call_kwargs(kwargs)),
+        "model": _model_params(model),
+        "messages": _messages_described(messages, response_ids=response_ids),
+        "kwargs": _described_kwargs(kwargs),
     }
     if structured is not None:
         described["structured_output"] = structured
     return described
+
+
+def _described_kwargs(kwargs: Mapping[str, Any]) -> Any:
+    try:
+        return describe_value(_call_kwargs(kwargs))
+    except UncacheableRequestError as exc:
+        if not exc.path or exc.path[-1] != "['kwargs']":
+            exc.path.append("['kwargs']")
+        raise
 
 
 class _Messages:

@@ -12,9 +12,13 @@ only when the wrapper has a budget or a cache, so the plain path never pays for 
   and parameter schemas, and the call's keyword arguments (``tool_choice``,
   ``temperature``, ``stop``, a structured output class as its JSON schema, ...). Messages,
   tools and schemas go in as canonical JSON *text*: the key's secret filter drops entries
-  by name, and must not drop a tool parameter called ``password``. A value with no JSON
-  form (a client object, a function) counts by its type only; a block referring to a file
-  or URL counts by that reference, not the bytes behind it.
+  by name, and must not drop a tool parameter called ``password``. All of it goes through
+  the engine's one walker (:func:`callpolicy.key_data`). A call argument or message with
+  no JSON form (a client object, a function) makes the call uncacheable (the engine calls
+  the model without the cache, with one warning per kind); a model setting with none
+  counts by its type. A message's ``additional_kwargs["callpolicy"]`` (callpolicy's own
+  mark) is left out. A block referring to a file or URL counts by that reference, not the
+  bytes behind it.
 - **encode / decode** (the cached answer, JSON only): a ``ChatResponse`` or
   ``CompletionResponse`` with all its fields. Provider SDK objects (``raw``: OpenAI's
   ``ChatCompletion``; OpenAI's tool calls in ``message.additional_kwargs["tool_calls"]``)
@@ -33,8 +37,8 @@ only when the wrapper has a budget or a cache, so the plain path never pays for 
 
 from __future__ import annotations
 
+import functools
 import importlib
-import json
 import logging
 from collections.abc import (
     AsyncGenerator,
@@ -56,13 +60,22 @@ from llama_index.core.base.llms.types import (
     MessageRole,
 )
 from llama_index.core.llms import LLM
-from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from callpolicy import Budget, CallRequest, Usage
+from callpolicy import (
+    SCHEMA_ARGUMENTS,
+    Budget,
+    CallRequest,
+    UncacheableRequestError,
+    Usage,
+    by_type,
+    key_data,
+    key_text,
+)
 
 from ._keys import model_name_of
-from ._served import fallback_mark, mark_cached
+from ._served import SERVED_BY_KEY, fallback_mark, mark_cached
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -113,12 +126,6 @@ _TRANSPORT: Final = frozenset(
 # Model settings naming where the request goes: kept, without credentials (user info,
 # query string): another endpoint may serve another model under the same name.
 _ENDPOINTS: Final = frozenset({"api_base", "azure_endpoint", "base_url", "endpoint"})
-# Settings and call arguments holding schemas: they go into the key as canonical JSON
-# *text*, so that the key's secret filter (by entry name, at any depth) never drops a part
-# of them: a tool parameter called "password" or "token" still changes the key.
-_SCHEMAS: Final = frozenset(
-    {"functions", "json_schema", "output_cls", "response_format", "schema", "tool_choice", "tools"}
-)
 # Tool-call options that do not change the answer.
 _QUIET_OPTIONS: Final = frozenset({"verbose"})
 
@@ -130,62 +137,33 @@ _COMPLETION: Final = "completion"
 
 
 # -- describe: the cache key's view of a call ------------------------------------------
-def jsonable(value: Any) -> Any:
-    """``value`` as JSON data for the cache key. Pydantic models, enums, dates, URLs, bytes
-    become their JSON form; a pydantic *class* its JSON schema and a tool its description
-    (both as JSON text); sets are sorted; ``SecretStr`` stays (the key drops it); anything
-    else counts by its type (``{"$object": "module.Class"}``)."""
-    if value is None or type(value) in _PLAIN:
-        return value
-    if isinstance(value, Mapping):
-        return {_name(name): jsonable(item) for name, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(item) for item in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted((jsonable(item) for item in value), key=_sort_key)
-    if isinstance(value, (SecretStr, SecretBytes)):
-        return value
-    return to_jsonable_python(value, fallback=_opaque, bytes_mode="base64")
+def jsonable(value: Any, *, settings: bool = False) -> Any:
+    """``value`` as JSON data for the cache key: the engine's walker
+    (:func:`callpolicy.key_data`), with LlamaIndex tools as their description (as JSON
+    text). A value with no JSON form raises :class:`callpolicy.UncacheableRequestError`
+    (the engine then calls the model uncached), except in the model's ``settings``, which
+    stay the same from call to call: there it counts by its type."""
+    return key_data(value, convert=_convert, opaque=by_type if settings else None)
 
 
 def json_text(value: Any) -> str:
     """``value`` (see :func:`jsonable`) as canonical JSON text: sorted keys, no spaces;
-    secrets (``SecretStr``) left out."""
-    return json.dumps(
-        jsonable(value),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        default=_no_secret,
-    )
+    secrets (``SecretStr``) as null."""
+    return key_text(value, convert=_convert)
 
 
-def _no_secret(value: Any) -> Any:
-    if isinstance(value, (SecretStr, SecretBytes)):
-        return None
-    raise TypeError(f"{type(value).__name__} has no JSON form")
+def _convert(value: Any) -> Any:
+    if isinstance(value, _tool_class()):
+        return {"$tool": key_text(describe_tool(value))}
+    return NotImplemented
 
 
-def _name(name: object) -> object:
-    if name is None or type(name) in _PLAIN:
-        return name
-    found = jsonable(name)
-    return found if found is None or type(found) in _PLAIN else _sort_key(found)
-
-
-def _sort_key(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _opaque(value: Any) -> Any:
+@functools.cache
+def _tool_class() -> type[BaseTool]:
+    # Imported on first use, once: an import statement per value costs microseconds.
     from llama_index.core.tools.types import BaseTool
 
-    if isinstance(value, BaseTool):
-        return {"$tool": json_text(describe_tool(value))}
-    if isinstance(value, type) and issubclass(value, BaseModel):
-        return {"$schema": json_text(value.model_json_schema())}
-    kind = type(value)
-    return {"$object": f"{kind.__module__}.{kind.__qualname__}"}
+    return BaseTool
 
 
 def _endpoint(value: Any) -> Any:
@@ -202,18 +180,24 @@ def _endpoint(value: Any) -> Any:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def describe_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings or call arguments for the key: schemas as JSON text, endpoints without
-    credentials, the rest as JSON data."""
+def describe_arguments(arguments: Mapping[str, Any], *, settings: bool = False) -> dict[str, Any]:
+    """Settings or call arguments for the key: schemas (:data:`callpolicy.SCHEMA_ARGUMENTS`)
+    as JSON text, endpoints without credentials, the rest as JSON data (see
+    :func:`jsonable` for ``settings``)."""
     described: dict[str, Any] = {}
     for name, value in arguments.items():
-        key = _name(name)
-        if name in _SCHEMAS and value is not None:
-            described[str(key)] = json_text(value)
-        elif name in _ENDPOINTS:
-            described[str(key)] = _endpoint(value)
-        else:
-            described[str(key)] = jsonable(value)
+        key = name if isinstance(name, str) else json_text(name)
+        try:
+            if name in SCHEMA_ARGUMENTS and value is not None:
+                described[key] = json_text(value)
+            elif name in _ENDPOINTS:
+                described[key] = _endpoint(value)
+            else:
+                described[key] = jsonable(value, settings=settings)
+        except UncacheableRequestError as exc:
+            exc.path.append(f"[{key!r}]")
+            exc.path.append("['settings']" if settings else "['kwargs']")
+            raise
     return described
 
 
@@ -226,11 +210,11 @@ def describe_model(llm: LLM) -> dict[str, Any]:
             settings[name] = getattr(llm, name, None)
     extra = settings.get("additional_kwargs")
     if isinstance(extra, Mapping):
-        settings["additional_kwargs"] = describe_arguments(extra)
+        settings["additional_kwargs"] = describe_arguments(extra, settings=True)
     return {
         "class": type(llm).__qualname__,
         "model_name": model_name_of(llm),
-        "settings": describe_arguments(settings),
+        "settings": describe_arguments(settings, settings=True),
     }
 
 
@@ -246,8 +230,23 @@ def describe_tool(tool: BaseTool) -> dict[str, Any]:
 
 def describe_messages(messages: Iterable[ChatMessage]) -> str:
     """Every message with all its blocks and ``additional_kwargs``, as canonical JSON text
-    (content is never filtered by name)."""
-    return json_text(list(messages))
+    (content is never filtered by name), as the provider receives it: without callpolicy's
+    own mark (``additional_kwargs["callpolicy"]``), which integrations do not send and
+    which would make a follow-up turn whose history holds a cached answer another
+    request."""
+    try:
+        return json_text([_unmarked(message) for message in messages])
+    except UncacheableRequestError as exc:
+        exc.path.append("['messages']")
+        raise
+
+
+def _unmarked(message: ChatMessage) -> ChatMessage:
+    extra = message.additional_kwargs
+    if SERVED_BY_KEY not in extra:
+        return message
+    kept = {name: value for name, value in extra.items() if name != SERVED_BY_KEY}
+    return message.model_copy(update={"additional_kwargs": kept})
 
 
 def messages_text(messages: Iterable[ChatMessage]) -> str:
@@ -339,7 +338,7 @@ def tools_request(
             "call": "chat_with_tools",
             "model": describe_model(model),
             "messages": describe_messages(messages),
-            "tools": [json_text(describe_tool(tool)) for tool in tools],
+            "tools": [_tool_text(tool) for tool in tools],
             "kwargs": describe_arguments(chosen),
         }
 
@@ -351,6 +350,14 @@ def tools_request(
         mark=mark_cached,
         usage=usage_of,
     )
+
+
+def _tool_text(tool: BaseTool) -> str:
+    try:
+        return json_text(describe_tool(tool))
+    except UncacheableRequestError as exc:
+        exc.path.append("['tools']")
+        raise
 
 
 # -- encode / decode: the cached answer, JSON only -----------------------------------------

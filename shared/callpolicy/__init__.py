@@ -20,7 +20,14 @@ from ._budget import Budget, BudgetUsage, MissingPriceError, Price, Usage
 from ._budget_store import BudgetExceededError, BudgetStore, MemoryBudgetStore, Reservation
 from ._cache import CacheStats, CacheStatus, ResponseCache
 from ._cache_backend import CacheBackend, MemoryCacheBackend
-from ._cache_key import cache_key
+from ._cache_key import (
+    SCHEMA_ARGUMENTS,
+    UncacheableRequestError,
+    by_type,
+    cache_key,
+    key_data,
+    key_text,
+)
 from ._cache_sqlite import SQLiteCacheBackend
 from ._classify import Classification, Classifier, classify_error, retry_after_from_headers
 from ._config import (
@@ -86,13 +93,18 @@ __all__ = [
     "Reservation",
     "ResponseCache",
     "RetryPolicy",
+    "SCHEMA_ARGUMENTS",
     "SQLiteCacheBackend",
     "Transition",
+    "UncacheableRequestError",
     "Usage",
+    "by_type",
     "cache_key",
     "circuit_key",
     "classify_error",
     "fallback_start",
+    "key_data",
+    "key_text",
     "retry_after_from_headers",
     "split_key",
 ]

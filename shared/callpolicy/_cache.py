@@ -15,9 +15,15 @@ pickle, so a cache file can never run code. What it adds to a plain key-value st
   ``stale_ttl`` longer and served — marked ``"stale"`` — when the call fails because the
   circuit is open and no fallback answered (:class:`~callpolicy.CircuitOpenError`);
 - **robustness**: an entry that is not valid JSON, or that the adapter cannot decode, is a
-  miss with a warning (and is deleted), never a crash; a backend failure is a miss too.
+  miss with a warning (and is deleted), never a crash; a backend failure is a miss too;
+- **fallback answers** are not stored by default: an answer the fallback gave while the
+  primary failed is returned (and shared with identical calls in the air) but not stored
+  under the primary's request, so it is never served once the primary is back
+  (``cache_fallback_answers=True`` stores it like any answer).
 
-The key is :func:`~callpolicy.cache_key` of the request (see ``_cache_key``).
+The key is :func:`~callpolicy.cache_key` of the request (see ``_cache_key``);
+:meth:`ResponseCache.request_key` returns None for a request holding a value with no
+canonical JSON form, and the engine then calls the model without the cache.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from ._cache_backend import (
     CacheBackend,
     MemoryCacheBackend,
 )
+from ._cache_key import UncacheableRequestError, cache_key
 from ._config import Seconds
 from ._errors import CircuitOpenError
 from ._flight import Flight, SingleFlight
@@ -80,6 +87,7 @@ class _CacheOptions(BaseModel):
     max_bytes: _Count | None = None
     serve_stale_when_open: StrictBool = False
     stale_ttl: Seconds | None = Field(default=86_400.0, gt=0)
+    cache_fallback_answers: StrictBool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +126,11 @@ class ResponseCache:
             fallback answered).
         stale_ttl: how long past its ``ttl`` an answer may be served stale (default one
             day; None: until evicted).
+        cache_fallback_answers: off by default: an answer the fallback model gave (the
+            primary failed or its circuit was open) is returned, and shared with identical
+            calls in the air, but not stored under the primary's request, so it is not
+            served once the primary is back. True stores it like any answer (it is then
+            served until it expires, whoever is up).
         clock: wall-clock seconds (``time.time``): stored times must survive a restart.
 
     >>> cache = ResponseCache(ttl=3600)
@@ -142,6 +155,7 @@ class ResponseCache:
         max_bytes: int | None = None,
         serve_stale_when_open: bool = False,
         stale_ttl: float | timedelta | None = 86_400.0,
+        cache_fallback_answers: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         options = _CacheOptions(
@@ -150,6 +164,7 @@ class ResponseCache:
             max_bytes=max_bytes,
             serve_stale_when_open=serve_stale_when_open,
             stale_ttl=stale_ttl,
+            cache_fallback_answers=cache_fallback_answers,
         )
         if not callable(clock):
             raise TypeError("clock: expected a callable returning wall-clock seconds")
@@ -176,6 +191,7 @@ class ResponseCache:
         self.ttl: float | None = options.ttl
         self.serve_stale_when_open: bool = options.serve_stale_when_open
         self.stale_ttl: float | None = options.stale_ttl
+        self.cache_fallback_answers: bool = options.cache_fallback_answers
         # How long the backend keeps an entry: its freshness, plus the stale grace period.
         self._keep: float | None = options.ttl
         if options.serve_stale_when_open and options.ttl is not None:
@@ -186,6 +202,31 @@ class ResponseCache:
         self._counts = dict.fromkeys(
             ("hits", "misses", "shared", "stale", "errors", "unreadable"), 0
         )
+        self._uncacheable_kinds: set[str] = set()
+
+    # -- the key -----------------------------------------------------------------------
+    def request_key(self, key: str, describe: Callable[[], Mapping[str, Any]]) -> str | None:
+        """The cache key of a call under circuit ``key`` (provider and model are always part
+        of it) described by ``describe()``; None when the description holds a value with no
+        canonical JSON form (:class:`~callpolicy.UncacheableRequestError`): such a call
+        goes to the model without the cache, never to another request's answer. One
+        warning per kind of value (per cache)."""
+        try:
+            return cache_key({"callpolicy_key": key, "request": describe()})
+        except UncacheableRequestError as exc:
+            with self._stats_lock:
+                first = exc.kind not in self._uncacheable_kinds
+                if first and len(self._uncacheable_kinds) < 1024:
+                    self._uncacheable_kinds.add(exc.kind)
+            if first:
+                logger.warning(
+                    "callpolicy cache: calls holding a %s (here at %s) are not cached: it has "
+                    "no canonical JSON form, so a key could not tell two of them apart "
+                    "(warned once per kind)",
+                    exc.kind,
+                    exc.where,
+                )
+            return None
 
     # -- plain access ----------------------------------------------------------------
     def get(self, key: str) -> dict[str, Any] | None:
@@ -255,6 +296,7 @@ class ResponseCache:
         *,
         encode: Callable[[T], Mapping[str, Any]],
         decode: Callable[[dict[str, Any]], T],
+        keep: Callable[[T], bool] | None = None,
     ) -> tuple[T, CacheStatus]:
         """The answer under ``key``, or ``compute()``'s (then cached), with where it came
         from (:data:`CacheStatus`).
@@ -264,6 +306,8 @@ class ResponseCache:
         encoded answer — their own copy — or its exception. An exception is never cached.
         ``encode`` turns an answer into a JSON-able dict and ``decode`` turns it back; an
         answer that does not encode is returned but not cached (with a warning).
+        ``keep(answer)`` False: the answer is returned and shared with the callers waiting
+        for it, but not stored (a fallback's answer, say).
         """
         while True:
             text = self._read(key)
@@ -274,7 +318,7 @@ class ResponseCache:
                     return value, "hit"
             flight, leader = self._flights.join(key)
             if leader:
-                return self._lead(key, flight, compute, encode, decode)
+                return self._lead(key, flight, compute, encode, decode, keep)
             if not self._flights.wait(flight) or flight.alone:
                 return self._compute_alone(key, compute, decode)
             if flight.error is not None:
@@ -294,6 +338,7 @@ class ResponseCache:
         compute: Callable[[], T],
         encode: Callable[[T], Mapping[str, Any]],
         decode: Callable[[dict[str, Any]], T],
+        keep: Callable[[T], bool] | None,
     ) -> tuple[T, CacheStatus]:
         text: str | None = None
         error: BaseException | None = None
@@ -318,7 +363,7 @@ class ResponseCache:
                     return stale, "stale"
                 raise
             text = self._encoded(key, value, encode)
-            if text is not None:
+            if text is not None and (keep is None or keep(value)):
                 self._write(key, text)
             alone = text is None
             return value, "miss"
@@ -358,6 +403,7 @@ class ResponseCache:
         *,
         encode: Callable[[T], Mapping[str, Any]],
         decode: Callable[[dict[str, Any]], T],
+        keep: Callable[[T], bool] | None = None,
     ) -> tuple[T, CacheStatus]:
         """Async :meth:`get_or_compute`: ``compute`` returns an awaitable. Collapses with
         sync callers of the same key too. No lock is held across an ``await``; a leader
@@ -371,7 +417,7 @@ class ResponseCache:
                     return value, "hit"
             flight, leader = self._flights.join(key)
             if leader:
-                return await self._alead(key, flight, compute, encode, decode)
+                return await self._alead(key, flight, compute, encode, decode, keep)
             if not await self._flights.await_(flight) or flight.alone:
                 return await self._acompute_alone(key, compute, decode)
             if flight.error is not None:
@@ -390,6 +436,7 @@ class ResponseCache:
         compute: Callable[[], Awaitable[T]],
         encode: Callable[[T], Mapping[str, Any]],
         decode: Callable[[dict[str, Any]], T],
+        keep: Callable[[T], bool] | None,
     ) -> tuple[T, CacheStatus]:
         text: str | None = None
         error: BaseException | None = None
@@ -414,7 +461,7 @@ class ResponseCache:
                 raise
             text = self._encoded(key, value, encode)
             alone = text is None
-            if text is not None:
+            if text is not None and (keep is None or keep(value)):
                 await self._awrite(key, text)
             return value, "miss"
         finally:

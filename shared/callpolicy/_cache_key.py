@@ -14,9 +14,14 @@ forms are equal:
   token, password, secret or authorization header (see :func:`is_secret_name`), and any
   pydantic ``SecretStr``/``SecretBytes`` value. A key never depends on who pays.
 
-Anything else (a client object, a function) is a ``TypeError`` naming where it was: the
-adapters should pass what changes the answer, not whole objects, and a value we cannot
-see into would otherwise make the key silently too coarse (a wrong answer) or unstable.
+Both adapters describe their requests with the same walker, :func:`key_data` (and
+:func:`key_text` for parts that must stay whole, such as schemas and conversations).
+
+Anything else (a client object, a function) has no canonical JSON form: an
+:class:`UncacheableRequestError` (a ``TypeError``) naming where it was. A value we cannot
+see into would otherwise make the key silently too coarse (a false hit: another request's
+answer) or unstable; the engine then calls the model without the cache, with one warning
+per kind of value.
 """
 
 from __future__ import annotations
@@ -26,20 +31,52 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import functools
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import PurePath
-from typing import Any
+from typing import Any, Final
 
 from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-__all__ = ["cache_key", "canonical_json", "is_secret_name"]
+__all__ = [
+    "SCHEMA_ARGUMENTS",
+    "UncacheableRequestError",
+    "by_type",
+    "cache_key",
+    "canonical_json",
+    "is_secret_name",
+    "key_data",
+    "key_text",
+]
 
-_KEY_PREFIX = b"callpolicy.cache.v1\n"
+_KEY_PREFIX = b"callpolicy.cache.v2\n"
 """Hashed before the JSON: a change of the canonical form changes the version, so old
 persisted entries can never be mistaken for new ones."""
+
+SCHEMA_ARGUMENTS: Final = frozenset(
+    {
+        "format",
+        "function_call",
+        "functions",
+        "json_schema",
+        "output_cls",
+        "response_format",
+        "response_json_schema",
+        "response_schema",
+        "schema",
+        "text",
+        "tool_choice",
+        "tools",
+    }
+)
+"""Call arguments and model settings that carry JSON schemas (tools, output formats),
+for both adapters: they go into a request as :func:`key_text`, so that the secret-name
+filter never drops a part of them (a changed schema of a tool parameter called
+``password`` or ``token`` would otherwise be a false hit). Schemas hold no credentials."""
 
 _SECRET_NAMES = frozenset(
     {
@@ -115,25 +152,99 @@ def is_secret_name(name: str) -> bool:
 _secret_names_seen: dict[str, bool] = {}
 
 
-class _Unhashable(TypeError):
-    def __init__(self, value: object) -> None:
-        self.value_type = type(value).__name__
-        self.path: list[str] = []
-        super().__init__(self.value_type)
+class UncacheableRequestError(TypeError):
+    """A request holds a value with no canonical JSON form (a client object, a function, an
+    object of an unknown class): its key could not tell two different values apart, so the
+    call is not cached (the engine calls the model, with one warning per kind of value).
 
-    def describe(self) -> str:
-        where = "request" + "".join(reversed(self.path))
+    Attributes:
+        kind: the value's class, ``module.QualName``.
+        where: where it was, e.g. ``request['kwargs']['client']``.
+    """
+
+    def __init__(self, value: object) -> None:
+        cls = type(value)
+        self.kind = f"{cls.__module__}.{cls.__qualname__}"
+        self.path: list[str] = []
+        super().__init__(self.kind)
+
+    @property
+    def where(self) -> str:
+        return "request" + "".join(reversed(self.path))
+
+    def __str__(self) -> str:
         return (
-            f"cache_key: {where} is a {self.value_type}, which has no canonical JSON form; "
+            f"cache_key: {self.where} is a {self.kind}, which has no canonical JSON form; "
             "pass JSON data (or pydantic models, dataclasses, enums) describing the request"
         )
 
 
+Convert = Callable[[Any], Any]
+"""An adapter's hook for values the engine does not know (a framework's tool class, say):
+their data, or ``NotImplemented`` to let the engine decide."""
+
 _DROP = object()
 
 
-def _plain(value: Any) -> Any:
-    """``value`` as JSON-native data, with secrets removed (``_DROP`` for a secret)."""
+def key_data(value: Any, *, convert: Convert | None = None, opaque: Convert | None = None) -> Any:
+    """``value`` as the JSON data a cache key is made of: the one walker the adapters and
+    :func:`canonical_json` share.
+
+    - JSON values pass as they are; mappings keep every entry (secrets *by name* are
+      dropped by :func:`canonical_json`, at any depth, not here) with their names as
+      strings; tuples are lists; sets are sorted; enums are their values;
+    - pydantic models are their JSON form (pydantic's serializer: a ``SecretStr`` field is
+      masked; in :func:`canonical_json`, their fields, secrets dropped); dataclasses are
+      their fields; a pydantic *class* is its JSON schema, as JSON text (so that the name
+      filter never drops a property called ``password``); bytes are base64; dates, times,
+      UUIDs, decimals, paths, URLs are their ISO/str forms (pydantic's JSON form for the
+      types it knows);
+    - pydantic ``SecretStr``/``SecretBytes`` values are None (:func:`canonical_json` drops
+      them);
+    - ``convert`` (if given) is asked first about any other value; what it returns is
+      walked in turn;
+    - anything else has no canonical JSON form: ``opaque(value)`` if given (model settings
+      such as a client object count by their type, say), else
+      :class:`UncacheableRequestError` naming where it was.
+
+    >>> key_data({"b": (1, 2), "a": {3}})
+    {'b': [1, 2], 'a': [3]}
+    """
+    found = _walk(value, convert, opaque, False)
+    return None if found is _DROP else found
+
+
+def key_text(value: Any, *, convert: Convert | None = None, opaque: Convert | None = None) -> str:
+    """:func:`key_data` as canonical JSON text (sorted keys, no whitespace). In a request
+    this text is one opaque string: the secret-name filter of :func:`canonical_json` does
+    not look into it, which is what schemas and conversations need.
+
+    JSON data is encoded natively (a conversation is mostly strings), the walker seeing
+    only the values ``json`` does not know; the text is the same as walking it all."""
+
+    def walked(item: Any) -> Any:
+        return key_data(item, convert=convert, opaque=opaque)
+
+    try:
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=walked
+        )
+    except UncacheableRequestError:
+        raise
+    except TypeError:  # mapping keys json cannot sort or name (enums, mixed types): walk all
+        return _dumps(walked(value))
+
+
+def by_type(value: Any) -> dict[str, str]:
+    """An ``opaque`` hook for :func:`key_data`: a value counted by its class only (for
+    settings that stay the same across calls, such as a client object)."""
+    cls = type(value)
+    return {"$object": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def _walk(value: Any, convert: Convert | None, opaque: Convert | None, secrets: bool) -> Any:
+    """``value`` as JSON-native data (``_DROP`` for a secret); ``secrets``: drop mapping
+    entries named like secrets too."""
     kind = type(value)
     if kind is str or kind is int or kind is float or kind is bool or value is None:
         return value
@@ -141,54 +252,80 @@ def _plain(value: Any) -> Any:
         out: dict[str, Any] = {}
         for raw_name, item in value.items():
             name = raw_name if type(raw_name) is str else _plain_name(raw_name)
-            if is_secret_name(name):
+            if secrets and is_secret_name(name):
                 continue
             try:
-                plain = _plain(item)
-            except _Unhashable as exc:
+                plain = _walk(item, convert, opaque, secrets)
+            except UncacheableRequestError as exc:
                 exc.path.append(f"[{name!r}]")
                 raise
             if plain is not _DROP:
                 out[name] = plain
         return out
     if kind is list or kind is tuple:
-        return _plain_items(value)
+        return _walk_items(value, convert, opaque, secrets)
     if isinstance(value, (SecretStr, SecretBytes)):
-        return _DROP
+        # Dropped from a request; a null in an adapter's data (where json would put it).
+        return _DROP if secrets else None
+    if convert is not None:
+        converted = convert(value)
+        if converted is not NotImplemented:
+            return _walk(converted, convert, opaque, secrets)
     if isinstance(value, enum.Enum):
-        return _plain(value.value)
+        return _walk(value.value, convert, opaque, secrets)
     if isinstance(value, (str, int, float)):  # subclasses (bool is covered above)
         return value
     if isinstance(value, BaseModel):
+        if not secrets:
+            try:  # pydantic's own JSON form, in one native call (SecretStr masked)
+                return to_jsonable_python(value, bytes_mode="base64")
+            except PydanticSerializationError:
+                pass  # a field pydantic cannot serialise: walk it (convert may know it)
         # Python mode keeps SecretStr objects as they are, so they are recognised and dropped.
-        return _plain(value.model_dump(mode="python"))
+        return _walk(value.model_dump(mode="python"), convert, opaque, secrets)
+    if isinstance(value, type) and issubclass(value, BaseModel):
+        return {"$schema": _schema_text(value), "$name": value.__name__}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return _walk(fields, convert, opaque, secrets)
     if isinstance(value, (list, tuple)):
-        return _plain_items(value)
+        return _walk_items(value, convert, opaque, secrets)
     if isinstance(value, (set, frozenset)):
-        items = _plain_items(value)
-        return sorted(items, key=_dumps)
+        return sorted(_walk_items(value, convert, opaque, secrets), key=_dumps)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, (uuid.UUID, decimal.Decimal, PurePath)):
         return str(value)
-    raise _Unhashable(value)
+    if not callable(value):
+        try:  # URLs, timedeltas, IP addresses, patterns, ...: pydantic's JSON form
+            return to_jsonable_python(value, bytes_mode="base64")
+        except PydanticSerializationError:
+            pass
+    if opaque is not None:
+        return _walk(opaque(value), None, None, secrets)
+    raise UncacheableRequestError(value)
 
 
-def _plain_items(values: Any) -> list[Any]:
+def _walk_items(
+    values: Any, convert: Convert | None, opaque: Convert | None, secrets: bool
+) -> list[Any]:
     out = []
     for index, item in enumerate(values):
         try:
-            plain = _plain(item)
-        except _Unhashable as exc:
+            plain = _walk(item, convert, opaque, secrets)
+        except UncacheableRequestError as exc:
             exc.path.append(f"[{index}]")
             raise
         if plain is not _DROP:
             out.append(plain)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_text(cls: type[BaseModel]) -> str:
+    return _dumps(cls.model_json_schema())
 
 
 def _plain_name(name: object) -> str:
@@ -198,7 +335,7 @@ def _plain_name(name: object) -> str:
         return str(name)
     if isinstance(name, (int, float, bool)) or name is None:
         return json.dumps(name)
-    raise _Unhashable(name)
+    raise UncacheableRequestError(name)
 
 
 def _dumps(value: Any) -> str:
@@ -214,11 +351,8 @@ def canonical_json(request: Mapping[str, Any]) -> str:
     """
     if not isinstance(request, Mapping):
         raise TypeError(f"cache_key: expected a mapping, got {type(request).__name__}")
-    try:
-        plain = _plain(request)
-    except _Unhashable as exc:
-        raise TypeError(exc.describe()) from None
-    return _dumps(plain)
+    plain = _walk(request, None, None, True)
+    return _dumps({} if plain is _DROP else plain)
 
 
 def cache_key(request: Mapping[str, Any]) -> str:

@@ -7,7 +7,8 @@ entries touched within the same clock tick and across processes sharing the file
 
 **A read never waits for a writer.** The file is in WAL mode, where a reader sees the last
 committed state while another connection (in this process or another) holds the write
-lock. Three connections, each under its own lock, keep it that way:
+lock. Three connections, each under its own lock, keep it that way (``":memory:"``, which
+no other connection can see, has one connection for all three):
 
 - the *reader* only ever runs ``SELECT`` (a read transaction): a hit never queues behind a
   write, ours or another process's;

@@ -36,7 +36,6 @@ from typing import Any, TypeVar, get_args
 from ._budget import Budget, Usage
 from ._budget_store import BudgetExceededError
 from ._cache import ResponseCache
-from ._cache_key import cache_key
 from ._classify import Classification, Classifier, classify_error
 from ._config import BreakerConfig, FallbackOn, RetryPolicy
 from ._errors import CircuitOpenError, add_note
@@ -664,6 +663,11 @@ class CallPolicy:
         request: CallRequest[T] | None,
     ) -> T:
         request = _require_request(request)
+        keep = None
+        if cache is not None and fallback is not None and not cache.cache_fallback_answers:
+            fell_back = [False]  # a fallback's answer must not outlive the outage
+            fallback = _noting(fallback, fell_back)
+            keep = _unless(fell_back)
 
         def budgeted() -> T:
             if budget is None:
@@ -698,12 +702,16 @@ class CallPolicy:
         if encode is None or decode is None:
             raise TypeError("request: encode and decode are needed when a cache is given")
 
+        cache_key = cache.request_key(key, request.describe)
+        if cache_key is None:  # no canonical form: uncached, never another request's answer
+            return budgeted()
+
         def computed() -> T:
             self._count_cache_miss(key)
             return budgeted()
 
         value, status = cache.get_or_compute(
-            _cache_key(key, request), computed, encode=encode, decode=decode
+            cache_key, computed, encode=encode, decode=decode, keep=keep
         )
         return self._served_from_cache(key, request, value, status)
 
@@ -718,6 +726,11 @@ class CallPolicy:
         request: CallRequest[T] | None,
     ) -> T:
         request = _require_request(request)
+        keep = None
+        if cache is not None and fallback is not None and not cache.cache_fallback_answers:
+            fell_back = [False]  # a fallback's answer must not outlive the outage
+            fallback = _anoting(fallback, fell_back)
+            keep = _unless(fell_back)
 
         async def budgeted() -> T:
             if budget is None:
@@ -752,12 +765,16 @@ class CallPolicy:
         if encode is None or decode is None:
             raise TypeError("request: encode and decode are needed when a cache is given")
 
+        cache_key = cache.request_key(key, request.describe)
+        if cache_key is None:  # no canonical form: uncached, never another request's answer
+            return await budgeted()
+
         async def computed() -> T:
             self._count_cache_miss(key)
             return await budgeted()
 
         value, status = await cache.aget_or_compute(
-            _cache_key(key, request), computed, encode=encode, decode=decode
+            cache_key, computed, encode=encode, decode=decode, keep=keep
         )
         return self._served_from_cache(key, request, value, status)
 
@@ -966,9 +983,29 @@ def _usage(request: CallRequest[T], result: T) -> Usage | None:
     return Usage.from_report(request.usage(result))
 
 
-def _cache_key(key: str, request: CallRequest[T]) -> str:
-    # The breaker key (provider and model) is always part of the cache key.
-    return cache_key({"callpolicy_key": key, "request": request.describe()})
+def _noting(fallback: Callable[[], T], noted: list[bool]) -> Callable[[], T]:
+    """``fallback``, noting in ``noted[0]`` that it ran (for the cache)."""
+
+    def noting() -> T:
+        noted[0] = True
+        return fallback()
+
+    return noting
+
+
+def _anoting(fallback: Callable[[], Awaitable[T]], noted: list[bool]) -> Callable[[], Awaitable[T]]:
+    """Async :func:`_noting`."""
+
+    async def noting() -> T:
+        noted[0] = True
+        return await fallback()
+
+    return noting
+
+
+def _unless(noted: list[bool]) -> Callable[[object], bool]:
+    """A cache ``keep``: store the answer unless the fallback gave it."""
+    return lambda _answer: not noted[0]
 
 
 ENGINE_OPTIONS: tuple[str, ...] = (

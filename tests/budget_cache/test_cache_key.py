@@ -17,7 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, SecretStr
 
-from callpolicy._cache_key import cache_key, canonical_json, is_secret_name
+from callpolicy._cache_key import (
+    UncacheableRequestError,
+    by_type,
+    cache_key,
+    canonical_json,
+    is_secret_name,
+    key_data,
+    key_text,
+)
 
 SECRET = "sk-live-THIS-MUST-NEVER-BE-HASHED-1234567890"
 
@@ -245,7 +253,10 @@ def test_rich_values_have_a_canonical_form() -> None:
 
 
 def test_a_value_without_a_json_form_is_a_type_error_naming_where() -> None:
-    with pytest.raises(TypeError, match=r"request\['messages'\]\[1\]\['client'\] is a object"):
+    with pytest.raises(
+        UncacheableRequestError,
+        match=r"request\['messages'\]\[1\]\['client'\] is a builtins\.object",
+    ):
         cache_key({"messages": [{}, {"client": object()}]})
     with pytest.raises(TypeError, match="function"):
         cache_key({"tools": [len]})
@@ -277,3 +288,51 @@ def _names_a_secret(value: Any) -> bool:
     if isinstance(value, list):
         return any(_names_a_secret(v) for v in value)
     return False
+
+
+class _Opaque:
+    pass
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+    ONE = 1
+
+
+_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary(max_size=8)
+    | st.sets(st.integers(), max_size=3)
+    | st.tuples(st.integers(), st.text())
+    | st.dates()
+    | st.sampled_from(list(_Colour))
+    | st.text(max_size=5).map(SecretStr)
+)
+_mixed = st.recursive(
+    _leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=_mixed)
+def test_property_key_text_is_the_walkers_data_as_text(value: Any) -> None:
+    # key_text encodes JSON natively and walks only what json does not know: the same
+    # text as walking it all (with string mapping keys), secrets as null in both.
+    text = key_text(value)
+    assert text == json.dumps(
+        key_data(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    assert key_text({"v": value}) == key_text({"v": value})
+
+
+def test_key_text_refuses_an_opaque_value_naming_its_kind() -> None:
+    with pytest.raises(UncacheableRequestError, match="_Opaque") as raised:
+        key_text({"a": [1, _Opaque()]})
+    assert raised.value.kind.endswith("_Opaque")
+    assert key_data({"a": _Opaque()}, opaque=by_type) == {"a": {"$object": f"{__name__}._Opaque"}}

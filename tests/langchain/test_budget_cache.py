@@ -598,11 +598,10 @@ async def test_bound_copies_share_the_cache(mode: str) -> None:
     assert scripted(model).calls == 1
 
 
-async def test_a_fallback_answer_is_cached_under_the_request(mode: str) -> None:
+async def test_a_fallback_answer_is_cached_under_the_request_when_asked(mode: str) -> None:
     backup = ScriptedChatModel(provider="other", model_name="b1", default="backup")
-    model = guarded(
-        ScriptedChatModel(script=[ServerError("500")]), fallback=backup, cache=ResponseCache()
-    )
+    cache = ResponseCache(cache_fallback_answers=True)  # by default it is not stored
+    model = guarded(ScriptedChatModel(script=[ServerError("500")]), fallback=backup, cache=cache)
     assert (await call(model, mode)).content == "backup"
     hit = await call(model, mode)
     assert (hit.content, hit.response_metadata[MARK]) == ("backup", "hit")

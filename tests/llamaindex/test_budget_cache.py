@@ -523,7 +523,8 @@ async def test_a_hit_costs_no_budget(inner: ScriptedLLM, mode: str) -> None:
 async def test_a_fallbacks_cached_answer_keeps_its_mark_and_its_tool_calls(
     inner: ScriptedLLM, backup: ScriptedLLM, policy: CallPolicy, mode: str
 ) -> None:
-    llm = CircuitBreakerLLM(inner=inner, fallback=backup, policy=policy, cache=ResponseCache())
+    cache = ResponseCache(cache_fallback_answers=True)  # by default it is not stored
+    llm = CircuitBreakerLLM(inner=inner, fallback=backup, policy=policy, cache=cache)
     inner.push(Raise(server_error()))
     backup.push(ToolCall("weather", {"city": "Lima"}))
     first = await call(llm, "chat_with_tools", mode)
