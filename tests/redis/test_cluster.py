@@ -300,6 +300,37 @@ def test_a_plain_client_of_one_node_falls_back_instead_of_raising_moved(
     assert any("unreachable" in r.getMessage() for r in caplog.records)
 
 
+def test_sync_calls_use_a_connection_per_thread_per_primary_and_follow_a_moved_slot(
+    cluster: RedisClusterNodes, make_store: MakeClusterStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = make_store()
+    policy = CallPolicy(store=store, failure_threshold=2)
+    for key in KEYS:
+        _trip(policy, key)
+    path = store._cluster_path
+    assert path is not None
+    assert len(path.connections) == 3  # this thread's, one to each primary
+
+    # The client's slot map turns stale (as after a resharding): the primary it names
+    # answers MOVED, and the call is made again through the client, which follows it.
+    slots = store.client.nodes_manager.slots_cache
+    slot = redis.crc.key_slot(f"{store.prefix}:cb:{{{KEYS[0]}}}".encode())
+    right = slots[slot][0]
+    wrong = next(n for n in store.client.get_primaries() if n.name != right.name)
+    slots[slot] = [wrong]
+    with caplog.at_level(logging.WARNING, logger="callpolicy.redis"):
+        _trip(policy, KEYS[0])  # the second failure: Redis trips the circuit
+        with pytest.raises(CircuitOpenError):
+            policy.execute(KEYS[0], lambda: "never")
+    assert not [r for r in caplog.records if r.name == "callpolicy.redis"]
+    assert slots[slot][0].name == right.name  # the client patched its map
+    with cluster.client() as plain:
+        assert plain.hget(f"{store.prefix}:cb:{{{KEYS[0]}}}", "state") == b"open"
+
+    store.close()
+    assert len(path.connections) == 0
+
+
 def test_a_key_that_would_span_slots_is_refused_clearly(make_store: MakeClusterStore) -> None:
     policy = CallPolicy(store=make_store())
     with pytest.raises(ValueError, match="hash slots"):

@@ -44,6 +44,7 @@ from .._types import CircuitSnapshot, CircuitState, Outcome, split_key
 from . import _scripts
 from ._budget import RedisBudgetStore
 from ._cache import RedisCacheBackend
+from ._cluster_path import ClusterPath
 from ._connection import (
     UNREACHABLE,
     ClosedHealth,
@@ -397,6 +398,9 @@ class RedisStore:
             async_cluster_factory(client) if isinstance(client, RedisCluster) else None
         )
         self._also_close: list[redis.Redis] = []
+        # On a cluster from from_url: the sync hot path's connections, per thread per
+        # primary (see ClusterPath); None otherwise.
+        self._cluster_path: ClusterPath | None = None
         self._close_client = close_client
         self._closed = False
         self._async_pool_settings: tuple[str, dict[str, Any]] | None = None
@@ -454,8 +458,10 @@ class RedisStore:
         On a cluster, the client is a ``redis.cluster.RedisCluster`` (it fetches the slot
         map at once: it raises if no node answers) with a blocking pool of
         ``max_connections`` per node, that follows ``MOVED``/``ASK`` redirections itself
-        and retries once, on a fresh slot map, after a connection error. Every call goes
-        through it: the per-thread connections are a single server's.
+        and retries once, on a fresh slot map, after a connection error. Sync circuit
+        calls run on a connection of the calling thread's own to the primary of their
+        slot (found in that client's slot map; a redirection is followed by the client),
+        up to ``max_connections`` per primary in all; everything else goes through it.
         """
         if max_connections < 1:
             raise ValueError("max_connections: must be >= 1")
@@ -467,8 +473,13 @@ class RedisStore:
         }
         url, named_cluster = cluster_url(url)
         if cluster or named_cluster:
-            store = cls(cluster_from_url(url, settings), prefix=prefix, **options)
+            client = cluster_from_url(url, settings)
+            store = cls(client, prefix=prefix, **options)
             store._close_client = True
+            primaries = client.get_primaries()  # type: ignore[no-untyped-call]
+            limit = max_connections * max(len(primaries), 1)
+            store._cluster_path = ClusterPath(client, limit=limit)
+            store._evalsha = store._cluster_evalsha  # type: ignore[method-assign]
             return store
         pool = redis.BlockingConnectionPool.from_url(url, **settings)
         # from_pool: the client owns the pool, and closing it disconnects the pool.
@@ -618,6 +629,8 @@ class RedisStore:
         # call is over (see _evalsha), as it finds the store closed.
         for own in threads:
             own.release()
+        if self._cluster_path is not None:
+            self._cluster_path.release()
         if self._close_client:
             self.client.close()
             for other in self._also_close:
@@ -689,6 +702,17 @@ class RedisStore:
         finally:
             if self._closed:  # by another thread meanwhile: this call may have reconnected
                 own.release()
+
+    def _cluster_evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """:meth:`_evalsha` of a store on a cluster: on this thread's connection to the
+        primary of the keys' slot (see :class:`ClusterPath`)."""
+        script = self._scripts[name]  # raises once the store is closed
+        path: Any = self._cluster_path
+        try:
+            return path.evalsha(script, keys, args, lambda: script(keys=keys, args=args))
+        finally:
+            if self._closed:  # by another thread meanwhile: this call may have reconnected
+                path.release()
 
     def _new_thread_connection(self) -> ThreadConnection | None:
         """The calling thread's own connection, made on its first call (or its first in
