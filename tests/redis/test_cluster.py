@@ -369,6 +369,17 @@ def test_a_dead_primary_is_an_outage_for_callers_and_shared_state_resumes_after(
         own.stop()
 
 
+def test_cluster_urls() -> None:
+    from callpolicy.redis._topology import cluster_url
+
+    assert cluster_url("redis+cluster://h:7000/0?client_name=a") == (
+        "redis://h:7000/0?client_name=a",
+        True,
+    )
+    assert cluster_url("REDISS+CLUSTER://u:p@h:7000") == ("rediss://u:p@h:7000", True)
+    assert cluster_url("redis://h:6379/0") == ("redis://h:6379/0", False)
+
+
 def test_cluster_errors_are_redis_faults_not_callers_errors() -> None:
     from callpolicy.redis._connection import UNREACHABLE
 
