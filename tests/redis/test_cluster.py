@@ -53,6 +53,7 @@ async def make_store(cluster: RedisClusterNodes, prefix: str) -> AsyncIterator[M
 
     def make(url: str | None = None, **options: Any) -> RedisStore:
         options.setdefault("prefix", prefix)
+        options.setdefault("socket_timeout", 5.0)  # a loaded CI machine: no false outage
         store = RedisStore.from_url(url or cluster.url, **options)
         made.append(store)
         return store
@@ -89,6 +90,13 @@ def _evalsha_per_node(cluster: RedisClusterNodes) -> list[int]:
     return counts
 
 
+def _worker_url(cluster: RedisClusterNodes) -> str:
+    """The cluster's URL for a worker process, with timeouts a loaded 2-core CI machine
+    does not hit (the default 0.5 s could read as an outage: local state, and the test
+    would see a second probe)."""
+    return f"{cluster.url}?socket_timeout=5&socket_connect_timeout=5"
+
+
 def _run(target: object, *args: object) -> None:
     process = SPAWN.Process(target=target, args=args)
     process.start()
@@ -102,7 +110,7 @@ def test_a_store_takes_a_cluster_client_a_cluster_url_or_cluster_true(
     plain_url = cluster.url.replace("redis+cluster://", "redis://")
     with (
         RedisStore(cluster.client(), prefix=prefix, close_client=True) as handed,
-        RedisStore.from_url(cluster.url, prefix=prefix) as by_scheme,
+        RedisStore.from_url(_worker_url(cluster), prefix=prefix) as by_scheme,
         RedisStore.from_url(plain_url, prefix=prefix, cluster=True) as by_option,
     ):
         for store in (handed, by_scheme, by_option):
@@ -138,7 +146,7 @@ def test_a_trip_in_one_process_is_seen_by_the_next_call_of_another(
     cluster: RedisClusterNodes, prefix: str, make_store: MakeClusterStore
 ) -> None:
     results = SPAWN.Queue()
-    _run(redis_workers.fail_n_times, cluster.url, prefix, 3, results)
+    _run(redis_workers.fail_n_times, _worker_url(cluster), prefix, 3, results)
     assert [results.get(timeout=10) for _ in range(4)] == ["failed"] * 3 + ["open"]
     with pytest.raises(CircuitOpenError) as refused:
         CallPolicy(store=make_store()).execute(KEY, lambda: "never")
@@ -159,7 +167,7 @@ def test_half_open_probes_are_limited_across_processes(
     workers = [
         SPAWN.Process(
             target=redis_workers.probe_and_hold,
-            args=(cluster.url, prefix, 1, results, release),
+            args=(_worker_url(cluster), prefix, 1, results, release),
         )
         for _ in range(3)
     ]
@@ -171,7 +179,7 @@ def test_half_open_probes_are_limited_across_processes(
         release.set()
         for worker in workers:
             worker.join(30)
-    assert seen == ["called", "refused", "refused"]
+    assert seen == ["called", "refused", "refused"], seen
     assert policy.state(KEY) is CircuitState.CLOSED
 
 
@@ -179,7 +187,7 @@ def test_budgets_are_exact_across_threads_and_processes(
     cluster: RedisClusterNodes, prefix: str, make_store: MakeClusterStore
 ) -> None:
     results = SPAWN.Queue()
-    _run(redis_workers.reserve_many, cluster.url, prefix, 6, results)
+    _run(redis_workers.reserve_many, _worker_url(cluster), prefix, 6, results)
     assert results.get(timeout=10) == 6
     budget = Budget(max_calls=10, store=make_store().budget_store())
     granted = []
@@ -220,8 +228,8 @@ def test_cache_hits_across_processes_and_the_lru_bound_on_a_cluster(
     cluster: RedisClusterNodes, prefix: str, make_store: MakeClusterStore
 ) -> None:
     results = SPAWN.Queue()
-    _run(redis_workers.cached_call, cluster.url, prefix, results)
-    redis_workers.cached_call(cluster.url, prefix, results)  # this process: a hit
+    _run(redis_workers.cached_call, _worker_url(cluster), prefix, results)
+    redis_workers.cached_call(_worker_url(cluster), prefix, results)  # this process: a hit
     assert [results.get(timeout=10) for _ in range(2)] == ["model", "hit"]
 
     backend = make_store(prefix=f"{prefix}-lru").cache_backend(max_entries=3)
