@@ -151,3 +151,26 @@ async def test_a_cancelled_admission_raises_and_does_not_refuse_the_next_probe(
 
     assert await policy.aexecute(KEY, healthy) == "ok"  # admitted as the probe; closes
     assert client.hget(circuit_key, "state") == b"closed"
+
+
+async def test_aclose_right_after_a_cancellation_still_frees_the_lease(
+    make_store: MakeStore, client: redis.Redis, prefix: str
+) -> None:
+    circuit_key = f"{prefix}:cb:{{{KEY}}}"
+    freed = 0
+    for n in range(20):
+        store = make_store(socket_timeout=10)
+        client.hset(circuit_key, mapping={"state": "half_open", "gen": 1})
+        circuit = CallPolicy(store=store, half_open_max_calls=1).circuit(KEY)
+        admission = asyncio.ensure_future(circuit.aadmit())
+        for _ in range(n % 6):
+            await asyncio.sleep(0)
+        if not admission.cancel():
+            await circuit.arecord(admission.result(), Outcome.IGNORED)
+        else:
+            with pytest.raises(asyncio.CancelledError):
+                await admission
+            freed += 1
+        await store.aclose()  # waits for the cancelled round trip and its release
+        assert client.zcard(f"{circuit_key}:probes") == 0
+    assert freed > 10

@@ -296,10 +296,13 @@ class _RedisCircuit:
     # Each round trip runs as a task of its own, awaited through a shield: cancelling the
     # caller neither interrupts it half way (the script may have run on the server, its
     # reply unread: a probe lease nobody would free) nor reaches the client library,
-    # which can swallow a cancellation (redis-py with async-timeout, Python 3.10: it
-    # turns into a TimeoutError, read as an outage, and the call would go on to the
-    # model). The caller sees CancelledError at once; what the round trip took is given
-    # back when its reply is in (see _after_cancelled_admit/_record).
+    # which can swallow a cancellation — redis-py sends through asyncio.wait_for, which
+    # on Python <= 3.11 returns a result that completed with the cancellation (fixed in
+    # 3.12), and with async-timeout (Python 3.10) a cancellation can become a
+    # TimeoutError, read as an outage: either way the call went on to the model. A
+    # shield works the same on every version, where asyncio.current_task().cancelling()
+    # exists only from 3.11. The caller sees CancelledError at once; what the round trip
+    # took is given back when its reply is in (see _after_cancelled_admit/_record).
 
     async def aadmit(self) -> Permit:
         store = self._store
@@ -361,7 +364,17 @@ class _RedisCircuit:
         except CircuitOpenError:
             return
         if permit.probe:
-            self._store._spawn(self.arecord(permit, Outcome.IGNORED))
+            self._store._spawn(self._release(permit))
+
+    async def _release(self, permit: Permit) -> None:
+        """Free the lease of a cancelled call's probe (in the background: nobody awaits
+        it, so a failure is logged here; the lease then ends on its own)."""
+        try:
+            await self.arecord(permit, Outcome.IGNORED)
+        except Exception as exc:  # closed meanwhile, or refused
+            logger.debug(
+                "callpolicy: a cancelled probe's lease on %s was not freed: %r", self.key, exc
+            )
 
     def _after_cancelled_record(self, epoch: int, trip: asyncio.Future[Any]) -> None:
         """The outcome of a cancelled call's record is in: its transition is reported."""
@@ -691,6 +704,11 @@ class RedisStore:
             raise StoreUnavailableError(
                 f"{what}: {self!r} cannot be reached ({type(exc).__name__}: {redact(str(exc))})"
             ) from exc
+        except redis.RedisError as exc:  # READONLY, OOM, BUSY...: answered, not read
+            raise StoreUnavailableError(
+                f"{what}: {self!r} answered with an error ({type(exc).__name__}: "
+                f"{redact(str(exc))})"
+            ) from exc
         health.succeeded(epoch)
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
@@ -711,7 +729,8 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _DRAIN_TIMEOUT
         while True:
-            mine = [task for task in self._background if task.get_loop() is loop]
+            # tuple(): one step under the GIL, while other threads' loops add and discard.
+            mine = [task for task in tuple(self._background) if task.get_loop() is loop]
             left = deadline - loop.time()
             if not mine or left <= 0:
                 return
