@@ -11,7 +11,16 @@ import time
 
 from ._harness import Result
 
-SUITES = ["engine", "langchain", "llamaindex", "memory", "outage", "redis_store", "instructions"]
+SUITES = [
+    "engine",
+    "langchain",
+    "llamaindex",
+    "memory",
+    "outage",
+    "redis_store",
+    "redis_fleet",
+    "instructions",
+]
 
 
 def _machine() -> str:

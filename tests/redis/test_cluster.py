@@ -53,6 +53,7 @@ async def make_store(cluster: RedisClusterNodes, prefix: str) -> AsyncIterator[M
 
     def make(url: str | None = None, **options: Any) -> RedisStore:
         options.setdefault("prefix", prefix)
+        options.setdefault("socket_timeout", 5.0)  # a loaded CI machine: no false outage
         store = RedisStore.from_url(url or cluster.url, **options)
         made.append(store)
         return store
@@ -89,6 +90,13 @@ def _evalsha_per_node(cluster: RedisClusterNodes) -> list[int]:
     return counts
 
 
+def _worker_url(cluster: RedisClusterNodes) -> str:
+    """The cluster's URL for a worker process, with timeouts a loaded 2-core CI machine
+    does not hit (the default 0.5 s could read as an outage: local state, and the test
+    would see a second probe)."""
+    return f"{cluster.url}?socket_timeout=5&socket_connect_timeout=5"
+
+
 def _run(target: object, *args: object) -> None:
     process = SPAWN.Process(target=target, args=args)
     process.start()
@@ -102,7 +110,7 @@ def test_a_store_takes_a_cluster_client_a_cluster_url_or_cluster_true(
     plain_url = cluster.url.replace("redis+cluster://", "redis://")
     with (
         RedisStore(cluster.client(), prefix=prefix, close_client=True) as handed,
-        RedisStore.from_url(cluster.url, prefix=prefix) as by_scheme,
+        RedisStore.from_url(_worker_url(cluster), prefix=prefix) as by_scheme,
         RedisStore.from_url(plain_url, prefix=prefix, cluster=True) as by_option,
     ):
         for store in (handed, by_scheme, by_option):
@@ -138,7 +146,7 @@ def test_a_trip_in_one_process_is_seen_by_the_next_call_of_another(
     cluster: RedisClusterNodes, prefix: str, make_store: MakeClusterStore
 ) -> None:
     results = SPAWN.Queue()
-    _run(redis_workers.fail_n_times, cluster.url, prefix, 3, results)
+    _run(redis_workers.fail_n_times, _worker_url(cluster), prefix, 3, results)
     assert [results.get(timeout=10) for _ in range(4)] == ["failed"] * 3 + ["open"]
     with pytest.raises(CircuitOpenError) as refused:
         CallPolicy(store=make_store()).execute(KEY, lambda: "never")
@@ -159,7 +167,7 @@ def test_half_open_probes_are_limited_across_processes(
     workers = [
         SPAWN.Process(
             target=redis_workers.probe_and_hold,
-            args=(cluster.url, prefix, 1, results, release),
+            args=(_worker_url(cluster), prefix, 1, results, release),
         )
         for _ in range(3)
     ]
@@ -171,7 +179,7 @@ def test_half_open_probes_are_limited_across_processes(
         release.set()
         for worker in workers:
             worker.join(30)
-    assert seen == ["called", "refused", "refused"]
+    assert seen == ["called", "refused", "refused"], seen
     assert policy.state(KEY) is CircuitState.CLOSED
 
 
@@ -179,7 +187,7 @@ def test_budgets_are_exact_across_threads_and_processes(
     cluster: RedisClusterNodes, prefix: str, make_store: MakeClusterStore
 ) -> None:
     results = SPAWN.Queue()
-    _run(redis_workers.reserve_many, cluster.url, prefix, 6, results)
+    _run(redis_workers.reserve_many, _worker_url(cluster), prefix, 6, results)
     assert results.get(timeout=10) == 6
     budget = Budget(max_calls=10, store=make_store().budget_store())
     granted = []
@@ -220,8 +228,8 @@ def test_cache_hits_across_processes_and_the_lru_bound_on_a_cluster(
     cluster: RedisClusterNodes, prefix: str, make_store: MakeClusterStore
 ) -> None:
     results = SPAWN.Queue()
-    _run(redis_workers.cached_call, cluster.url, prefix, results)
-    redis_workers.cached_call(cluster.url, prefix, results)  # this process: a hit
+    _run(redis_workers.cached_call, _worker_url(cluster), prefix, results)
+    redis_workers.cached_call(_worker_url(cluster), prefix, results)  # this process: a hit
     assert [results.get(timeout=10) for _ in range(2)] == ["model", "hit"]
 
     backend = make_store(prefix=f"{prefix}-lru").cache_backend(max_entries=3)
@@ -300,6 +308,37 @@ def test_a_plain_client_of_one_node_falls_back_instead_of_raising_moved(
     assert any("unreachable" in r.getMessage() for r in caplog.records)
 
 
+def test_sync_calls_use_a_connection_per_thread_per_primary_and_follow_a_moved_slot(
+    cluster: RedisClusterNodes, make_store: MakeClusterStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = make_store()
+    policy = CallPolicy(store=store, failure_threshold=2)
+    for key in KEYS:
+        _trip(policy, key)
+    path = store._cluster_path
+    assert path is not None
+    assert len(path.connections) == 3  # this thread's, one to each primary
+
+    # The client's slot map turns stale (as after a resharding): the primary it names
+    # answers MOVED, and the call is made again through the client, which follows it.
+    slots = store.client.nodes_manager.slots_cache
+    slot = redis.crc.key_slot(f"{store.prefix}:cb:{{{KEYS[0]}}}".encode())
+    right = slots[slot][0]
+    wrong = next(n for n in store.client.get_primaries() if n.name != right.name)
+    slots[slot] = [wrong]
+    with caplog.at_level(logging.WARNING, logger="callpolicy.redis"):
+        _trip(policy, KEYS[0])  # the second failure: Redis trips the circuit
+        with pytest.raises(CircuitOpenError):
+            policy.execute(KEYS[0], lambda: "never")
+    assert not [r for r in caplog.records if r.name == "callpolicy.redis"]
+    assert slots[slot][0].name == right.name  # the client patched its map
+    with cluster.client() as plain:
+        assert plain.hget(f"{store.prefix}:cb:{{{KEYS[0]}}}", "state") == b"open"
+
+    store.close()
+    assert len(path.connections) == 0
+
+
 def test_a_key_that_would_span_slots_is_refused_clearly(make_store: MakeClusterStore) -> None:
     policy = CallPolicy(store=make_store())
     with pytest.raises(ValueError, match="hash slots"):
@@ -336,6 +375,17 @@ def test_a_dead_primary_is_an_outage_for_callers_and_shared_state_resumes_after(
             assert any("reachable again" in r.getMessage() for r in caplog.records)
     finally:
         own.stop()
+
+
+def test_cluster_urls() -> None:
+    from callpolicy.redis._topology import cluster_url
+
+    assert cluster_url("redis+cluster://h:7000/0?client_name=a") == (
+        "redis://h:7000/0?client_name=a",
+        True,
+    )
+    assert cluster_url("REDISS+CLUSTER://u:p@h:7000") == ("rediss://u:p@h:7000", True)
+    assert cluster_url("redis://h:6379/0") == ("redis://h:6379/0", False)
 
 
 def test_cluster_errors_are_redis_faults_not_callers_errors() -> None:

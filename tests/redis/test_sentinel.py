@@ -49,6 +49,7 @@ async def make_store(group: SentinelGroup, prefix: str) -> AsyncIterator[MakeSen
 
     def make(**options: Any) -> RedisStore:
         options.setdefault("prefix", prefix)
+        options.setdefault("socket_timeout", 5.0)  # a loaded CI machine: no false outage
         store = RedisStore.from_sentinel(group.sentinels, group.service, **options)
         made.append(store)
         return store

@@ -231,7 +231,11 @@ class SentinelGroup:
         it takes writes. Returns the new primary's address."""
         before = self.primary()
         with self.sentinel() as sentinel:
-            sentinel.execute_command("SENTINEL", "FAILOVER", self.service)
+            # NOGOODSLAVE until the Sentinel has fresh news of the replica: ask again.
+            _wait(
+                "the Sentinel to accept SENTINEL FAILOVER",
+                lambda: bool(sentinel.execute_command("SENTINEL", "FAILOVER", self.service)),
+            )
         _wait("the Sentinel to name a new primary", lambda: self.primary() != before, 30)
         host, port = self.primary()
         with redis.Redis(host=host, port=port, socket_timeout=2) as promoted:

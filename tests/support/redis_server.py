@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -32,9 +33,10 @@ def _free_port() -> int:
 
 class RedisServer:
     """``redis-server`` on a free loopback port; :meth:`stop` and :meth:`start` simulate an
-    outage and its end on the same port."""
+    outage and its end on the same port. ``requirepass`` starts it with that password
+    (``--requirepass``): :attr:`url` then carries it, :meth:`url_as` any other."""
 
-    def __init__(self, *, start: bool = True) -> None:
+    def __init__(self, *, start: bool = True, requirepass: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -46,6 +48,7 @@ class RedisServer:
         self._dir = tempfile.mkdtemp(prefix="callpolicy-redis-")
         self._process: subprocess.Popen[bytes] | None = None
         self._host = "127.0.0.1"
+        self.requirepass = requirepass
         if start:
             self.start()
 
@@ -61,7 +64,16 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        if self.requirepass is not None:
+            return self.url_as(None, self.requirepass)
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def url_as(self, user: str | None, password: str | None) -> str:
+        """The URL with these credentials (``None``: left out)."""
+        credentials = "" if password is None else f"{user or ''}:{password}@"
+        if password is None and user:
+            credentials = f"{user}@"
+        return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self._process = subprocess.Popen(
@@ -77,11 +89,12 @@ class RedisServer:
                 "no",
                 "--dir",
                 self._dir,
+                *(["--requirepass", self.requirepass] if self.requirepass is not None else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5)
+        client = self.client()
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -99,5 +112,18 @@ class RedisServer:
             self._process.wait(timeout=10)
             self._process = None
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing answers."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Thaw a paused server (SIGCONT): what it was sent meanwhile is answered."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5)
+        """A plain client (with the server's password, if it has one)."""
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=0.5, password=self.requirepass
+        )

@@ -98,3 +98,21 @@ def cached_call(url: str, prefix: str, results: Any) -> None:
             request=request,
         )
     results.put(answer["status"])
+
+
+def reserve_while_unreachable(url: str, prefix: str, results: Any) -> None:
+    """Try 10 reservations against a 4-call budget on a Redis that cannot be reached
+    (fail open); report how many were granted."""
+    from callpolicy import Budget, BudgetExceededError
+
+    granted = 0
+    with RedisStore.from_url(url, prefix=prefix, socket_timeout=0.2) as store:
+        budget = Budget(max_calls=4, store=store)
+        for _ in range(10):
+            try:
+                reservation = budget.reserve(KEY, 1)
+            except BudgetExceededError:
+                continue
+            budget.commit(reservation, None)
+            granted += 1
+    results.put(granted)

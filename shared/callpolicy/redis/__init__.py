@@ -7,7 +7,7 @@
 
 from ._budget import BudgetUnavailableError, RedisBudgetStore
 from ._cache import RedisCacheBackend
-from ._connection import StoreClosedError
+from ._connection import StoreAccessError, StoreClosedError, StoreUnavailableError
 from ._store import RedisStore
 
 __all__ = [
@@ -15,5 +15,7 @@ __all__ = [
     "RedisBudgetStore",
     "RedisCacheBackend",
     "RedisStore",
+    "StoreAccessError",
     "StoreClosedError",
+    "StoreUnavailableError",
 ]

@@ -4,9 +4,12 @@ Each reservation and each settlement is one Lua script run (one round trip), ato
 server, so concurrent processes never overspend. A rolling window is kept as 60 time
 buckets per scope (its resolution is a sixtieth of the window), timed by the server's
 clock. When Redis cannot be reached, ``on_unavailable`` decides: ``"open"`` (the default)
-lets calls go on, counted in this process, and adds what they used to the shared counters
+lets calls go on, counted in this process against the same limits (each process can
+spend at most the limit while cut off), and adds what they used to the shared counters
 when Redis answers again; ``"closed"`` refuses them with :class:`BudgetUnavailableError`.
 A settlement that cannot reach Redis is queued and replayed, so no reservation is lost.
+A refusal of credentials or permissions is no outage: it raises
+:class:`~callpolicy.redis.StoreAccessError`.
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ from .._budget_store import (
     Reservation,
     Tally,
 )
-from .._errors import CallPolicyError
-from ._connection import UNREACHABLE, text
+from ._connection import REFUSED, UNREACHABLE, StoreUnavailableError, glob_escape, text
 from ._topology import one_slot
 
 if TYPE_CHECKING:
@@ -179,7 +181,7 @@ return out
 )
 
 
-class BudgetUnavailableError(CallPolicyError):
+class BudgetUnavailableError(StoreUnavailableError):
     """Raised instead of calling the model when the shared budget cannot be reached and
     the store was built with ``on_unavailable="closed"``."""
 
@@ -278,24 +280,28 @@ class RedisBudgetStore:
 
     def _flush(self) -> None:
         """Replay what was spent or settled while Redis was away, oldest first."""
+        health = self._store.health
         with self._replay_lock:
+            epoch = health.epoch
             while self._replay:
                 kind, args, keys = self._replay[0]
                 script = self._settle if kind == "settle" else self._record
                 try:
                     script(keys=keys, args=args)
+                except REFUSED as exc:
+                    raise self._store._access_error(exc) from None
                 except UNREACHABLE as exc:
-                    self._store.health.failed(exc)
+                    health.failed(exc, epoch)
                     return
                 self._replay.popleft()
-            self._store.health.succeeded()
+            health.succeeded(epoch)
 
-    def _unavailable(self, exc: BaseException) -> None:
-        self._store.health.failed(exc)
+    def _unavailable(self, exc: BaseException, epoch: int) -> None:
+        self._store.health.failed(exc, epoch)
         if self.on_unavailable == "closed":
             raise BudgetUnavailableError(
-                f"the shared budget on Redis is unreachable ({type(exc).__name__}) and "
-                "on_unavailable='closed'"
+                f"the shared budget on {self._store!r} is unreachable "
+                f"({type(exc).__name__}) and on_unavailable='closed'"
             ) from exc
 
     # -- BudgetStore -------------------------------------------------------------------
@@ -309,7 +315,9 @@ class RedisBudgetStore:
         cost_units: int,
         limits: BudgetLimits,
     ) -> Reservation:
+        health = self._store.health
         if self._usable():
+            epoch = health.epoch
             handle = uuid.uuid4().hex
             window_ms = _window_ms(limits.window)
             try:
@@ -327,10 +335,12 @@ class RedisBudgetStore:
                         handle,
                     ],
                 )
+            except REFUSED as exc:  # before UNREACHABLE: some are ConnectionErrors
+                raise self._store._access_error(exc) from None
             except UNREACHABLE as exc:
-                self._unavailable(exc)
+                self._unavailable(exc, epoch)
             else:
-                self._store.health.succeeded()
+                health.succeeded(epoch)
                 if reply[0] == 1:
                     return _RedisReservation(
                         key,
@@ -346,17 +356,27 @@ class RedisBudgetStore:
                 raise _refusal(text(kind), int(consumed), int(limit), int(asked), key, limits)
         elif self.on_unavailable == "closed":
             raise BudgetUnavailableError(
-                "the shared budget on Redis is unreachable and on_unavailable='closed'"
+                f"the shared budget on {self._store!r} is unreachable and on_unavailable='closed'"
             )
-        # Fail open: count in this process; the amounts join the shared counters later.
-        local = self._local.reserve(
-            key,
-            scope,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_units=cost_units,
-            limits=BudgetLimits(window=limits.window),
-        )
+        # Fail open: count in this process, against the same limits (so a process cut
+        # off spends at most the limit, not without bound); the amounts join the shared
+        # counters when Redis answers again.
+        try:
+            local = self._local.reserve(
+                key,
+                scope,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cost_units=cost_units,
+                limits=limits,
+            )
+        except BudgetExceededError as refusal:
+            _note(
+                refusal,
+                "counted in this process only: the shared budget on Redis is unreachable "
+                "and each process may spend up to the limit until it answers again",
+            )
+            raise
         self._local_windows[id(local)] = _window_ms(limits.window)
         return local
 
@@ -408,12 +428,18 @@ class RedisBudgetStore:
             cost_units,
         ]
         keys = self._keys(reservation.scope)
-        if self._store.health.usable():
+        health = self._store.health
+        if health.usable():
+            epoch = health.epoch
             try:
                 self._settle(keys=keys, args=args)
                 return True
+            except REFUSED as exc:
+                with self._replay_lock:  # owed still, should access come back
+                    self._replay.append(("settle", args, keys))
+                raise self._store._access_error(exc) from None
             except UNREACHABLE as exc:
-                self._store.health.failed(exc)
+                health.failed(exc, epoch)
         with self._replay_lock:
             self._replay.append(("settle", args, keys))
         return True
@@ -464,17 +490,26 @@ class RedisBudgetStore:
         ]
         keys = self._keys(scope)
         if self._usable():
+            health = self._store.health
+            epoch = health.epoch
             try:
                 self._record(keys=keys, args=args)
                 return
+            except REFUSED as exc:
+                with self._replay_lock:
+                    self._replay.append(("record", args, keys))
+                raise self._store._access_error(exc) from None
             except UNREACHABLE as exc:
-                self._store.health.failed(exc)
+                health.failed(exc, epoch)
         with self._replay_lock:
             self._replay.append(("record", args, keys))
 
     def tally(self, scope: str, *, window: float | None = None) -> Tally:
-        self._store._check_open()
-        reply = self._tally(keys=self._keys(scope), args=[_window_ms(window)])
+        """The shared counters of ``scope``; :class:`~callpolicy.redis.StoreUnavailableError`
+        while Redis cannot be reached (what this process spent meanwhile is not there
+        yet: a local figure would pass for the whole app's)."""
+        with self._store._reaching(f"reading budget {scope!r}"):
+            reply = self._tally(keys=self._keys(scope), args=[_window_ms(window)])
         calls, tin, tout, cost, estimated, in_flight, wcalls, wtokens, wcost = (
             int(x) for x in reply
         )
@@ -492,19 +527,22 @@ class RedisBudgetStore:
         )
 
     def scopes(self) -> Iterable[str]:
-        self._store._check_open()
         prefix = f"{self._store.prefix}:budget:{{"
         found = set()
-        for raw in self._store.client.scan_iter(match=f"{prefix}*}}", count=500):
-            found.add(text(raw)[len(prefix) : -1])
+        with self._store._reaching("listing budgets"):
+            for raw in self._store.client.scan_iter(match=f"{glob_escape(prefix)}*}}", count=500):
+                found.add(text(raw)[len(prefix) : -1])
         return sorted(found)
 
     def reset(self, scope: str | None) -> None:
-        self._store._check_open()
         scopes = list(self.scopes()) if scope is None else [scope]
-        for name in scopes:
-            self._store.client.delete(*self._keys(name))
+        with self._store._reaching("resetting budgets"):
+            for name in scopes:
+                self._store.client.delete(*self._keys(name))
         self._local.reset(scope)
+
+    def __repr__(self) -> str:
+        return f"RedisBudgetStore({self._store!r}, on_unavailable={self.on_unavailable!r})"
 
     async def areserve(
         self,
@@ -545,6 +583,15 @@ class RedisBudgetStore:
             estimated=estimated,
             refund_call=refund_call,
         )
+
+
+def _note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` (Python 3.11+), or its equivalent before."""
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
 
 
 def _refusal(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._cache_backend import BackendBounds, entry_size
-from ._connection import UNREACHABLE, text
+from ._connection import REFUSED, UNREACHABLE, glob_escape, text
 from ._topology import one_slot
 
 if TYPE_CHECKING:
@@ -85,7 +85,11 @@ return 1
 class RedisCacheBackend:
     """A :class:`~callpolicy.CacheBackend` on Redis; get one from
     ``RedisStore.cache_backend()``. An unreachable Redis is a miss (and a skipped store),
-    never an error: the cache is an optimisation.
+    never an error: the cache is an optimisation. A refusal of credentials or
+    permissions raises :class:`~callpolicy.redis.StoreAccessError` (a
+    :class:`~callpolicy.ResponseCache` logs it and answers a miss). Its inspection and
+    control calls (``len()``, ``clear()``, ``delete()``) raise
+    :class:`~callpolicy.redis.StoreUnavailableError` while Redis cannot be reached.
 
     It uses that store's connections: it has no ``close()`` of its own, and once the store
     is closed its calls raise :class:`~callpolicy.redis.StoreClosedError`."""
@@ -113,22 +117,28 @@ class RedisCacheBackend:
         self._delete = client.register_script(DELETE)
 
     def get(self, key: str) -> str | None:
-        if not self._store.health.usable():
+        health = self._store.health
+        if not health.usable():
             return None
+        epoch = health.epoch
         try:
             found = self._get(
                 keys=[self._entry_prefix + key, self._lru, self._sizes, self._bytes, self._clock],
                 args=[key],
             )
+        except REFUSED as exc:  # before UNREACHABLE: some are ConnectionErrors
+            raise self._store._access_error(exc) from None
         except UNREACHABLE as exc:
-            self._store.health.failed(exc)
+            health.failed(exc, epoch)
             return None
-        self._store.health.succeeded()
+        health.succeeded(epoch)
         return None if found is None else text(found)
 
     def set(self, key: str, payload: str, *, ttl: float | None) -> None:
-        if not self._store.health.usable():
+        health = self._store.health
+        if not health.usable():
             return
+        epoch = health.epoch
         try:
             self._set(
                 keys=[self._lru, self._sizes, self._bytes, self._clock],
@@ -142,29 +152,37 @@ class RedisCacheBackend:
                     self._entry_prefix,
                 ],
             )
+        except REFUSED as exc:
+            raise self._store._access_error(exc) from None
         except UNREACHABLE as exc:
-            self._store.health.failed(exc)
+            health.failed(exc, epoch)
+            return
+        health.succeeded(epoch)
 
     def delete(self, key: str) -> None:
-        self._store._check_open()
-        try:
+        with self._store._reaching("deleting a cache entry"):
             self._delete(
                 keys=[self._entry_prefix + key, self._lru, self._sizes, self._bytes], args=[key]
             )
-        except UNREACHABLE as exc:
-            self._store.health.failed(exc)
 
     def clear(self) -> None:
-        self._store._check_open()
         client = self._store.client
-        names = list(client.scan_iter(match=f"{self._entry_prefix}*", count=1000))
-        names += [self._lru, self._sizes, self._bytes, self._clock]
-        for start in range(0, len(names), 500):
-            client.delete(*names[start : start + 500])
+        with self._store._reaching("clearing the cache"):
+            names = list(client.scan_iter(match=f"{glob_escape(self._entry_prefix)}*", count=1000))
+            names += [self._lru, self._sizes, self._bytes, self._clock]
+            for start in range(0, len(names), 500):
+                client.delete(*names[start : start + 500])
 
     def __len__(self) -> int:
-        self._store._check_open()
-        return int(self._store.client.zcard(self._lru))
+        with self._store._reaching("counting cache entries"):
+            count = int(self._store.client.zcard(self._lru))
+        return count
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisCacheBackend({self._store!r}, max_entries={self.max_entries}, "
+            f"max_bytes={self.max_bytes})"
+        )
 
     async def aget(self, key: str) -> str | None:
         return self.get(key)

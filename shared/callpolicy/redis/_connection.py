@@ -1,13 +1,16 @@
-"""What the Redis-backed stores share: which errors mean "unreachable", the health of the
-connection (a warning once per outage, retries with a growing backoff), a thread's own
-connection for the sync hot path (:class:`ThreadConnection`), and what a closed store
-leaves behind (:class:`StoreClosedError`, :func:`release_closed_loop_client`)."""
+"""What the Redis-backed stores share: which errors mean "unreachable" and which mean
+"refused" (credentials, ACL: configuration, not an outage), the health of the connection
+(one warning per outage, one line when it ends, retries with a growing backoff), a
+thread's own connection for the sync hot path (:class:`ThreadConnection`), what a closed
+store leaves behind (:class:`StoreClosedError`, :func:`release_closed_loop_client`), and
+key patterns that match only their own prefix (:func:`glob_escape`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -17,8 +20,14 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from redis.commands.core import Script
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+    NoScriptError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._errors import CallPolicyError
@@ -31,11 +40,15 @@ except ImportError:  # pragma: no cover - hiredis comes with the redis extra
     _hiredis_pack = None
 
 __all__ = [
+    "REFUSED",
     "UNREACHABLE",
     "ClosedHealth",
     "Health",
+    "StoreAccessError",
     "StoreClosedError",
+    "StoreUnavailableError",
     "ThreadConnection",
+    "glob_escape",
     "release_closed_loop_client",
     "text",
 ]
@@ -48,22 +61,69 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError,
     *TOPOLOGY_FAULTS,
 )
+"""Errors that mean Redis could not be reached, or could not serve this call where it
+was sent (a cluster's slot moved or down, a primary demoted by a failover): the stores
+fall back to local state."""
+
+REFUSED = (
+    AuthenticationError,  # WRONGPASS, NOAUTH, "invalid password" (a ConnectionError!)
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,  # NOPERM: the ACL user may not run a command or touch a key
+)
+"""Errors that mean Redis answered and refused this client: wrong credentials or missing
+ACL permissions. Configuration, not an outage: never a fallback to local state. Some are
+``ConnectionError`` subclasses, so they are caught before :data:`UNREACHABLE`."""
 
 
 def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class Health:
-    """Whether Redis is thought reachable, and when to try again if not."""
+_GLOB = re.compile(r"([*?\[\]\\])")
 
-    def __init__(self, *, backoff_base: float, backoff_max: float) -> None:
+
+def glob_escape(literal: str) -> str:
+    """``literal`` as a ``SCAN MATCH`` pattern that matches exactly it: Redis's glob
+    characters (``*``, ``?``, ``[``, ``]``, ``\\``) escaped with a backslash."""
+    return _GLOB.sub(r"\\\1", literal)
+
+
+class StoreAccessError(CallPolicyError, RuntimeError):
+    """Redis refused a store's credentials or permissions (``WRONGPASS``, ``NOAUTH``,
+    ``NOPERM``): configuration, not an outage, so it is raised at the call, never
+    answered from local state. The message names the store (its URL without password)."""
+
+
+class StoreUnavailableError(CallPolicyError, RuntimeError):
+    """An inspection or control call (``budget.usage()``, ``cache.stats()``,
+    ``policy.trip()``, the status command) could not reach Redis. Calls through a
+    circuit never raise it: they go on with local state."""
+
+
+class Health:
+    """Whether Redis is thought reachable, and when to try again if not.
+
+    Exactly one warning when an outage begins and one when it ends ("reachable again
+    after X s"), however many threads and tasks see it. ``epoch`` counts those changes:
+    a call reads it before its round trip and hands it to :meth:`failed` or
+    :meth:`succeeded`, so that a call that started before the last change cannot undo
+    it — a reply read just before Redis died does not end the outage that began
+    meanwhile, and a timeout of a call sent during the outage does not begin a second
+    one after Redis answered again.
+    """
+
+    def __init__(self, *, backoff_base: float, backoff_max: float, name: str = "Redis") -> None:
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._backoff = backoff_base
         self._base = backoff_base
         self._max = backoff_max
+        self.name = name
+        """What the warnings call the server (a URL without its password)."""
+        self.epoch = 0
+        """Even while reachable, odd while down; +1 at each change."""
 
     @property
     def down(self) -> bool:
@@ -72,30 +132,39 @@ class Health:
     def usable(self) -> bool:
         return self._down_since is None or time.monotonic() >= self._retry_at
 
-    def failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException, epoch: int | None = None) -> None:
+        """A call that started at ``epoch`` (default: now) could not reach Redis."""
         with self._lock:
             now = time.monotonic()
             if self._down_since is None:
+                if epoch is not None and epoch != self.epoch:
+                    return  # sent before Redis answered again: not a new outage
                 self._down_since = now
                 self._backoff = self._base
+                self.epoch += 1
                 logger.warning(
-                    "callpolicy: Redis unreachable (%s); using local state until it answers again",
+                    "callpolicy: %s unreachable (%s); using local state until it answers again",
+                    self.name,
                     type(exc).__name__,
                 )
             else:
                 self._backoff = min(self._backoff * 2, self._max)
             self._retry_at = now + self._backoff
 
-    def succeeded(self) -> None:
+    def succeeded(self, epoch: int | None = None) -> None:
+        """A call that started at ``epoch`` (default: now) reached Redis."""
         if self._down_since is None:
             return
         with self._lock:
-            if self._down_since is not None:
-                logger.info(
-                    "callpolicy: Redis reachable again after %.1fs; shared state resumes",
-                    time.monotonic() - self._down_since,
-                )
-                self._down_since = None
+            if self._down_since is None or (epoch is not None and epoch != self.epoch):
+                return  # answered before the outage began: it does not end it
+            logger.warning(
+                "callpolicy: %s reachable again after %.1f s; shared state resumes",
+                self.name,
+                time.monotonic() - self._down_since,
+            )
+            self._down_since = None
+            self.epoch += 1
 
 
 class ThreadConnection:
@@ -193,10 +262,10 @@ class ClosedHealth(Health):
     def usable(self) -> bool:
         raise StoreClosedError(self.message)
 
-    def failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException, epoch: int | None = None) -> None:
         """A call in flight when the store closed lost its connection: no outage."""
 
-    def succeeded(self) -> None:
+    def succeeded(self, epoch: int | None = None) -> None:
         pass
 
 

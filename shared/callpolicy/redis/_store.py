@@ -21,12 +21,14 @@ client you hand it stays yours unless ``close_client=True``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import inspect
 import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Literal
@@ -39,17 +41,23 @@ from redis.cluster import RedisCluster
 from .._config import BreakerConfig
 from .._errors import CircuitOpenError
 from .._memory import MemoryStore
+from .._redact import redact
 from .._store import Circuit, Permit, Transition, TransitionListener
 from .._types import CircuitSnapshot, CircuitState, Outcome, split_key
 from . import _scripts
 from ._budget import RedisBudgetStore
 from ._cache import RedisCacheBackend
+from ._cluster_path import ClusterPath
 from ._connection import (
+    REFUSED,
     UNREACHABLE,
     ClosedHealth,
     Health,
+    StoreAccessError,
     StoreClosedError,
+    StoreUnavailableError,
     ThreadConnection,
+    glob_escape,
     release_closed_loop_client,
     text,
 )
@@ -57,6 +65,7 @@ from ._topology import (
     AsyncClientFactory,
     InitializedFirst,
     async_cluster_factory,
+    cluster_display_url,
     cluster_from_url,
     cluster_url,
     one_slot,
@@ -67,6 +76,8 @@ __all__ = ["RedisStore"]
 
 logger = logging.getLogger("callpolicy.redis")
 
+_DRAIN_TIMEOUT = 5.0
+"""Seconds ``aclose()`` waits for the round trips of cancelled calls (see ``_drain``)."""
 _OUTCOME_CODES = {Outcome.SUCCESS: "s", Outcome.FAILURE: "f", Outcome.IGNORED: "i"}
 _STATES = {s.value: s for s in CircuitState}
 _ASYNC_CLIENT_SETTINGS = frozenset(inspect.signature(aioredis.Redis.__init__).parameters) - {
@@ -90,6 +101,23 @@ class _ClosedScripts(dict[str, Any]):
 
     def __missing__(self, name: str) -> Any:
         raise StoreClosedError(self.message)
+
+
+def _client_url(client: redis.Redis | RedisCluster) -> str:
+    """A URL naming ``client``'s server, without a password (a store given a client)."""
+    if isinstance(client, RedisCluster):
+        return cluster_display_url(client)
+    pool: Any = client.connection_pool
+    settings: dict[str, Any] = pool.connection_kwargs
+    user = settings.get("username")
+    credentials = f"{user}:***@" if user else ":***@" if settings.get("password") else ""
+    db = settings.get("db", 0)
+    path = settings.get("path")
+    if path:
+        return f"unix://{credentials}{path}?db={db}"
+    scheme = "rediss" if issubclass(pool.connection_class, redis.SSLConnection) else "redis"
+    host = settings.get("host", "localhost")
+    return f"{scheme}://{credentials}{host}:{settings.get('port', 6379)}/{db}"
 
 
 def _report_failed_close(done: Future[None]) -> None:
@@ -234,13 +262,16 @@ class _RedisCircuit:
         health = self._store.health
         if not health.usable():
             return self._local.admit()
+        epoch = health.epoch
         permit_id = _new_permit_id()
         try:
             reply = self._store._evalsha("admit", self._keys, self._admit_args(permit_id))
+        except REFUSED as exc:  # before UNREACHABLE: some are ConnectionErrors
+            raise self._store._access_error(exc) from None
         except UNREACHABLE as exc:
-            health.failed(exc)
+            health.failed(exc, epoch)
             return self._local.admit()
-        health.succeeded()
+        health.succeeded(epoch)
         return self._admitted(reply, permit_id)
 
     def record(self, permit: Permit, outcome: Outcome) -> CircuitState:
@@ -248,27 +279,52 @@ class _RedisCircuit:
             return self._local.record(permit, outcome)
         if permit.clean and outcome is Outcome.SUCCESS and self._skip_clean_success:
             return CircuitState.CLOSED
+        health = self._store.health
+        epoch = health.epoch
         try:
             reply = self._store._evalsha("record", self._keys, self._outcome_args(permit, outcome))
+        except REFUSED as exc:
+            raise self._store._access_error(exc) from None
         except UNREACHABLE as exc:
             # The outcome is lost to the shared state; a probe's lease frees its slot.
-            self._store.health.failed(exc)
+            health.failed(exc, epoch)
             return CircuitState.CLOSED
+        health.succeeded(epoch)
         return self._recorded(reply)
 
     # -- async ---------------------------------------------------------------------
+    # Each round trip runs as a task of its own, awaited through a shield: cancelling the
+    # caller neither interrupts it half way (the script may have run on the server, its
+    # reply unread: a probe lease nobody would free) nor reaches the client library,
+    # which can swallow a cancellation — redis-py sends through asyncio.wait_for, which
+    # on Python <= 3.11 returns a result that completed with the cancellation (fixed in
+    # 3.12), and with async-timeout (Python 3.10) a cancellation can become a
+    # TimeoutError, read as an outage: either way the call went on to the model. A
+    # shield works the same on every version, where asyncio.current_task().cancelling()
+    # exists only from 3.11. The caller sees CancelledError at once; what the round trip
+    # took is given back when its reply is in (see _after_cancelled_admit/_record).
+
     async def aadmit(self) -> Permit:
-        health = self._store.health
+        store = self._store
+        health = store.health
         if not health.usable():
             return self._local.admit()
+        epoch = health.epoch
         permit_id = _new_permit_id()
+        script = store._ascript("admit")
+        trip = asyncio.ensure_future(script(keys=self._keys, args=self._admit_args(permit_id)))
         try:
-            script = self._store._ascript("admit")
-            reply = await script(keys=self._keys, args=self._admit_args(permit_id))
+            reply = await asyncio.shield(trip)
+        except REFUSED as exc:  # before UNREACHABLE: some are ConnectionErrors
+            raise store._access_error(exc) from None
         except UNREACHABLE as exc:
-            health.failed(exc)
+            health.failed(exc, epoch)
             return self._local.admit()
-        health.succeeded()
+        except asyncio.CancelledError:
+            trip.add_done_callback(functools.partial(self._after_cancelled_admit, permit_id, epoch))
+            store._hold(trip)
+            raise
+        health.succeeded(epoch)
         return self._admitted(reply, permit_id)
 
     async def arecord(self, permit: Permit, outcome: Outcome) -> CircuitState:
@@ -276,21 +332,80 @@ class _RedisCircuit:
             return self._local.record(permit, outcome)
         if permit.clean and outcome is Outcome.SUCCESS and self._skip_clean_success:
             return CircuitState.CLOSED
+        store = self._store
+        health = store.health
+        epoch = health.epoch
+        script = store._ascript("record")
+        trip = asyncio.ensure_future(
+            script(keys=self._keys, args=self._outcome_args(permit, outcome))
+        )
         try:
-            script = self._store._ascript("record")
-            reply = await script(keys=self._keys, args=self._outcome_args(permit, outcome))
+            reply = await asyncio.shield(trip)
+        except REFUSED as exc:
+            raise store._access_error(exc) from None
         except UNREACHABLE as exc:
-            self._store.health.failed(exc)
+            health.failed(exc, epoch)
             return CircuitState.CLOSED
+        except asyncio.CancelledError:
+            trip.add_done_callback(functools.partial(self._after_cancelled_record, epoch))
+            store._hold(trip)
+            raise
+        health.succeeded(epoch)
         return self._recorded(reply)
+
+    def _after_cancelled_admit(self, permit_id: str, epoch: int, trip: asyncio.Future[Any]) -> None:
+        """The admission of a cancelled call is done: a probe lease it took is freed
+        (recorded as ignored, as the policy records any cancelled call)."""
+        reply = self._settled_trip(trip, epoch)
+        if reply is None:
+            return
+        try:
+            permit = self._admitted(reply, permit_id)
+        except CircuitOpenError:
+            return
+        if permit.probe:
+            self._store._spawn(self._release(permit))
+
+    async def _release(self, permit: Permit) -> None:
+        """Free the lease of a cancelled call's probe (in the background: nobody awaits
+        it, so a failure is logged here; the lease then ends on its own)."""
+        try:
+            await self.arecord(permit, Outcome.IGNORED)
+        except Exception as exc:  # closed meanwhile, or refused
+            logger.debug(
+                "callpolicy: a cancelled probe's lease on %s was not freed: %r", self.key, exc
+            )
+
+    def _after_cancelled_record(self, epoch: int, trip: asyncio.Future[Any]) -> None:
+        """The outcome of a cancelled call's record is in: its transition is reported."""
+        reply = self._settled_trip(trip, epoch)
+        if reply is not None:
+            self._recorded(reply)
+
+    def _settled_trip(self, trip: asyncio.Future[Any], epoch: int) -> Any:
+        """The reply of a round trip whose caller was cancelled; None if it failed."""
+        if trip.cancelled():
+            return None
+        exc = trip.exception()
+        if exc is None:
+            self._store.health.succeeded(epoch)
+            return trip.result()
+        if isinstance(exc, UNREACHABLE) and not isinstance(exc, REFUSED):
+            self._store.health.failed(exc, epoch)
+        return None
 
     # -- inspection and control ------------------------------------------------------------
     def snapshot(self) -> CircuitSnapshot:
+        """The shared state; this process's local state while Redis is unreachable."""
         try:
-            reply = self._store._script("snapshot")(keys=self._keys, args=[])
-        except UNREACHABLE as exc:
-            self._store.health.failed(exc)
+            return self.shared_snapshot()
+        except StoreUnavailableError:
             return self._local.snapshot()
+
+    def shared_snapshot(self) -> CircuitSnapshot:
+        """The state in Redis; :class:`StoreUnavailableError` if it cannot be reached."""
+        with self._store._reaching(f"reading circuit {self.key!r}"):
+            reply = self._store._script("snapshot")(keys=self._keys, args=[])
         state, failures, retry_in_ms, trips, probes, hold, calls, bad, reason = reply
         state_value = _STATES[text(state)]
         opened_by = text(reason) or None
@@ -316,15 +431,16 @@ class _RedisCircuit:
         cooldown_ms = 0 if hold else int(self._config.cooldown_for(1) * 1000)
         if hold and target == "open":
             cooldown_ms = 2**40  # held open: no probe until reset
-        reply = self._store._script("force")(
-            keys=self._keys,
-            args=[
-                target,
-                1 if hold and state is not None else 0,
-                cooldown_ms,
-                self._store._ttl_ms(self._config),
-            ],
-        )
+        with self._store._reaching(f"forcing circuit {self.key!r} {target}"):
+            reply = self._store._script("force")(
+                keys=self._keys,
+                args=[
+                    target,
+                    1 if hold and state is not None else 0,
+                    cooldown_ms,
+                    self._store._ttl_ms(self._config),
+                ],
+            )
         old, failures, _ = reply
         new = _STATES[target]
         if _STATES[text(old)] is not new:
@@ -397,12 +513,20 @@ class RedisStore:
             async_cluster_factory(client) if isinstance(client, RedisCluster) else None
         )
         self._also_close: list[redis.Redis] = []
+        # On a cluster from from_url: the sync hot path's connections, per thread per
+        # primary (see ClusterPath); None otherwise.
+        self._cluster_path: ClusterPath | None = None
         self._close_client = close_client
         self._closed = False
         self._async_pool_settings: tuple[str, dict[str, Any]] | None = None
         self._lease_ms = int(probe_lease * 1000)
         self._key_ttl = key_ttl
-        self.health = Health(backoff_base=backoff_base, backoff_max=backoff_max)
+        self._url = _client_url(client)
+        self.health = Health(
+            backoff_base=backoff_base, backoff_max=backoff_max, name=self._health_name()
+        )
+        # Round trips finishing for cancelled calls (see _spawn): kept until done.
+        self._background: set[asyncio.Future[Any]] = set()
         self._local = MemoryStore()
         self._circuits: dict[str, _RedisCircuit] = {}
         self._lock = threading.Lock()
@@ -454,8 +578,10 @@ class RedisStore:
         On a cluster, the client is a ``redis.cluster.RedisCluster`` (it fetches the slot
         map at once: it raises if no node answers) with a blocking pool of
         ``max_connections`` per node, that follows ``MOVED``/``ASK`` redirections itself
-        and retries once, on a fresh slot map, after a connection error. Every call goes
-        through it: the per-thread connections are a single server's.
+        and retries once, on a fresh slot map, after a connection error. Sync circuit
+        calls run on a connection of the calling thread's own to the primary of their
+        slot (found in that client's slot map; a redirection is followed by the client),
+        up to ``max_connections`` per primary in all; everything else goes through it.
         """
         if max_connections < 1:
             raise ValueError("max_connections: must be >= 1")
@@ -465,14 +591,23 @@ class RedisStore:
             "max_connections": max_connections,
             "timeout": pool_timeout,
         }
-        url, named_cluster = cluster_url(url)
+        plain_url, named_cluster = cluster_url(url)
         if cluster or named_cluster:
-            store = cls(cluster_from_url(url, settings), prefix=prefix, **options)
+            client = cluster_from_url(plain_url, settings)
+            store = cls(client, prefix=prefix, **options)
+            store._url = redact(url if named_cluster else cluster_display_url(client))
+            store.health.name = store._health_name()
             store._close_client = True
+            primaries = client.get_primaries()  # type: ignore[no-untyped-call]
+            limit = max_connections * max(len(primaries), 1)
+            store._cluster_path = ClusterPath(client, limit=limit)
+            store._evalsha = store._cluster_evalsha  # type: ignore[method-assign]
             return store
         pool = redis.BlockingConnectionPool.from_url(url, **settings)
         # from_pool: the client owns the pool, and closing it disconnects the pool.
         store = cls(redis.Redis.from_pool(pool), prefix=prefix, **options)
+        store._url = redact(url)
+        store.health.name = store._health_name()
         store._async_pool_settings = (url, settings)
         store._close_client = True
         store._thread_connection_limit = max_connections
@@ -520,11 +655,86 @@ class RedisStore:
             sentinel_kwargs={**timeouts, **(sentinel_kwargs or {})},
         )
         store = cls(client, prefix=prefix, **options)
+        nodes = ",".join(f"{host}:{port}" for host, port in sentinels)
+        store._url = f"redis+sentinel://{nodes}/{service_name}"  # a name for messages
+        store.health.name = store._health_name()
         store._close_client = True
         store._also_close = others
         store._async_factory = build_async
         store._thread_connection_limit = max_connections
         return store
+
+    # -- naming, and the errors that name it -----------------------------------------------
+    @property
+    def url(self) -> str:
+        """The server's URL, without its password (``***``): what messages show."""
+        return self._url
+
+    def __repr__(self) -> str:
+        closed = ", closed" if self._closed else ""
+        return f"RedisStore({self._url!r}, prefix={self.prefix!r}{closed})"
+
+    def _health_name(self) -> str:
+        return f"Redis at {self._url} (prefix {self.prefix!r})"
+
+    def _access_error(self, exc: BaseException) -> StoreAccessError:
+        """What a refusal of credentials or permissions raises: configuration, to fix."""
+        return StoreAccessError(
+            f"{self!r}: Redis refused access ({type(exc).__name__}: {redact(str(exc))}). "
+            "This is configuration, not an outage: check the credentials in the URL (or "
+            "the client's), and that the ACL user may run EVALSHA, SCRIPT LOAD and SCAN "
+            f"and read and write the keys {self.prefix}:*"
+        )
+
+    @contextlib.contextmanager
+    def _reaching(self, what: str) -> Iterator[None]:
+        """Around an inspection or control call: a closed store raises
+        :class:`StoreClosedError`, a refusal :class:`StoreAccessError`, an unreachable
+        Redis :class:`StoreUnavailableError` (all naming the store, no password) —
+        never a redis-py exception."""
+        self._check_open()
+        health = self.health
+        epoch = health.epoch
+        try:
+            yield
+        except REFUSED as exc:
+            raise self._access_error(exc) from None
+        except UNREACHABLE as exc:
+            health.failed(exc, epoch)
+            raise StoreUnavailableError(
+                f"{what}: {self!r} cannot be reached ({type(exc).__name__}: {redact(str(exc))})"
+            ) from exc
+        except redis.RedisError as exc:  # READONLY, OOM, BUSY...: answered, not read
+            raise StoreUnavailableError(
+                f"{what}: {self!r} answered with an error ({type(exc).__name__}: "
+                f"{redact(str(exc))})"
+            ) from exc
+        health.succeeded(epoch)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` as a task of the running loop, held until done."""
+        self._hold(asyncio.get_running_loop().create_task(work))
+
+    def _hold(self, task: asyncio.Future[Any]) -> None:
+        """Keep ``task`` (a round trip of a cancelled call, or what frees its lease)
+        until it is done: the loop keeps only a weak reference to its tasks, and
+        :meth:`aclose` waits for them (see :meth:`_drain`)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _drain(self) -> None:
+        """Wait (up to ``_DRAIN_TIMEOUT`` s) for the running loop's round trips of
+        cancelled calls and the releases they spawn: closing the connections under
+        them would leave their probe leases to expire instead."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _DRAIN_TIMEOUT
+        while True:
+            # tuple(): one step under the GIL, while other threads' loops add and discard.
+            mine = [task for task in tuple(self._background) if task.get_loop() is loop]
+            left = deadline - loop.time()
+            if not mine or left <= 0:
+                return
+            await asyncio.wait(mine, timeout=left)
 
     # -- closing -----------------------------------------------------------------------
     @property
@@ -558,7 +768,10 @@ class RedisStore:
 
     async def aclose(self) -> None:
         """:meth:`close`, from async code: the running loop's client is closed (awaited)
-        before this returns."""
+        before this returns — after the round trips of its cancelled calls, which free
+        their probe leases, are done (up to 5 s)."""
+        if not self._closed:
+            await self._drain()
         running = asyncio.get_running_loop()
         mine = []
         for loop, aclient in self._shut():
@@ -618,6 +831,8 @@ class RedisStore:
         # call is over (see _evalsha), as it finds the store closed.
         for own in threads:
             own.release()
+        if self._cluster_path is not None:
+            self._cluster_path.release()
         if self._close_client:
             self.client.close()
             for other in self._also_close:
@@ -689,6 +904,17 @@ class RedisStore:
         finally:
             if self._closed:  # by another thread meanwhile: this call may have reconnected
                 own.release()
+
+    def _cluster_evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """:meth:`_evalsha` of a store on a cluster: on this thread's connection to the
+        primary of the keys' slot (see :class:`ClusterPath`)."""
+        script = self._scripts[name]  # raises once the store is closed
+        path: Any = self._cluster_path
+        try:
+            return path.evalsha(script, keys, args, lambda: script(keys=keys, args=args))
+        finally:
+            if self._closed:  # by another thread meanwhile: this call may have reconnected
+                path.release()
 
     def _new_thread_connection(self) -> ThreadConnection | None:
         """The calling thread's own connection, made on its first call (or its first in
@@ -779,14 +1005,20 @@ class RedisStore:
         return list(self._circuits.values())
 
     def shared_keys(self) -> list[str]:
-        """Every circuit key found in Redis under this prefix (any process's)."""
-        self._check_open()
-        pattern = f"{self.prefix}:cb:{{*}}"
+        """Every circuit key with state in Redis under this prefix (any process's): each
+        circuit that has recorded a failure, been forced, tripped or reset, or admitted
+        a probe, until its keys expire (``key_ttl`` after its last change). A circuit
+        that has only ever succeeded has nothing in Redis (a clean success writes
+        nothing), so it is not listed: it is closed.
+
+        Raises :class:`StoreUnavailableError` or :class:`StoreAccessError` when Redis
+        cannot be read."""
+        pattern = f"{glob_escape(self.prefix)}:cb:{{*}}"
+        start = len(self.prefix) + len(":cb:{")
         found = []
-        for raw in self.client.scan_iter(match=pattern, count=500):
-            name = text(raw)
-            inner = name[len(self.prefix) + 5 : -1]
-            found.append(inner)
+        with self._reaching("listing circuits"):
+            for raw in self.client.scan_iter(match=pattern, count=500):
+                found.append(text(raw)[start:-1])
         return sorted(found)
 
     def circuit_for_key(self, key: str, config: BreakerConfig | None = None) -> _RedisCircuit:

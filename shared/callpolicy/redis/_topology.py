@@ -42,6 +42,7 @@ __all__ = [
     "AsyncClientFactory",
     "InitializedFirst",
     "async_cluster_factory",
+    "cluster_display_url",
     "cluster_from_url",
     "cluster_url",
     "one_slot",
@@ -73,6 +74,18 @@ def cluster_url(url: str) -> tuple[str, bool]:
     if plain is None:
         return url, False
     return urlunsplit((plain, *parts[1:])), True
+
+
+def cluster_display_url(client: RedisCluster) -> str:
+    """A ``redis+cluster://`` URL naming one of ``client``'s startup nodes, with no
+    password: for messages."""
+    settings = client.nodes_manager.connection_kwargs
+    user = settings.get("username")
+    credentials = f"{user}:***@" if user else ":***@" if settings.get("password") else ""
+    scheme = "rediss+cluster" if settings.get("ssl") else "redis+cluster"
+    node = next(iter(client.nodes_manager.startup_nodes.values()), None)
+    where = f"{node.host}:{node.port}" if node is not None else "?"
+    return f"{scheme}://{credentials}{where}"
 
 
 def cluster_from_url(url: str, settings: dict[str, Any]) -> RedisCluster:
