@@ -374,3 +374,18 @@ def test_the_option_tables_name_real_options_with_their_real_defaults() -> None:
                 )
                 compared += 1
     assert compared >= 30, f"only {compared} defaults compared: has the table format changed?"
+
+
+def test_a_snippet_that_tries_a_host_other_than_the_loopback_one_fails_its_page(
+    tmp_path: Path, openai_server: OpenAICompatServer
+) -> None:
+    # As a client not pointed at the loopback server would, then swallowing the error (a
+    # fallback answering in its place): the page still fails.
+    page = (
+        "```python\nimport socket\ntry:\n"
+        '    socket.getaddrinfo("api.openai.com", 443)\n'
+        "except OSError:\n    pass\n```\n"
+    )
+    with pytest.raises(AssertionError) as failed:
+        _run_page(python_blocks(page, "p.md"), "", tmp_path, openai_server.base_url)
+    assert "FAILED network: the snippets tried to reach ['api.openai.com']" in str(failed.value)

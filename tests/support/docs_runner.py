@@ -8,12 +8,13 @@ prints ``ran PAGE:LINE`` after each block that finished. The first failing block
 with exit status 1.
 
 It runs in its own process, so what a snippet sets globally (``Settings.llm``, logging,
-environment) ends with the page. The OpenAI clients are the real ones, pointed by
-``OPENAI_BASE_URL``/``OPENAI_API_BASE`` at the loopback server the test started. Anthropic
-has no loopback server here: ``langchain_anthropic.ChatAnthropic`` and
-``llama_index.llms.anthropic.Anthropic`` are replaced by fake models that answer at once,
-under the provider ``anthropic`` and the model name given (whether or not the real
-packages are installed, so a snippet can never reach a real provider).
+environment) ends with the page. Only the loopback host resolves: a snippet that tries to
+reach any other fails its page, even if a fallback answered in its place. The OpenAI
+clients are the real ones, pointed by ``OPENAI_BASE_URL``/``OPENAI_API_BASE`` at the
+loopback server the test started. Anthropic has no loopback server here:
+``langchain_anthropic.ChatAnthropic`` and ``llama_index.llms.anthropic.Anthropic`` are
+replaced by fake models that answer at once, under the provider ``anthropic`` and the model
+name given (whether or not the real packages are installed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import importlib.abc
 import importlib.machinery
 import inspect
 import json
+import socket
 import sys
 import traceback
 import types
@@ -123,6 +125,29 @@ def _install_fakes() -> None:
     sys.meta_path.insert(0, _Fakes())
 
 
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _loopback_only() -> list[str]:
+    """Refuse to resolve any host but the loopback one, and remember who asked: a snippet
+    must never reach a real provider, and one that tried (a client not pointed at the
+    loopback server) must fail the page even when a fallback then answered."""
+    refused: list[str] = []
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name is not None and str(name) not in _LOOPBACK:
+            refused.append(str(name))
+            raise socket.gaierror(
+                socket.EAI_NONAME, f"docs test: no network but 127.0.0.1 ({name})"
+            )
+        return resolve(host, *args, **kwargs)
+
+    socket.getaddrinfo = getaddrinfo
+    return refused
+
+
 def _run(page: str, line: int, code: str, namespace: dict[str, Any]) -> None:
     # Blank lines in front, so that a traceback's line numbers are the page's.
     source = "\n" * (line - 1) + code
@@ -136,6 +161,7 @@ def _run(page: str, line: int, code: str, namespace: dict[str, Any]) -> None:
 def main() -> int:
     job = json.load(sys.stdin)
     _install_fakes()
+    refused = _loopback_only()
     namespace: dict[str, Any] = {"__name__": "__docs__"}
     label = "prelude"
     try:
@@ -147,6 +173,9 @@ def main() -> int:
     except BaseException:
         print(f"FAILED {label}", flush=True)
         traceback.print_exc()
+        return 1
+    if refused:
+        print(f"FAILED network: the snippets tried to reach {sorted(set(refused))}", flush=True)
         return 1
     return 0
 
