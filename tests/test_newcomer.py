@@ -232,6 +232,9 @@ def notebook_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
         f"--ServerApp.port={port}",
         "--ServerApp.port_retries=0",
         f"--IdentityProvider.token={token}",
+        # JupyterLab's extension manager would look packages up on PyPI: tests stay on
+        # 127.0.0.1.
+        "--LabApp.extension_manager=readonly",
         # Jupyter refuses to run as root without it (CI runs as root); the README says so.
         *(["--allow-root"] if os.geteuid() == 0 else []),
     ]
