@@ -1,7 +1,7 @@
 """The main demo: an outage, seen through a LangChain chat model guarded by callpolicy.
 
-Runs on fake models (no API key, no network) and a hand-driven clock, so the 30-second
-cooldown passes instantly. What it shows:
+Runs on fake models (no API key, no network) and a simulated clock that the demo moves by
+hand, so the 30-second cooldown passes without waiting. What it shows:
 
 1. the primary answers while healthy;
 2. the primary goes down: each failure is answered by the fallback, and after
@@ -81,6 +81,8 @@ def main() -> None:
         answer = model.invoke(question)
         print(f"   {question!r} -> {answer.content!r}   [circuit: {model.state_for().value}]")
 
+    print("An outage on fake models, timed by a simulated clock: no API key, no network,")
+    print("and the 30-second cooldown passes without waiting.\n")
     print(f"1. Healthy. Circuit key: {model.key_for()}")
     ask("hello")
 
@@ -97,13 +99,14 @@ def main() -> None:
     print(f"   primary calls while open: {primary.calls - calls_before}")
     assert primary.calls == calls_before
 
-    print("4. 30 s later the primary is back; one probe closes the circuit.")
     primary.down = False
     clock.now += 30.0
+    print("4. 30 s later on the simulated clock (no waiting), the primary is back;")
+    print("   the cooldown has passed, so one probe reaches it and closes the circuit.")
     ask("are you back?")
     assert model.state_for() is CircuitState.CLOSED
 
-    print("\nThe policy, as a notebook would show it:")
+    print("\nThe policy, as repr(policy) shows it (a notebook shows it as an HTML table):")
     print(policy)
 
 

@@ -11,6 +11,15 @@ The engine's types (``CircuitOpenError``, ``CircuitState``, ``RetryPolicy``, ``C
 ...) are imported from :mod:`callpolicy`.
 """
 
+try:
+    import langchain_core  # noqa: F401  (the framework this package adapts to)
+except ImportError as missing:
+    raise ModuleNotFoundError(
+        'langchain_breaker needs LangChain: pip install "callpolicy[langchain]"'
+        f" ({type(missing).__name__}: {missing})",
+        name=missing.name,
+    ) from missing
+
 from ._chat_model import CircuitBreakerChatModel
 from ._events import EVENT_PREFIX
 from ._guarded import GuardedRunnable

@@ -13,6 +13,17 @@ Errors and states come from the engine: ``from callpolicy import CircuitOpenErro
 CircuitState``.
 """
 
+try:
+    # the framework this package adapts to, and its instrumentation package
+    import llama_index.core  # noqa: F401
+    import llama_index_instrumentation  # noqa: F401
+except ImportError as missing:
+    raise ModuleNotFoundError(
+        'llamaindex_breaker needs LlamaIndex: pip install "callpolicy[llamaindex]"'
+        f" ({type(missing).__name__}: {missing})",
+        name=missing.name,
+    ) from missing
+
 from ._events import CallPolicyEvent
 from ._llm import CircuitBreakerLLM
 from ._served import SERVED_BY_KEY, cache_status, served_by

@@ -36,8 +36,15 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+try:
+    from opentelemetry import metrics
+    from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+except ImportError as missing:
+    raise ModuleNotFoundError(
+        'callpolicy.otel needs the OpenTelemetry API: pip install "callpolicy[otel]"'
+        f" ({type(missing).__name__}: {missing})",
+        name=missing.name,
+    ) from missing
 
 from . import __version__
 from ._budget import Budget

@@ -41,7 +41,7 @@ def test_status_lists_every_key_with_its_state(
 
     table = _status("--redis", redis_server.url, "--prefix", prefix)
     assert table.returncode == 0, table.stderr
-    rows = {line.split()[0]: line.split()[1] for line in table.stdout.splitlines()[2:]}
+    rows = {line.split()[0]: line.split()[1] for line in table.stdout.splitlines()[3:]}
     assert rows == {"anthropic::claude": "open", "openai::gpt-4o-mini": "open"}
 
     as_json = _status("--redis", redis_server.url, "--prefix", prefix, "--json")

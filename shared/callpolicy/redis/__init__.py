@@ -5,6 +5,15 @@
 >>> store.close()  # or with/async with; await store.aclose() in async code  # doctest: +SKIP
 """
 
+try:
+    import redis  # noqa: F401  (redis-py, the client every part of this package uses)
+except ImportError as missing:
+    raise ModuleNotFoundError(
+        'callpolicy.redis needs redis-py: pip install "callpolicy[redis]"'
+        f" ({type(missing).__name__}: {missing})",
+        name=missing.name,
+    ) from missing
+
 from ._budget import BudgetUnavailableError, RedisBudgetStore
 from ._cache import RedisCacheBackend
 from ._connection import StoreAccessError, StoreClosedError, StoreUnavailableError
