@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["Drop", "Fail", "Hang", "OpenAICompatServer", "Reply", "StreamDies"]
+__all__ = ["Drop", "Fail", "Hang", "OpenAICompatServer", "Raw", "Reply", "StreamDies"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,16 @@ class StreamDies:
     after_chunks: int = 2
 
 
-Behaviour = Reply | Fail | Hang | Drop | StreamDies
+@dataclass(frozen=True)
+class Raw:
+    """Exactly these bytes as the body (a malformed answer: not JSON, not UTF-8, ...)."""
+
+    body: bytes = b"not json"
+    status: int = 200
+    content_type: str = "application/json"
+
+
+Behaviour = Reply | Fail | Hang | Drop | StreamDies | Raw
 
 _DEFAULT_USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 _ids = itertools.count(1)
@@ -166,6 +175,8 @@ class OpenAICompatServer:
                     isinstance(behaviour, StreamDies) and not body.get("stream")
                 ):
                     self._drop()
+                elif isinstance(behaviour, Raw):
+                    self._send_raw(behaviour)
                 elif isinstance(behaviour, Fail):
                     self._send_json(
                         behaviour.status,
@@ -202,6 +213,16 @@ class OpenAICompatServer:
                     self.end_headers()
                     self.wfile.write(data)
                 except OSError:  # the client gave up (timeout) meanwhile
+                    self.close_connection = True
+
+            def _send_raw(self, raw: Raw) -> None:
+                try:
+                    self.send_response(raw.status)
+                    self.send_header("content-type", raw.content_type)
+                    self.send_header("content-length", str(len(raw.body)))
+                    self.end_headers()
+                    self.wfile.write(raw.body)
+                except OSError:
                     self.close_connection = True
 
             def _chunk(self, data: bytes) -> None:
