@@ -362,7 +362,9 @@ class Budget:
             reference crate). ``None``: unbounded.
         max_tokens: input plus output tokens allowed. A call is refused when the limit is
             used up, or when the tokens used plus this call's estimated input would pass it.
-        max_cost_usd: US dollars allowed, priced from ``prices``; refused likewise.
+        max_cost_usd: US dollars allowed, priced from ``prices``; refused likewise. Kept
+            exactly, in whole pico-dollars (10**-12 USD) from the decimal written: at
+            least one pico-dollar, at most 1,000,000 USD.
         window: ``None`` (the limits are lifetime totals) or a rolling window in seconds
             or a ``timedelta``: the limits then apply to what was spent in the last
             ``window`` seconds, which stops a runaway loop at its rate, not at the end of
