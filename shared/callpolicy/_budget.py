@@ -33,11 +33,10 @@ from collections.abc import (
 )
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -54,8 +53,15 @@ from ._budget_store import (
     Reservation,
     Tally,
 )
-from ._config import Seconds
 from ._errors import CallPolicyError
+from ._numbers import (
+    MAX_COST_USD,
+    MAX_PRICE_PER_MILLION,
+    Count,
+    Number,
+    Seconds,
+    to_units,
+)
 from ._types import split_key
 
 __all__ = [
@@ -121,10 +127,17 @@ class Price(BaseModel):
 
     model_config = _FROZEN
 
-    input_per_million: float = Field(ge=0, allow_inf_nan=False)
-    """USD per million input (prompt) tokens."""
-    output_per_million: float = Field(ge=0, allow_inf_nan=False)
-    """USD per million output (completion) tokens."""
+    input_per_million: Number = Field(ge=0, le=MAX_PRICE_PER_MILLION)
+    """USD per million input (prompt) tokens (0 for a free model; else at least 0.000001,
+    one pico-dollar a token, the smallest price counted)."""
+    output_per_million: Number = Field(ge=0, le=MAX_PRICE_PER_MILLION)
+    """USD per million output (completion) tokens (same range)."""
+
+    @field_validator("input_per_million", "output_per_million")
+    @classmethod
+    def _countable(cls, value: float) -> float:
+        to_units(value, _UNITS_PER_TOKEN_PER_MILLION)  # refuses a price that would count as 0
+        return value
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
         """The cost of a call that used these tokens."""
@@ -133,9 +146,12 @@ class Price(BaseModel):
         return units / COST_UNITS_PER_USD
 
 
+# USD per million tokens -> pico-dollars per token: x / 1e6 * 1e12.
+_UNITS_PER_TOKEN_PER_MILLION = COST_UNITS_PER_USD // 1_000_000
+
+
 def _per_token_units(per_million: float) -> int:
-    # USD per million tokens -> pico-dollars per token: x / 1e6 * 1e12.
-    return round(per_million * 1_000_000)
+    return to_units(per_million, _UNITS_PER_TOKEN_PER_MILLION)
 
 
 _USAGE_SECTIONS = ("usage_metadata", "usage", "token_usage", "usageMetadata")
@@ -270,25 +286,14 @@ class BudgetUsage:
         return data
 
 
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):  # bool is an int; max_calls=True is never meant
-        raise ValueError("expected a number, not a bool")
-    return value
-
-
-_Count = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
-
-
 class _BudgetOptions(BaseModel):
     """Validation of :class:`Budget`'s options: a bad value names its field."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="Budget")
 
-    max_calls: _Count | None = None
-    max_tokens: _Count | None = None
-    max_cost_usd: Annotated[float, BeforeValidator(_not_bool)] | None = Field(
-        default=None, gt=0, allow_inf_nan=False
-    )
+    max_calls: Count | None = None
+    max_tokens: Count | None = None
+    max_cost_usd: Number | None = Field(default=None, gt=0, le=MAX_COST_USD)
     window: Seconds | None = Field(default=None, gt=0)
     prices: dict[str, Price] | None = None
     per_key: StrictBool = False
@@ -314,6 +319,13 @@ class _BudgetOptions(BaseModel):
                 price = {"input_per_million": price[0], "output_per_million": price[1]}
             prices[name] = price
         return prices
+
+    @field_validator("max_cost_usd")
+    @classmethod
+    def _countable(cls, value: float | None) -> float | None:
+        if value is not None:
+            to_units(value, COST_UNITS_PER_USD)  # refuses a limit that would count as 0
+        return value
 
     @model_validator(mode="after")
     def _check_relations(self) -> _BudgetOptions:
@@ -350,7 +362,9 @@ class Budget:
             reference crate). ``None``: unbounded.
         max_tokens: input plus output tokens allowed. A call is refused when the limit is
             used up, or when the tokens used plus this call's estimated input would pass it.
-        max_cost_usd: US dollars allowed, priced from ``prices``; refused likewise.
+        max_cost_usd: US dollars allowed, priced from ``prices``; refused likewise. Kept
+            exactly, in whole pico-dollars (10**-12 USD) from the decimal written: at
+            least one pico-dollar, at most 1,000,000 USD.
         window: ``None`` (the limits are lifetime totals) or a rolling window in seconds
             or a ``timedelta``: the limits then apply to what was spent in the last
             ``window`` seconds, which stops a runaway loop at its rate, not at the end of
@@ -423,7 +437,7 @@ class Budget:
             max_cost_units=(
                 None
                 if options.max_cost_usd is None
-                else round(options.max_cost_usd * COST_UNITS_PER_USD)
+                else to_units(options.max_cost_usd, COST_UNITS_PER_USD)
             ),
             window=options.window,
         )
@@ -431,7 +445,7 @@ class Budget:
         self._estimate = estimate_tokens
         # Per-token prices in cost units, resolved once per key (None: unpriced).
         self._unit_prices: dict[str, tuple[int, int] | None] = {}
-        self._warned_unpriced: set[str] = set()
+        self._warned_unpriced: set[tuple[str, str]] = set()
         self._warn_lock = threading.Lock()
 
     # -- configuration -------------------------------------------------------------
@@ -675,22 +689,35 @@ class Budget:
             units = None
         if units is None:
             if stand_in is not None and stand_in != key:
-                self._warn_unpriced(key, f"priced as {stand_in!r}")
                 try:
                     units = self._units(stand_in)
                 except MissingPriceError:
                     units = None
+            if units is not None:
+                assert stand_in is not None
+                self._warn_unpriced(key, f"priced as {self._priced_as(stand_in)}")
             elif self.prices:
                 self._warn_unpriced(key, "its cost is not counted")
         if units is None:
             return 0
         return usage.input_tokens * units[0] + usage.output_tokens * units[1]
 
+    def _priced_as(self, key: str) -> str:
+        """The model whose price ``key`` is charged at, named by its price-table entry."""
+        entry = key if key in self.prices else split_key(key)[1]
+        price = self.prices[entry]
+        return (
+            f"{entry!r} ({price.input_per_million:g} / {price.output_per_million:g} USD "
+            "per million input / output tokens)"
+        )
+
     def _warn_unpriced(self, key: str, consequence: str) -> None:
+        # Once per key and consequence: a fallback that answers for two primaries is
+        # priced as each in turn, and each warning names the model really priced.
         with self._warn_lock:
-            if key in self._warned_unpriced:
+            if (key, consequence) in self._warned_unpriced:
                 return
-            self._warned_unpriced.add(key)
+            self._warned_unpriced.add((key, consequence))
         logger.warning(
             "callpolicy budget: no price for %r in the price table; %s", key, consequence
         )

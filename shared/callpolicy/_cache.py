@@ -35,9 +35,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ._cache_backend import (
     DEFAULT_MAX_BYTES,
@@ -46,9 +46,9 @@ from ._cache_backend import (
     MemoryCacheBackend,
 )
 from ._cache_key import UncacheableRequestError, cache_key
-from ._config import Seconds
 from ._errors import CircuitOpenError
 from ._flight import Flight, SingleFlight
+from ._numbers import Count, Seconds
 
 __all__ = ["CacheStats", "CacheStatus", "ResponseCache"]
 
@@ -70,21 +70,12 @@ _VERSION = 1
 _MISS: Any = object()
 
 
-def _not_bool(value: object) -> object:
-    if isinstance(value, bool):
-        raise ValueError("expected a number, not a bool")
-    return value
-
-
-_Count = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
-
-
 class _CacheOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", title="ResponseCache")
 
     ttl: Seconds | None = Field(default=None, gt=0)
-    max_entries: _Count | None = None
-    max_bytes: _Count | None = None
+    max_entries: Count | None = None
+    max_bytes: Count | None = None
     serve_stale_when_open: StrictBool = False
     stale_ttl: Seconds | None = Field(default=86_400.0, gt=0)
     cache_fallback_answers: StrictBool = False

@@ -9,6 +9,7 @@ numbers in it must stand as whole words.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import time
@@ -93,6 +94,44 @@ _SDK_CLASSES: dict[str, ErrorClass] = {
     # that a proxy closed cleanly, most often).
     "IncompleteStreamError": ErrorClass.NETWORK,
 }
+
+# The built-in errors of a caller's mistake: invalid input (None for a prompt, a value
+# JSON cannot encode, a NaN in a tool schema) or a bug in the calling code. pydantic's
+# ValidationError is a ValueError.
+_CALLER_TYPES: tuple[type[BaseException], ...] = (
+    TypeError,
+    ValueError,
+    LookupError,
+    AttributeError,
+    NameError,
+    NotImplementedError,
+)
+# The HTTP layer's own errors (connections, sockets, TLS, timeouts are OSErrors), and the
+# ValueErrors of a response that did not parse: the provider's side, never the caller's.
+_PROVIDER_SIDE: tuple[type[BaseException], ...] = (
+    OSError,
+    json.JSONDecodeError,
+    UnicodeDecodeError,
+)
+# Packages whose exceptions belong to the HTTP layer (clients, transports, provider SDKs),
+# whatever their base class (requests' InvalidURL is a ValueError, for one).
+_TRANSPORT_PACKAGES = frozenset(
+    {
+        "aiohttp",
+        "anthropic",
+        "botocore",
+        "google",
+        "grpc",
+        "h11",
+        "h2",
+        "httpcore",
+        "httpx",
+        "openai",
+        "requests",
+        "urllib3",
+        "websockets",
+    }
+)
 
 _CONTEXT_PHRASES = re.compile(
     r"context[ _]length|context[ _]window|maximum context|context_length_exceeded"
@@ -256,9 +295,12 @@ def classify_error(exc: BaseException) -> Classification:
     Order: langchain-core's ``ModelError`` family (by class name; LangChain is never
     imported), an HTTP status (``status_code``, ``response.status_code``,
     ``http_status``), SDK exception names and builtin ``TimeoutError`` /
-    ``ConnectionError`` — along the whole ``__cause__``/``__context__`` chain — and
-    only then the text of the messages. Retry-After comes from the response headers
-    (``retry-after-ms``, ``retry-after`` as seconds or an HTTP date), else the text.
+    ``ConnectionError`` — along the whole ``__cause__``/``__context__`` chain — then
+    the caller's own mistakes (:data:`ErrorClass.CALLER`: a built-in ``TypeError``,
+    ``ValueError``, ``KeyError``, ``AttributeError``, ... with nothing from the HTTP
+    layer along its chain), and only then the text of the messages. Retry-After comes
+    from the response headers (``retry-after-ms``, ``retry-after`` as seconds or an HTTP
+    date), else the text.
 
     >>> classify_error(TimeoutError()).error_class
     <ErrorClass.TIMEOUT: 'timeout'>
@@ -282,10 +324,30 @@ def classify_error(exc: BaseException) -> Classification:
         if found is not None:
             error_class, status = found
             return Classification(error_class, retry_after, status)
+    if _is_callers(chain):
+        # Before the text: a caller's message can say anything ("timeout must be > 0",
+        # or a prompt quoted back that mentions a 500), and must never trip a circuit.
+        return Classification(ErrorClass.CALLER)
     for pattern, error_class in _TEXT_RULES:
         if pattern.search(text):
             return Classification(error_class, retry_after)
     return Classification(ErrorClass.UNKNOWN, retry_after)
+
+
+def _is_callers(chain: list[BaseException]) -> bool:
+    """The caller's own mistake: a built-in caller error (``TypeError``, ``ValueError``,
+    pydantic's ``ValidationError``, ``KeyError``, ``AttributeError``, ...), and nothing
+    along its cause/context chain from the HTTP layer: no ``OSError`` (connections,
+    sockets, TLS, timeouts), no exception of an HTTP client or provider SDK, and no
+    response that failed to parse (``JSONDecodeError``, ``UnicodeDecodeError``)."""
+    if not isinstance(chain[0], _CALLER_TYPES):
+        return False
+    for link in chain:
+        if isinstance(link, _PROVIDER_SIDE):
+            return False
+        if type(link).__module__.partition(".")[0] in _TRANSPORT_PACKAGES:
+            return False
+    return True
 
 
 def _structural_class(exc: BaseException, text: str) -> tuple[ErrorClass, int | None] | None:

@@ -2,17 +2,18 @@
 
 Every field is checked at construction, and a bad value raises pydantic's
 ``ValidationError`` naming the field (``cooldown``, ``failure_threshold``, ...).
-Durations are seconds as a number, or a :class:`datetime.timedelta`.
+Durations are seconds as a number, or a :class:`datetime.timedelta`. Every number is
+finite and within a range (``_numbers``): inf, NaN, bools and numeric strings are refused.
 """
 
 from __future__ import annotations
 
 import random
-from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ._numbers import MAX_SECONDS, Count, Fraction, Multiplier, Seconds, capped_growth
 from ._types import ErrorClass
 
 __all__ = [
@@ -21,30 +22,28 @@ __all__ = [
     "BreakerConfig",
     "FallbackOn",
     "RetryPolicy",
+    "Seconds",
 ]
 
+_MAX_CALLS = 1_000_000
+"""The largest threshold, probe count or window: far more than any breaker needs, and
+small enough for every store (the Redis store keeps the window as a list)."""
 
-def _to_seconds(value: Any) -> Any:
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, bool):  # bool is an int; True seconds is never meant
-        # ValueError, not TypeError: pydantic turns only ValueError into a ValidationError.
-        raise ValueError("expected seconds as a number or a timedelta, not a bool")
-    return value
-
-
-Seconds = Annotated[float, BeforeValidator(_to_seconds)]
+_MAX_ATTEMPTS = 1_000
 
 DEFAULT_COUNTED_ERRORS: frozenset[ErrorClass] = frozenset(ErrorClass) - {
     ErrorClass.CLIENT,
     ErrorClass.CONTEXT_OVERFLOW,
+    ErrorClass.CALLER,
 }
-"""Error classes that count as breaker failures by default: all but the caller's own faults."""
+"""Error classes that count as breaker failures by default: all but the caller's own faults
+(a request the provider refused as invalid, one too long for the model, and a mistake
+raised before any request left the process)."""
 
 DEFAULT_RETRYABLE_ERRORS: frozenset[ErrorClass] = frozenset(
     {ErrorClass.RATE_LIMITED, ErrorClass.TIMEOUT, ErrorClass.NETWORK, ErrorClass.SERVER}
 )
-"""Error classes worth another attempt."""
+"""Error classes worth another attempt (never ``caller``: the same input fails the same way)."""
 
 FallbackOn = Literal["failure", "open", "error"]
 """When the fallback model answers.
@@ -68,24 +67,26 @@ class BreakerConfig(BaseModel):
 
     model_config = _FROZEN
 
-    failure_threshold: int = Field(default=5, ge=1)
+    failure_threshold: Count = Field(default=5, le=_MAX_CALLS)
     """Consecutive counted failures that open a closed circuit (reference: 5)."""
-    cooldown: Seconds = Field(default=30.0, gt=0)
-    """Seconds an opened circuit refuses calls before admitting a probe (reference: 30 s)."""
-    half_open_max_calls: int = Field(default=1, ge=1)
+    cooldown: Seconds = Field(default=30.0, ge=0.001)
+    """Seconds an opened circuit refuses calls before admitting a probe (reference: 30 s);
+    from a millisecond (the Redis store's resolution) to ten years."""
+    half_open_max_calls: Count = Field(default=1, le=_MAX_CALLS)
     """Probes in flight at once while half-open (reference: unlimited, a weak spot)."""
-    success_threshold: int = Field(default=1, ge=1)
+    success_threshold: Count = Field(default=1, le=_MAX_CALLS)
     """Probe successes needed to close a half-open circuit (reference: 1)."""
-    failure_rate_threshold: float | None = Field(default=None, gt=0, le=1)
+    failure_rate_threshold: Fraction | None = Field(default=None, gt=0)
     """Also open when this fraction of the last ``window_size`` calls failed (off by default)."""
-    window_size: int = Field(default=20, ge=1)
+    window_size: Count = Field(default=20, le=_MAX_CALLS)
     """Calls in the sliding window of the failure-rate mode."""
-    minimum_calls: int = Field(default=10, ge=1)
+    minimum_calls: Count = Field(default=10, le=_MAX_CALLS)
     """Calls the window must hold before the failure rate can open the circuit."""
-    cooldown_multiplier: float = Field(default=1.0, ge=1)
-    """Each consecutive re-open multiplies the cooldown by this (1.0: no growth)."""
-    max_cooldown: Seconds | None = Field(default=None, gt=0)
-    """Cap of a growing cooldown (None: no cap)."""
+    cooldown_multiplier: Multiplier = 1.0
+    """Each consecutive re-open multiplies the cooldown by this (1.0: no growth; at most
+    1000)."""
+    max_cooldown: Seconds | None = Field(default=None, ge=0.001)
+    """Cap of a growing cooldown (None: ten years, the longest duration any option takes)."""
     counted_errors: frozenset[ErrorClass] = DEFAULT_COUNTED_ERRORS
     """Error classes that count as failures; the others neither count nor reset."""
 
@@ -102,12 +103,20 @@ class BreakerConfig(BaseModel):
             )
         return self
 
+    @property
+    def cooldown_cap(self) -> float:
+        """The longest cooldown: ``max_cooldown``, else ten years."""
+        return MAX_SECONDS if self.max_cooldown is None else self.max_cooldown
+
     def cooldown_for(self, consecutive_trips: int) -> float:
-        """Cooldown after the ``consecutive_trips``-th open in a row (1 for the first)."""
-        seconds = self.cooldown * self.cooldown_multiplier ** max(consecutive_trips - 1, 0)
-        if self.max_cooldown is not None:
-            seconds = min(seconds, self.max_cooldown)
-        return seconds
+        """Cooldown after the ``consecutive_trips``-th open in a row (1 for the first),
+        capped before it is grown: no number of re-opens can overflow."""
+        return capped_growth(
+            self.cooldown,
+            self.cooldown_multiplier,
+            max(consecutive_trips - 1, 0),
+            self.cooldown_cap,
+        )
 
 
 class RetryPolicy(BaseModel):
@@ -123,19 +132,19 @@ class RetryPolicy(BaseModel):
 
     model_config = _FROZEN
 
-    max_attempts: int = Field(default=4, ge=1)
+    max_attempts: Count = Field(default=4, le=_MAX_ATTEMPTS)
     """Attempts in all, the first included (reference: 4)."""
-    base_delay: Seconds = Field(default=0.5, ge=0)
+    base_delay: Seconds = 0.5
     """Delay before the second attempt (reference: 0.5 s)."""
-    max_delay: Seconds = Field(default=30.0, ge=0)
+    max_delay: Seconds = 30.0
     """Cap of the exponential delay (reference: 30 s)."""
-    multiplier: float = Field(default=2.0, ge=1)
+    multiplier: Multiplier = 2.0
     """Growth of the delay per attempt (reference: doubling)."""
-    jitter: float = Field(default=0.2, ge=0, le=1)
+    jitter: Fraction = 0.2
     """Relative jitter, +-20 % by default (reference: 0.2)."""
     honor_retry_after: bool = True
     """Wait what the provider's Retry-After says instead of the backoff (reference: yes)."""
-    max_retry_after: Seconds = Field(default=60.0, ge=0)
+    max_retry_after: Seconds = 60.0
     """Cap of a Retry-After value (reference: none below 3600 s, a weak spot)."""
     deadline: Seconds | None = Field(default=60.0, gt=0)
     """No new attempt starts once this many seconds have passed since the first (reference:
@@ -153,7 +162,7 @@ class RetryPolicy(BaseModel):
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """Delay after failed attempt number ``attempt`` (1-based), jitter included."""
-        delay = min(self.base_delay * self.multiplier ** (attempt - 1), self.max_delay)
+        delay = capped_growth(self.base_delay, self.multiplier, attempt - 1, self.max_delay)
         if self.jitter and delay:
             draw = (rng or random).uniform(-self.jitter, self.jitter)
             delay *= 1.0 + draw

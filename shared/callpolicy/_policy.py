@@ -58,6 +58,8 @@ _SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
 _IGNORED = Outcome.IGNORED
 _OPEN = CircuitState.OPEN
+_CALLER = ErrorClass.CALLER
+_AUTH = ErrorClass.AUTH
 _FALLBACK_MODES: tuple[str, ...] = get_args(FallbackOn)
 
 
@@ -398,7 +400,7 @@ class CallPolicy:
                             circuit, fallback, fallback_key, exc, classification, _OPEN
                         )
                     raise
-                if fallback is not None and self._wants_fallback(outcome):
+                if fallback is not None and self._wants_fallback(classification, outcome):
                     return self._run_fallback(
                         circuit, fallback, fallback_key, exc, classification, state
                     )
@@ -519,7 +521,7 @@ class CallPolicy:
                             circuit, fallback, fallback_key, exc, classification, _OPEN
                         )
                     raise
-                if fallback is not None and self._wants_fallback(outcome):
+                if fallback is not None and self._wants_fallback(classification, outcome):
                     return await self._arun_fallback(
                         circuit, fallback, fallback_key, exc, classification, state
                     )
@@ -690,6 +692,10 @@ class CallPolicy:
             except CircuitOpenError:
                 budget.release(reservation, refund_call=answered[0] == key)
                 raise
+            except Exception as exc:
+                # A caller's mistake with no fallback run never reached a model: no round.
+                budget.release(reservation, refund_call=self._never_sent(exc, answered[0], key))
+                raise
             except BaseException:
                 budget.release(reservation)
                 raise
@@ -753,6 +759,11 @@ class CallPolicy:
             except CircuitOpenError:
                 await budget.arelease(reservation, refund_call=answered[0] == key)
                 raise
+            except Exception as exc:
+                await budget.arelease(
+                    reservation, refund_call=self._never_sent(exc, answered[0], key)
+                )
+                raise
             except BaseException:
                 await budget.arelease(reservation)
                 raise
@@ -815,7 +826,13 @@ class CallPolicy:
         counted = classification.error_class in self.breaker.counted_errors
         return classification, (_FAILURE if counted else _IGNORED)
 
-    def _wants_fallback(self, outcome: Outcome) -> bool:
+    def _never_sent(self, exc: Exception, answered: str, key: str) -> bool:
+        """A call that failed with the caller's own mistake, the fallback never started."""
+        return answered == key and self.classify(exc).error_class is _CALLER
+
+    def _wants_fallback(self, classification: Classification, outcome: Outcome) -> bool:
+        if classification.error_class is _CALLER:
+            return False  # the fallback would be handed the same mistake, in every mode
         mode = self.fallback_on
         return mode == "error" or (mode == "failure" and outcome is _FAILURE)
 
@@ -896,6 +913,9 @@ class CallPolicy:
         error_class = classification.error_class
         with self._counts_lock:
             counts[error_class] = counts.get(error_class, 0) + 1
+            first_auth = error_class is _AUTH and counts[error_class] == 1
+        if first_auth:
+            _warn_auth(tally.circuit, classification)
 
     def _count_cancelled(self, tally: _Tally) -> None:
         with self._counts_lock:
@@ -950,6 +970,27 @@ class CallPolicy:
                 error_type=None if refused else type(cause).__name__,
             )
         )
+
+
+def _warn_auth(circuit: Circuit, classification: Classification) -> None:
+    """A provider refused our credentials: said once per key, at WARNING, since behind a
+    fallback a revoked key is otherwise silent. Names no secret (nor the provider's
+    message, which can quote part of the key)."""
+    status = "" if classification.status is None else f"HTTP {classification.status}, "
+    logger.warning(
+        "callpolicy: the provider of %r refused the credentials (%sauth): check its API "
+        "key and permissions; every call to it fails (and goes to the fallback, if any) "
+        "until they are fixed",
+        circuit.key,
+        status,
+        extra={
+            "callpolicy_event": "auth_failed",
+            "callpolicy_key": circuit.key,
+            "callpolicy_provider": circuit.provider,
+            "callpolicy_model": circuit.model,
+            "callpolicy_error_class": str(classification.error_class),
+        },
+    )
 
 
 def _detached(refusal: CircuitOpenError) -> CircuitOpenError:

@@ -57,8 +57,13 @@ class ErrorClass(str, enum.Enum):
     NETWORK = "network"
     SERVER = "server"
     CLIENT = "client"
+    """The provider refused the request as invalid (a 4xx other than 401, 403, 408, 429)."""
     AUTH = "auth"
     CONTEXT_OVERFLOW = "context_overflow"
+    CALLER = "caller"
+    """The caller's own mistake: invalid input or a programming error (``TypeError``,
+    ``ValueError``, pydantic's ``ValidationError``, ...) raised before any request left
+    the process. Never counted, retried or handed to the fallback."""
     UNKNOWN = "unknown"
 
     def __str__(self) -> str:

@@ -30,6 +30,7 @@ from hypothesis.stateful import (
 )
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState
+from callpolicy._numbers import MAX_SECONDS
 from tests.support.clock import FakeClock
 
 KEY = "acme::m1"
@@ -108,8 +109,8 @@ class BreakerModel:
         self.opens_in_a_row += 1
         self.trips += 1
         cooldown = self.base_cooldown * self.cooldown_multiplier ** (self.opens_in_a_row - 1)
-        if self.max_cooldown is not None:
-            cooldown = min(cooldown, self.max_cooldown)
+        # Without max_cooldown, a growing cooldown stops at the longest duration (ten years).
+        cooldown = min(cooldown, MAX_SECONDS if self.max_cooldown is None else self.max_cooldown)
         self.open_until = now + cooldown
         self.probes = 0
         self.window.clear()

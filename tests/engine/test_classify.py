@@ -42,6 +42,7 @@ CLIENT = ErrorClass.CLIENT
 AUTH = ErrorClass.AUTH
 CONTEXT_OVERFLOW = ErrorClass.CONTEXT_OVERFLOW
 UNKNOWN = ErrorClass.UNKNOWN
+CALLER = ErrorClass.CALLER
 
 REQUEST = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
 
@@ -197,7 +198,8 @@ CASES = [
     pytest.param(asyncio.TimeoutError(), TIMEOUT, id="asyncio.TimeoutError"),
     pytest.param(ConnectionResetError(104, "reset"), NETWORK, id="ConnectionResetError"),
     pytest.param(ConnectionRefusedError(), NETWORK, id="ConnectionRefusedError"),
-    pytest.param(ValueError("something else"), UNKNOWN, id="ValueError-unknown"),
+    pytest.param(RuntimeError("something else"), UNKNOWN, id="RuntimeError-unknown"),
+    pytest.param(ValueError("something else"), CALLER, id="ValueError-caller"),
     # chains: the cause decides when the outer error says nothing structural
     pytest.param(
         raised_from(openai_error(openai.RateLimitError, 429), RuntimeError("agent step failed")),
@@ -511,7 +513,7 @@ def test_counted_errors_can_include_context_overflow(clock) -> None:
 def test_default_counted_errors_leave_out_the_callers_faults() -> None:
     from callpolicy import DEFAULT_COUNTED_ERRORS
 
-    assert frozenset(ErrorClass) - {CLIENT, CONTEXT_OVERFLOW} == DEFAULT_COUNTED_ERRORS
+    assert frozenset(ErrorClass) - {CLIENT, CONTEXT_OVERFLOW, CALLER} == DEFAULT_COUNTED_ERRORS
 
 
 def _raise(error: BaseException):

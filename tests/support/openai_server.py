@@ -43,6 +43,7 @@ __all__ = [
     "Fail",
     "Hang",
     "OpenAICompatServer",
+    "Raw",
     "Reply",
     "StreamDies",
     "StreamEndsEarly",
@@ -92,6 +93,15 @@ class StreamDies:
 
 
 @dataclass(frozen=True)
+class Raw:
+    """Exactly these bytes as the body (a malformed answer: not JSON, not UTF-8, ...)."""
+
+    body: bytes = b"not json"
+    status: int = 200
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True)
 class StreamMalformed:
     """For a stream request: send ``after_chunks`` chunks, then an SSE event whose data is
     ``data`` (not JSON by default), then the rest of the stream as if nothing happened.
@@ -124,7 +134,7 @@ class StreamEndsEarly:
 
 
 StreamFault = StreamDies | StreamMalformed | StreamStalls | StreamEndsEarly
-Behaviour = Reply | Fail | Hang | Drop | StreamFault
+Behaviour = Reply | Fail | Hang | Drop | Raw | StreamFault
 _STREAM_FAULTS = (StreamDies, StreamMalformed, StreamStalls, StreamEndsEarly)
 
 _DEFAULT_USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
@@ -226,6 +236,8 @@ class OpenAICompatServer:
                     self._drop()
                 elif isinstance(behaviour, Drop):
                     self._drop()
+                elif isinstance(behaviour, Raw):
+                    self._send_raw(behaviour)
                 elif isinstance(behaviour, Fail):
                     self._send_json(
                         behaviour.status,
@@ -262,6 +274,16 @@ class OpenAICompatServer:
                     self.end_headers()
                     self.wfile.write(data)
                 except OSError:  # the client gave up (timeout) meanwhile
+                    self.close_connection = True
+
+            def _send_raw(self, raw: Raw) -> None:
+                try:
+                    self.send_response(raw.status)
+                    self.send_header("content-type", raw.content_type)
+                    self.send_header("content-length", str(len(raw.body)))
+                    self.end_headers()
+                    self.wfile.write(raw.body)
+                except OSError:
                     self.close_connection = True
 
             def _chunk(self, data: bytes) -> None:

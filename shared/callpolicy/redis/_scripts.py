@@ -59,7 +59,7 @@ return {2, gen, failures, 0, moved}
 
 # ARGV: gen, probe (0/1), outcome (s/f/i), permit_id, failure_threshold, cooldown_ms,
 #       success_threshold, rate (0: off), window_size, minimum_calls, multiplier,
-#       max_cooldown_ms (0: none), ttl_ms
+#       max_cooldown_ms (the cap: max_cooldown, else ten years), ttl_ms
 # -> {state after, old state if a transition happened else '', reason, failures, cooldown_ms}
 RECORD = (
     _PRELUDE
@@ -71,9 +71,11 @@ end
 local function trip(reason)
   ctrips = ctrips + 1
   trips = trips + 1
-  local cd = tonumber(ARGV[6]) * (tonumber(ARGV[11]) ^ (ctrips - 1))
-  local cap = tonumber(ARGV[12])
-  if cap > 0 and cd > cap then cd = cap end
+  local cd, m, cap = tonumber(ARGV[6]), tonumber(ARGV[11]), tonumber(ARGV[12])
+  if m > 1 and cap > cd then  -- grown at most to the cap: never a power past it
+    cd = cd * m ^ math.min(ctrips - 1, math.ceil(math.log(cap / cd) / math.log(m)))
+  end
+  if cd > cap then cd = cap end
   cd = math.floor(cd)
   redis.call('HSET', KEYS[1], 'state', 'open', 'gen', gen + 1, 'failures', failures,
              'open_until', now + cd, 'ctrips', ctrips, 'trips', trips, 'psucc', 0,

@@ -178,7 +178,7 @@ class _RedisCircuit:
             config.window_size,
             config.minimum_calls,
             config.cooldown_multiplier,
-            int((config.max_cooldown or 0) * 1000),
+            int(config.cooldown_cap * 1000),
             store._ttl_ms(config),
         ]
         self._clean_permit = _RedisPermit(0, False, "", clean=True)
