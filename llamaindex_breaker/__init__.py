@@ -15,24 +15,15 @@ CircuitState``.
 
 from ._events import CallPolicyEvent
 from ._llm import CircuitBreakerLLM
-from ._markers import (
-    EndMarker,
-    anthropic_finished,
-    end_marker_of,
-    openai_finished,
-    register_end_marker,
-)
+from ._markers import anthropic_finished, openai_finished
 from ._served import SERVED_BY_KEY, cache_status, served_by
 
 __all__ = [
     "SERVED_BY_KEY",
     "CallPolicyEvent",
     "CircuitBreakerLLM",
-    "EndMarker",
     "anthropic_finished",
     "cache_status",
-    "end_marker_of",
     "openai_finished",
-    "register_end_marker",
     "served_by",
 ]

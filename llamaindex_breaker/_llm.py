@@ -54,7 +54,7 @@ from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
 
 from ._events import relay_events
 from ._keys import CircuitKeys, model_name_of
-from ._markers import end_marker_of
+from ._markers import AUTO, StreamFinished, check_option, end_marker
 from ._request import (
     chat_request,
     complete_request,
@@ -118,7 +118,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     against the circuit and reaches the caller as the model's own exception, with a
     note naming the key and the chunks delivered: never replayed, never followed by the
     fallback's chunks. A stream that ends without the provider's end marker (OpenAI's
-    ``finish_reason``, Anthropic's ``stop_reason``; see :func:`register_end_marker`)
+    ``finish_reason``, Anthropic's ``stop_reason``; see ``stream_finished``)
     raises :class:`callpolicy.IncompleteStreamError` after its last chunk and counts as a
     failure. Consumed to its end, a stream is a success; stopped early by the caller
     (``break``, ``aclose()``, a cancelled task), neither (a half-open probe slot is
@@ -188,6 +188,11 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         guard_streams: guard the stream methods (default True); False passes them
             through to the inner model untouched. ``guard_stream_start=`` is a
             deprecated alias (a DeprecationWarning): ``True`` now guards whole streams.
+        stream_finished, fallback_stream_finished: how to tell the chunk carrying the
+            inner model's (the fallback's) end marker: ``"auto"`` (default: the OpenAI
+            and Anthropic integrations are recognised), a function of one chunk (such as
+            :func:`llamaindex_breaker.openai_finished`), or None (no check: a stream that
+            ends is complete).
         budget: a :class:`callpolicy.Budget` (limits on calls, tokens, dollars); share one
             object between wrappers to share the limits. With ``max_cost_usd``, the inner
             model and the fallback must be in its price table (checked now).
@@ -256,6 +261,13 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     guard_streams: bool = Field(
         default=True, description="Guard the stream methods (False: pass them through)."
     )
+    stream_finished: SkipValidation[StreamFinished] = Field(default=AUTO, frozen=True, exclude=True)
+    """Which chunk of the inner model's stream carries its end marker: ``"auto"``, a
+    function of one chunk, or None (see ``llamaindex_breaker._markers``)."""
+    fallback_stream_finished: SkipValidation[StreamFinished] = Field(
+        default=AUTO, frozen=True, exclude=True
+    )
+    """``stream_finished`` for the fallback's chunks."""
     budget: SkipValidation[Budget | None] = Field(
         default=None, frozen=True, exclude=True, description="Limits checked before every call."
     )
@@ -285,6 +297,11 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 if missing:
                     data = {**missing, **data}
         return data
+
+    @field_validator("stream_finished", "fallback_stream_finished", mode="before")
+    @classmethod
+    def _check_stream_finished(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_option(str(info.field_name), value)
 
     @field_validator("inner", "fallback", mode="before")
     @classmethod
@@ -342,8 +359,10 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             tool_fallback,
             budget=budget,
             cache=cache,
-            finished=end_marker_of(inner),
-            fallback_finished=None if fallback is None else end_marker_of(fallback),
+            finished=end_marker(inner, self.stream_finished),
+            fallback_finished=None
+            if fallback is None
+            else end_marker(fallback, self.fallback_stream_finished),
         )
         relay_events(policy)
         if self.callback_manager is not inner.callback_manager:  # given, not inherited

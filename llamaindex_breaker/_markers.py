@@ -13,31 +13,40 @@ complete. The marker is resolved per model class, once, when a wrapper is built:
   first release that yields the ``message_delta`` event): ``chunk.raw`` is that event as a
   dict, ``{"type": "message_delta", "delta": {"stop_reason": ...}, ...}``.
 
-:func:`register_end_marker` adds one (or, with ``None``, turns the check off for a class,
-say an OpenAI-compatible server that never sends ``finish_reason``).
+Another model: give the wrapper ``stream_finished=`` (``fallback_stream_finished=`` for the
+fallback), a function of one chunk that is True for the chunk carrying the marker, or
+``None`` to check nothing (say, an OpenAI-compatible server that never sends
+``finish_reason``). The default, ``"auto"``, is the recognised integrations' marker.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 from importlib import metadata
-from typing import Any
+from typing import Any, Final, Literal
 
 from llama_index.core.base.llms.types import ChatResponse, CompletionResponse
 from llama_index.core.llms import LLM
 
 __all__ = [
+    "AUTO",
     "EndMarker",
+    "StreamFinished",
     "anthropic_finished",
-    "end_marker_of",
+    "check_option",
+    "end_marker",
     "openai_finished",
-    "register_end_marker",
 ]
 
 EndMarker = Callable[[ChatResponse | CompletionResponse], bool]
 """True for a chunk that carries the provider's end marker. Called on every chunk until
 one does: it must be cheap and must not raise."""
+
+StreamFinished = Literal["auto"] | EndMarker | None
+"""A wrapper's ``stream_finished`` option: ``"auto"`` (the recognised integrations), a
+function of one chunk, or None (no check)."""
+
+AUTO: Final = "auto"
 
 
 def _field(value: Any, name: str) -> Any:
@@ -98,43 +107,30 @@ def _release(version: str) -> tuple[int, ...] | None:
 
 
 # Known integrations by qualified class name: their packages need not be installed.
-_KNOWN: dict[str, Callable[[], EndMarker | None]] = {
+_KNOWN: Final[Mapping[str, Callable[[], EndMarker | None]]] = {
     "llama_index.llms.openai.base.OpenAI": lambda: openai_finished,
     "llama_index.llms.anthropic.base.Anthropic": _anthropic,
 }
-_registered: dict[type[LLM], EndMarker | None] = {}
-_lock = threading.Lock()
 
 
-def register_end_marker(model_class: type[LLM], finished: EndMarker | None) -> None:
-    """Use ``finished`` as the end marker of ``model_class``'s streams (and its
-    subclasses'), or, with ``None``, check none. Applies to wrappers built afterwards.
-
-    >>> from llama_index.core.llms import MockLLM
-    >>> register_end_marker(MockLLM, lambda chunk: chunk.delta == "")
-    >>> end_marker_of(MockLLM()) is not None
-    True
-    >>> register_end_marker(MockLLM, None)
-
-    Raises:
-        TypeError: ``model_class`` is not a LlamaIndex LLM class, or ``finished`` is not
-            callable (the error names the argument).
-    """
-    if not (isinstance(model_class, type) and issubclass(model_class, LLM)):
-        raise TypeError(f"model_class: expected a LlamaIndex LLM class, got {model_class!r}")
-    if finished is not None and not callable(finished):
-        raise TypeError(f"finished: expected a callable or None, got {type(finished).__name__}")
-    with _lock:
-        _registered[model_class] = finished
-
-
-def end_marker_of(model: LLM) -> EndMarker | None:
-    """The end marker of ``model``'s streams (None: its integration reports none): the
-    nearest class in its MRO that is registered or known."""
+def end_marker(model: LLM, option: StreamFinished) -> EndMarker | None:
+    """The end-marker check for ``model``'s streams: the wrapper's ``option`` when it is
+    not ``"auto"``, else the recognised integration's (the nearest class in the model's
+    MRO), or None (no marker to expect)."""
+    if option != AUTO:
+        return option
     for cls in type(model).__mro__:
-        if cls in _registered:
-            return _registered[cls]
         known = _KNOWN.get(f"{cls.__module__}.{cls.__qualname__}")
         if known is not None:
             return known()
     return None
+
+
+def check_option(name: str, value: Any) -> Any:
+    """Validate a ``stream_finished`` option, naming it."""
+    if value is None or value == AUTO or callable(value):
+        return value
+    raise TypeError(
+        f'{name}: expected "auto", None or a function of one chunk returning True for the '
+        f"chunk carrying the provider's end marker, got {type(value).__name__}"
+    )

@@ -13,9 +13,15 @@ from llama_index.core.agent.workflow import FunctionAgent
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse
 from llama_index.core.tools import FunctionTool
 
-from callpolicy import CallPolicy, CircuitOpenError, CircuitState, RetryPolicy
-from callpolicy._errors import IncompleteStreamError
-from llamaindex_breaker import CircuitBreakerLLM, end_marker_of, register_end_marker, served_by
+from callpolicy import (
+    CallPolicy,
+    CircuitOpenError,
+    CircuitState,
+    IncompleteStreamError,
+    RetryPolicy,
+)
+from llamaindex_breaker import CircuitBreakerLLM, served_by
+from llamaindex_breaker._markers import end_marker
 from tests.support.clock import FakeClock, FakeSleeper
 
 from .fakes import (
@@ -24,6 +30,7 @@ from .fakes import (
     ScriptedLLM,
     Stream,
     Text,
+    secondary,
     server_error,
     tool_then_answer,
 )
@@ -225,67 +232,57 @@ async def test_a_cancelled_consumer_frees_the_probe_slot(
 
 
 # -- end markers -----------------------------------------------------------------------------
-class MarkedLLM(ScriptedLLM):
-    """A fake whose integration reports an end marker: a chunk whose delta is ``"."``."""
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "MarkedLLM"
-
-
 def dot(chunk: ChatResponse | CompletionResponse) -> bool:
+    """A fake integration's end marker: a chunk whose delta is ``"."``."""
     return chunk.delta == "."
 
 
-@pytest.fixture
-def marked() -> Any:
-    register_end_marker(MarkedLLM, dot)
-    try:
-        yield MarkedLLM(model_name="fake-marked")
-    finally:
-        register_end_marker(MarkedLLM, None)
-
-
-@pytest.mark.parametrize("method", STREAMS)
+@pytest.mark.parametrize("method", ALL_STREAMS)
 async def test_a_stream_without_its_end_marker_is_cut_short(
-    marked: MarkedLLM, backup: ScriptedLLM, policy: CallPolicy, method: str
+    inner: ScriptedLLM, backup: ScriptedLLM, policy: CallPolicy, method: str
 ) -> None:
-    llm = CircuitBreakerLLM(inner=marked, fallback=backup, policy=policy)
-    key = "markedllm::fake-marked"
-    marked.push(Stream(("half", " an")), Stream(("whole", " answer", ".")))
+    llm = CircuitBreakerLLM(inner=inner, fallback=backup, policy=policy, stream_finished=dot)
+    inner.push(Stream(("half", " an")), Stream(("whole", " answer", ".")))
     chunks: list[Any] = []
     with pytest.raises(IncompleteStreamError) as raised:
         await collect(llm, method, chunks)
-    assert (raised.value.key, raised.value.chunks) == (key, 2)
+    assert (raised.value.key, raised.value.chunks) == (KEY, 2)
     assert [c.delta for c in chunks] == ["half", " an"]  # raised after the last chunk
-    assert failures(policy, key) == 1
+    assert failures(policy) == 1
     chunks = []
     await collect(llm, method, chunks)
     assert [c.delta for c in chunks] == ["whole", " answer", "."]
-    assert failures(policy, key) == 0  # a success resets the count
+    assert failures(policy) == 0  # a success resets the count
     assert backup.calls == []
 
 
 async def test_markers_are_chosen_per_model(
-    marked: MarkedLLM, inner: ScriptedLLM, policy: CallPolicy
+    inner: ScriptedLLM, backup: ScriptedLLM, policy: CallPolicy
 ) -> None:
-    # The fallback (a plain fake) reports no marker: its streams are not checked, while
-    # the primary's are.
-    assert end_marker_of(marked) is dot
-    assert end_marker_of(inner) is None
-    llm = CircuitBreakerLLM(inner=marked, fallback=inner, policy=policy)
-    policy.force_open("markedllm::fake-marked")
-    inner.push(Stream(("no", " marker")))
+    # Fakes report no marker: nothing checked unless told.
+    assert end_marker(inner, "auto") is None
+    assert end_marker(inner, dot) is dot
+    # The primary's streams are checked, the fallback's (no marker) are not.
+    llm = CircuitBreakerLLM(inner=inner, fallback=backup, policy=policy, stream_finished=dot)
+    policy.force_open(KEY)
+    backup.push(Stream(("no", " marker")))
     chunks: list[Any] = []
     await collect(llm, "stream_chat", chunks)
     assert [c.delta for c in chunks] == ["no", " marker"]
+    # And the other way round.
+    llm = CircuitBreakerLLM(
+        inner=inner, fallback=backup, policy=policy, fallback_stream_finished=dot
+    )
+    backup.push(Stream(("no", " marker")))
+    with pytest.raises(IncompleteStreamError) as raised:
+        await collect(llm, "stream_chat", [])
+    assert raised.value.key == "scriptedllm::fake-fallback"
 
 
-def test_register_end_marker_checks_its_arguments() -> None:
-    with pytest.raises(TypeError, match="model_class: expected a LlamaIndex LLM class"):
-        register_end_marker(str, dot)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="finished: expected a callable or None"):
-        register_end_marker(MarkedLLM, "finish_reason")  # type: ignore[arg-type]
+def test_stream_finished_is_checked_at_construction(inner: ScriptedLLM) -> None:
+    for name in ("stream_finished", "fallback_stream_finished"):
+        with pytest.raises(TypeError, match=f'{name}: expected "auto", None or a function'):
+            CircuitBreakerLLM(inner=inner, fallback=secondary(), **{name: "finish_reason"})
 
 
 # -- agents ---------------------------------------------------------------------------------
@@ -306,3 +303,21 @@ async def test_a_streaming_agent_is_served_by_the_fallback(
     assert str(output.response.content) == "fallback streamed: sunny in Oslo"
     assert [c.method for c in backup.calls] == ["astream_chat", "astream_chat"]
     assert inner.calls == []
+
+
+@pytest.mark.parametrize(
+    ("version", "checked"),
+    [("0.10.1", False), ("0.10.2", True), ("0.12.3", True), ("1.0.0rc1", True), ("dev", False)],
+)
+def test_anthropic_streams_are_checked_from_the_release_that_reports_stop_reason(
+    monkeypatch: pytest.MonkeyPatch, version: str, checked: bool
+) -> None:
+    from llamaindex_breaker import _markers
+
+    def installed(name: str) -> str:
+        assert name == "llama-index-llms-anthropic"
+        return version
+
+    monkeypatch.setattr(_markers.metadata, "version", installed)
+    found = _markers._KNOWN["llama_index.llms.anthropic.base.Anthropic"]()
+    assert (found is _markers.anthropic_finished) is checked

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -17,7 +18,7 @@ import openai
 import pytest
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.agent.workflow import FunctionAgent, ReActAgent
-from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse
 from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.tools import FunctionTool
@@ -25,7 +26,8 @@ from llama_index.llms.openai import OpenAI
 from pydantic import PrivateAttr
 
 from callpolicy import CallPolicy, CircuitOpenError, CircuitState, IncompleteStreamError
-from llamaindex_breaker import CircuitBreakerLLM, end_marker_of, openai_finished, served_by
+from llamaindex_breaker import CircuitBreakerLLM, anthropic_finished, openai_finished, served_by
+from llamaindex_breaker._markers import end_marker
 from tests.support.clock import FakeClock
 from tests.support.http_clients import HttpClients
 from tests.support.openai_server import (
@@ -76,9 +78,39 @@ def models(server: OpenAICompatServer) -> list[str]:
 
 
 def test_openai_streams_are_checked_for_finish_reason(llm: CircuitBreakerLLM) -> None:
-    assert end_marker_of(llm.inner) is openai_finished
+    assert end_marker(llm.inner, "auto") is openai_finished
     assert llm.fallback is not None
-    assert end_marker_of(llm.fallback) is openai_finished
+    assert end_marker(llm.fallback, "auto") is openai_finished
+    assert end_marker(llm.inner, None) is None
+
+
+async def test_a_server_without_finish_reason_can_be_told_apart(
+    openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy
+) -> None:
+    # stream_finished=None: an OpenAI-compatible server that never sends finish_reason.
+    llm = CircuitBreakerLLM(
+        inner=client(openai_server, http_clients), policy=policy, stream_finished=None
+    )
+    openai_server.push(StreamEndsEarly(after_chunks=99, content="all of it"))
+    chunks: list[Any] = []
+    await collect(llm, "astream_chat", chunks)
+    assert "".join(c.delta or "" for c in chunks) == "all of it"
+    assert policy.circuit(KEY).snapshot().failures == 0
+
+
+def test_anthropic_marker_is_its_message_delta_stop_reason() -> None:
+    # The raw shape llama-index-llms-anthropic (>= 0.10.2) gives its chunks: dict(event).
+    def chunk(raw: Any) -> ChatResponse:
+        return ChatResponse(message=ChatMessage(role="assistant", content="x"), raw=raw)
+
+    delta = SimpleNamespace(stop_reason="end_turn", stop_sequence=None)
+    assert anthropic_finished(chunk({"type": "message_delta", "delta": delta, "usage": None}))
+    text = SimpleNamespace(type="text_delta", text="x")
+    assert not anthropic_finished(chunk({"type": "content_block_delta", "delta": text}))
+    unset = SimpleNamespace(stop_reason=None)
+    assert not anthropic_finished(chunk({"type": "message_delta", "delta": unset}))
+    assert not anthropic_finished(chunk(None))
+    assert not openai_finished(chunk(None))
 
 
 # -- the faults, one by one ------------------------------------------------------------------
