@@ -144,8 +144,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     wrapper only describes each call. The budget is checked before every guarded call (a
     call that would pass a limit raises :class:`callpolicy.BudgetExceededError` and reaches
     no model) and counts the usage the answer reports (``raw`` usage, or ``prompt_tokens``/
-    ``completion_tokens`` in ``additional_kwargs``), else the estimated input. Streams are
-    never refused and never altered: with a budget they are counted as they pass. A cache
+    ``completion_tokens`` in ``additional_kwargs``), else the estimated input. The budget
+    never refuses or alters a stream: it counts it as it passes. A cache
     hit returns the full answer, marked ``additional_kwargs["callpolicy"]["cache"] ==
     "hit"`` (see :func:`llamaindex_breaker.cache_status`), and costs no budget. See
     ``docs/llamaindex.md``.

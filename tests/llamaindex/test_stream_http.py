@@ -25,7 +25,7 @@ from llama_index.core.tools import FunctionTool
 from llama_index.llms.openai import OpenAI
 from pydantic import PrivateAttr
 
-from callpolicy import CallPolicy, CircuitOpenError, CircuitState, IncompleteStreamError
+from callpolicy import Budget, CallPolicy, CircuitOpenError, CircuitState, IncompleteStreamError
 from llamaindex_breaker import CircuitBreakerLLM, anthropic_finished, openai_finished, served_by
 from llamaindex_breaker._markers import end_marker
 from tests.support.clock import FakeClock
@@ -513,3 +513,24 @@ async def _close_memory(engine: object) -> None:
     async_engine = getattr(store, "_async_engine", None)
     if async_engine is not None:
         await async_engine.dispose()
+
+
+@pytest.mark.parametrize("fault", ["ends without finish_reason", "connection dropped"])
+async def test_a_stream_cut_short_is_settled_with_what_it_used(
+    openai_server: OpenAICompatServer,
+    http_clients: HttpClients,
+    policy: CallPolicy,
+    mode: str,
+    fault: str,
+) -> None:
+    budget = Budget(max_calls=10)
+    llm = CircuitBreakerLLM(inner=client(openai_server, http_clients), policy=policy, budget=budget)
+    behaviour, received, error = MID_STREAM[fault]
+    openai_server.push(behaviour)
+    chunks: list[Any] = []
+    with pytest.raises(error):
+        await collect(llm, "stream_chat" if mode == "sync" else "astream_chat", chunks)
+    assert [c.delta for c in chunks] == received
+    used = budget.usage()
+    assert (used.calls, used.tokens) == (1, 0)  # one call; no usage was reported, no estimate
+    assert policy.circuit(KEY).snapshot().failures == 1
