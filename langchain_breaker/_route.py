@@ -222,7 +222,10 @@ class Route:
             attempt += 1
             if relay is not None:
                 relay.flush()
-            return primary.invoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+            labelled = self.stamp(cfg, PRIMARY, attempt)
+            if relay is not None:
+                relay.run_started(labelled)
+            return primary.invoke(input, labelled, **kwargs)
 
         fallback = self.fallback
         outer = self.outer
@@ -233,9 +236,10 @@ class Route:
             assert fallback is not None
             if relay is not None:
                 relay.flush()
-            return fallback.invoke(
-                input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
-            )
+            labelled = self.stamp_fallback(cfg, key, attempt + 1)
+            if relay is not None:
+                relay.run_started(labelled)
+            return fallback.invoke(input, labelled, **self.fallback_kwargs(kwargs))
 
         if outer is None:
             return self.policy.execute(
@@ -301,7 +305,10 @@ class Route:
             attempt += 1
             if relay is not None:
                 await relay.aflush()
-            return await primary.ainvoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+            labelled = self.stamp(cfg, PRIMARY, attempt)
+            if relay is not None:
+                relay.run_started(labelled)
+            return await primary.ainvoke(input, labelled, **kwargs)
 
         fallback = self.fallback
         outer = self.outer
@@ -312,9 +319,10 @@ class Route:
             assert fallback is not None
             if relay is not None:
                 await relay.aflush()
-            return await fallback.ainvoke(
-                input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
-            )
+            labelled = self.stamp_fallback(cfg, key, attempt + 1)
+            if relay is not None:
+                relay.run_started(labelled)
+            return await fallback.ainvoke(input, labelled, **self.fallback_kwargs(kwargs))
 
         if outer is None:
             return await self.policy.aexecute(
@@ -395,7 +403,10 @@ class Route:
             attempt += 1
             if relay is not None:
                 relay.flush()
-            return getattr(primary, method)(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+            labelled = self.stamp(cfg, PRIMARY, attempt)
+            if relay is not None:
+                relay.run_started(labelled)
+            return getattr(primary, method)(input, labelled, **kwargs)
 
         call_fallback = None
         fallback_marker = None
@@ -405,10 +416,12 @@ class Route:
             def call_fallback() -> Any:
                 nonlocal attempt
                 attempt += 1
+                answered[0] = self.keys.fallback or key
                 if relay is not None:
                     relay.flush()
-                answered[0] = self.keys.fallback or key
                 labelled = self.stamp_fallback(cfg, key, attempt)
+                if relay is not None:
+                    relay.run_started(labelled)
                 return getattr(fallback, method)(input, labelled, **fallback_kwargs)
 
             fallback_marker = end_marker(_model_of(fallback), fallback_finished, fallback_kwargs)
