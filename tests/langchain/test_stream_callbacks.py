@@ -155,3 +155,40 @@ async def test_a_caller_run_id_still_names_the_first_attempt(
     mine = UUID(int=42)
     await model.ainvoke("hi", {"callbacks": [timeline], "run_id": mine})
     assert timeline.runs() == [mine]
+
+
+async def test_the_recipe_a_langgraph_ui_shows_only_the_answering_runs_tokens(
+    openai_server: OpenAICompatServer, clock: FakeClock
+) -> None:
+    # docs/recipes.md, recipe 5: the failed attempt's tokens are dropped on its event.
+    from langchain.agents import create_agent
+
+    model = CircuitBreakerChatModel(
+        inner=ChatOpenAI(
+            model=PRIMARY,
+            base_url=openai_server.base_url,
+            api_key="sk-test",
+            max_retries=0,
+            streaming=True,
+        ),
+        fallback=chat(openai_server, BACKUP),
+        policy=CallPolicy(clock=clock),
+    )
+    agent = create_agent(model=model, tools=[])
+    openai_server.push(
+        StreamDies(after_chunks=4, content="half an answer that dies"), Reply("the whole answer")
+    )
+    shown: dict[str, list[str]] = {}
+    dropped = []
+    async for event in agent.astream_events({"messages": [("user", "hi")]}, version="v2"):
+        if event["event"] == "on_chat_model_stream":
+            shown.setdefault(event["run_id"], []).append(str(event["data"]["chunk"].content))
+        elif event["event"] == "on_custom_event" and event["name"] in (
+            "callpolicy_retry",
+            "callpolicy_fallback",
+        ):
+            failed = event["data"].get("failed_run_id")
+            if failed:
+                dropped.append("".join(shown.pop(failed, [])))
+    assert dropped == ["half an answer"]
+    assert ["".join(tokens) for tokens in shown.values()] == ["the whole answer"]
