@@ -220,11 +220,11 @@ class Route:
         def call() -> Any:
             nonlocal attempt
             attempt += 1
-            if relay is not None:
-                relay.flush()
+            if relay is None:
+                return primary.invoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+            relay.flush()
             labelled = self.stamp(cfg, PRIMARY, attempt)
-            if relay is not None:
-                relay.run_started(labelled)
+            relay.run_started(labelled)
             return primary.invoke(input, labelled, **kwargs)
 
         fallback = self.fallback
@@ -303,11 +303,11 @@ class Route:
         async def call() -> Any:
             nonlocal attempt
             attempt += 1
-            if relay is not None:
-                await relay.aflush()
+            if relay is None:
+                return await primary.ainvoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+            await relay.aflush()
             labelled = self.stamp(cfg, PRIMARY, attempt)
-            if relay is not None:
-                relay.run_started(labelled)
+            relay.run_started(labelled)
             return await primary.ainvoke(input, labelled, **kwargs)
 
         fallback = self.fallback
