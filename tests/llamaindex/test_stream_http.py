@@ -46,19 +46,34 @@ from .test_streams import ALL_STREAMS, collect
 
 PRIMARY, BACKUP = "gpt-4o-mini", "gpt-4o"
 KEY = f"openai::{PRIMARY}"
-READ_TIMEOUT = 0.5
-"""The clients' timeout: what a StreamStalls outlasts (the server holds it 60 s, or until
-the test closes it)."""
+SHORT_TIMEOUT = 1.0
+"""The clients' timeout where a test waits for it: what StreamStalls and Hang outlast
+(the server holds them 60 s, or until the test closes it). Elsewhere the clients wait 10 s:
+a connection that a loaded machine is slow to accept must not time out there."""
 
 
-def client(server: OpenAICompatServer, http: HttpClients, model: str = PRIMARY) -> OpenAI:
+def client(
+    server: OpenAICompatServer, http: HttpClients, model: str = PRIMARY, timeout: float = 10.0
+) -> OpenAI:
     return OpenAI(
         model=model,
         api_base=server.base_url,
         api_key="sk-test",
         max_retries=0,
-        timeout=READ_TIMEOUT,
+        timeout=timeout,
         **http.llamaindex(),
+    )
+
+
+def wrapper(
+    server: OpenAICompatServer, http: HttpClients, policy: CallPolicy, behaviour: Behaviour
+) -> CircuitBreakerLLM:
+    """The primary and its fallback, with a short timeout when ``behaviour`` needs one."""
+    timeout = SHORT_TIMEOUT if isinstance(behaviour, StreamStalls | Hang) else 10.0
+    return CircuitBreakerLLM(
+        inner=client(server, http, timeout=timeout),
+        fallback=client(server, http, BACKUP, timeout=timeout),
+        policy=policy,
     )
 
 
@@ -66,11 +81,7 @@ def client(server: OpenAICompatServer, http: HttpClients, model: str = PRIMARY) 
 def llm(
     openai_server: OpenAICompatServer, http_clients: HttpClients, policy: CallPolicy
 ) -> CircuitBreakerLLM:
-    return CircuitBreakerLLM(
-        inner=client(openai_server, http_clients),
-        fallback=client(openai_server, http_clients, BACKUP),
-        policy=policy,
-    )
+    return wrapper(openai_server, http_clients, policy, Reply())
 
 
 def models(server: OpenAICompatServer) -> list[str]:
@@ -131,16 +142,26 @@ MID_STREAM: dict[str, tuple[Behaviour, list[str], type[BaseException]]] = {
 }
 
 
-@pytest.mark.parametrize("method", ALL_STREAMS)
-@pytest.mark.parametrize("fault", list(MID_STREAM))
+@pytest.mark.parametrize(
+    ("fault", "method"),
+    [
+        (fault, method)
+        for fault in MID_STREAM
+        # A stall waits for the timeout five times: two methods show it.
+        for method in (
+            ["stream_chat", "astream_chat_with_tools"] if "stall" in fault else ALL_STREAMS
+        )
+    ],
+)
 async def test_a_stream_failing_after_its_first_chunk(
-    llm: CircuitBreakerLLM,
     openai_server: OpenAICompatServer,
+    http_clients: HttpClients,
     policy: CallPolicy,
     fault: str,
     method: str,
 ) -> None:
     behaviour, received, error = MID_STREAM[fault]
+    llm = wrapper(openai_server, http_clients, policy, behaviour)
     for round in range(5):  # the threshold
         openai_server.push(behaviour)
         chunks: list[Any] = []
@@ -179,13 +200,14 @@ BEFORE_FIRST_CHUNK: dict[str, tuple[Behaviour, type[BaseException]]] = {
 @pytest.mark.parametrize("method", ["stream_chat", "astream_chat", "astream_chat_with_tools"])
 @pytest.mark.parametrize("fault", list(BEFORE_FIRST_CHUNK))
 async def test_a_stream_failing_before_its_first_chunk_is_served_by_the_fallback(
-    llm: CircuitBreakerLLM,
     openai_server: OpenAICompatServer,
+    http_clients: HttpClients,
     policy: CallPolicy,
     fault: str,
     method: str,
 ) -> None:
     behaviour, _ = BEFORE_FIRST_CHUNK[fault]
+    llm = wrapper(openai_server, http_clients, policy, behaviour)
     openai_server.push(behaviour, Reply("the fallback answers"))
     chunks: list[Any] = []
     await collect(llm, method, chunks)
@@ -207,7 +229,10 @@ async def test_without_a_fallback_a_failed_start_raises_and_counts(
     method: str,
 ) -> None:
     behaviour, error = BEFORE_FIRST_CHUNK[fault]
-    llm = CircuitBreakerLLM(inner=client(openai_server, http_clients), policy=policy)
+    timeout = SHORT_TIMEOUT if isinstance(behaviour, Hang) else 10.0
+    llm = CircuitBreakerLLM(
+        inner=client(openai_server, http_clients, timeout=timeout), policy=policy
+    )
     for _ in range(5):
         openai_server.push(behaviour)
         with pytest.raises(error):
@@ -503,6 +528,17 @@ async def test_a_chat_engine_streams_through_the_guard(
         # The history holds the fallback's answers, as the caller saw them.
         history = [str(m.content) for m in engine.chat_history]
         assert history == ["hello", "hello from the fallback", "and now?", "still the fallback"]
+
+        if mode == "async":
+            # Cut short mid-answer: the caller gets the error, the circuit counts it. (The
+            # sync engine drains the stream in a thread of its own, which re-raises the
+            # error there too, as it does with a bare client.)
+            policy.reset(KEY)
+            openai_server.push(StreamEndsEarly(after_chunks=3))
+            with pytest.raises(IncompleteStreamError):
+                await tokens("once more?")
+            assert policy.circuit(KEY).snapshot().failures == 1
+            assert models(openai_server)[3:] == [PRIMARY]
     finally:
         await _close_memory(engine)
 
