@@ -178,6 +178,22 @@ def test_a_break_frees_the_probe_slot(
     assert llm.state_for() is CircuitState.CLOSED  # the freed slot admitted a probe
 
 
+def test_a_bare_break_frees_the_probe_slot(
+    inner: ScriptedLLM, policy: CallPolicy, clock: FakeClock
+) -> None:
+    # No reference kept: the loop's generator is collected at the break (CPython), which
+    # closes it.
+    llm = guarded(inner, None, policy)
+    half_open(llm, inner, clock)
+    inner.push(Stream(("a", " b", " c")), Text("probe passes"))
+    for chunk in llm.stream_chat([ChatMessage(role="user", content="hi")]):
+        assert chunk.delta == "a"
+        break
+    assert llm.state_for() is CircuitState.HALF_OPEN
+    assert "".join(c.delta for c in llm.stream_chat([ChatMessage(role="user", content="hi")]))
+    assert llm.state_for() is CircuitState.CLOSED
+
+
 @pytest.mark.parametrize("method", ["astream_chat", "astream_chat_with_tools"])
 async def test_aclose_frees_the_probe_slot(
     inner: ScriptedLLM, policy: CallPolicy, clock: FakeClock, method: str
