@@ -53,7 +53,17 @@ _SAME: Final = object()
 class Route:
     """The policy, keys and runnables of one wrapper (or one structured-output runnable)."""
 
-    __slots__ = ("callbacks", "fallback", "keys", "metadata", "outer", "policy", "primary", "tags")
+    __slots__ = (
+        "_markers",
+        "callbacks",
+        "fallback",
+        "keys",
+        "metadata",
+        "outer",
+        "policy",
+        "primary",
+        "tags",
+    )
 
     def __init__(
         self,
@@ -78,6 +88,9 @@ class Route:
         self.outer = outer
         """The budget and cache, and how calls are described for them; None without
         either (then the route never builds a request: the hot path is unchanged)."""
+        self._markers: dict[tuple[Any, Any], tuple[Any, Any]] = {}
+        """The end-marker checks of a stream called without kwargs, by the two options
+        (looked up once per route: the first chunk's time is measured)."""
 
     def with_runnables(
         self,
@@ -408,8 +421,19 @@ class Route:
                 relay.run_started(labelled)
             return getattr(primary, method)(input, labelled, **kwargs)
 
+        markers = self._markers.get((finished, fallback_finished)) if not kwargs else None
+        if markers is None:
+            markers = (
+                end_marker(_model_of(primary), finished, kwargs),
+                None
+                if fallback is None
+                else end_marker(
+                    _model_of(fallback), fallback_finished, self.fallback_kwargs(kwargs)
+                ),
+            )
+            if not kwargs:
+                self._markers[finished, fallback_finished] = markers
         call_fallback = None
-        fallback_marker = None
         if fallback is not None:
             fallback_kwargs = self.fallback_kwargs(kwargs)
 
@@ -424,16 +448,7 @@ class Route:
                     relay.run_started(labelled)
                 return getattr(fallback, method)(input, labelled, **fallback_kwargs)
 
-            fallback_marker = end_marker(_model_of(fallback), fallback_finished, fallback_kwargs)
-        return _StreamCalls(
-            key,
-            start,
-            call_fallback,
-            end_marker(_model_of(primary), finished, kwargs),
-            fallback_marker,
-            relay,
-            answered,
-        )
+        return _StreamCalls(key, start, call_fallback, markers[0], markers[1], relay, answered)
 
     def stream(
         self,
