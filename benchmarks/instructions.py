@@ -128,6 +128,56 @@ for _ in range(calls):
     call()
 """
 
+# Streams (issue 13's figures): time to the first chunk, and a 1,000-chunk stream, bare
+# and through a wrapper with a fallback (healthy: the guard, not the fallback, runs).
+_STREAM_PROGRAM = """
+import gc
+import sys
+import time
+
+from langchain_core.language_models import FakeListChatModel
+
+from benchmarks._fakes import ChunkyChatModel
+from langchain_breaker import CircuitBreakerChatModel
+
+variant, calls = sys.argv[1], int(sys.argv[2])
+timed = len(sys.argv) > 4 and sys.argv[4] == "time"
+bare = ChunkyChatModel()
+wrapper = CircuitBreakerChatModel(
+    inner=bare, fallback=FakeListChatModel(responses=["fb"]), fallback_key="fb::fake"
+)
+
+
+def first(model):
+    stream = model.stream("hi")
+    next(stream)
+    stream.close()
+
+
+def whole(model):
+    for _chunk in model.stream("hi"):
+        pass
+
+
+single = {
+    "first_bare": lambda: first(bare),
+    "first_breaker": lambda: first(wrapper),
+    "whole_bare": lambda: whole(bare),
+    "whole_breaker": lambda: whole(wrapper),
+}
+for _ in range(5):
+    for call in single.values():
+        call()
+gc.collect()
+gc.freeze()
+call = single[variant]
+started = time.perf_counter()
+for _ in range(calls):
+    call()
+if timed:
+    print((time.perf_counter() - started) / calls * 1e6)
+"""
+
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
@@ -141,7 +191,7 @@ def _instructions(variant: str, calls: int) -> int:
                 f"--callgrind-out-file={out}",
                 sys.executable,
                 "-c",
-                _LLAMAINDEX_PROGRAM if variant.startswith("li_") else _PROGRAM,
+                _program(variant),
                 variant,
                 str(calls),
                 str(THREADS),
@@ -157,6 +207,76 @@ def _instructions(variant: str, calls: int) -> int:
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"callgrind run {variant}/{calls} failed:\n{done.stderr[-2000:]}")
     return int(found.group(1))
+
+
+def _program(variant: str) -> str:
+    if variant.startswith("li_"):
+        return _LLAMAINDEX_PROGRAM
+    if variant.startswith(("first_", "whole_", "stream_")):
+        return _STREAM_PROGRAM
+    return _PROGRAM
+
+
+def _wall_us(variant: str, calls: int) -> float:
+    """Microseconds a call of ``variant`` takes, outside valgrind (median of 5 runs)."""
+    runs = []
+    for _ in range(5):
+        done = subprocess.run(
+            [sys.executable, "-c", _program(variant), variant, str(calls), "0", "time"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        )
+        runs.append(float(done.stdout.strip().splitlines()[-1]))
+    return sorted(runs)[len(runs) // 2]
+
+
+def stream_figures() -> list[Result]:
+    """Issue 13's stream figures: a 1,000-chunk stream of a fake model through the wrapper
+    (breaker+fallback, healthy) / bare, and the time to the first chunk it adds: its
+    added instructions, as microseconds at the bare call's own speed (measured outside
+    valgrind), so a figure of the count, not of the machine's load."""
+    first_calls, whole_calls = 200, 10
+    jobs = {
+        "stream_zero": ("first_bare", 0),
+        "first_bare": ("first_bare", first_calls),
+        "first_breaker": ("first_breaker", first_calls),
+        "whole_bare": ("whole_bare", whole_calls),
+        "whole_breaker": ("whole_breaker", whole_calls),
+    }
+    with ThreadPoolExecutor(2) as pool:
+        counts = dict(
+            zip(jobs, pool.map(lambda job: _instructions(*job), jobs.values()), strict=True)
+        )
+    per_call = {
+        name: (counts[name] - counts["stream_zero"]) / made
+        for name, (_, made) in jobs.items()
+        if made
+    }
+    whole = per_call["whole_breaker"] / per_call["whole_bare"]
+    added = per_call["first_breaker"] - per_call["first_bare"]
+    bare_us = _wall_us("first_bare", 2_000)
+    added_us = added / per_call["first_bare"] * bare_us
+    return [
+        Result(
+            "instructions: stream, 1,000 chunks, breaker+fallback, healthy / bare",
+            [whole],
+            "<= 1.02",
+            whole <= 1.02,
+            f"callgrind: {per_call['whole_breaker']:,.0f} vs {per_call['whole_bare']:,.0f} "
+            "instructions a stream",
+        ),
+        Result(
+            "instructions: stream, time to first chunk, breaker+fallback: added us",
+            [added_us],
+            "<= 20 us",
+            added_us <= 20,
+            f"callgrind: +{added:,.0f} instructions on {per_call['first_bare']:,.0f} "
+            f"(bare first chunk {bare_us:.0f} us, stream closed after it)",
+        ),
+    ]
 
 
 def run(*, quick: bool) -> list[Result]:
@@ -227,6 +347,7 @@ def run(*, quick: bool) -> list[Result]:
         )
 
     return [
+        *stream_figures(),
         again("bare FakeListChatModel.invoke", "bare"),
         again("bare MockLLM.chat", "li_bare"),
         row("invoke, breaker, healthy / bare FakeListChatModel.invoke", "breaker", "bare", ""),

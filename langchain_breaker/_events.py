@@ -11,12 +11,13 @@ anything: without a listener there is nothing to do, and the hot path stays as i
 from __future__ import annotations
 
 import contextvars
+import uuid
 from typing import Any, Final
 
 from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.runnables import RunnableConfig
 
-from callpolicy import CallPolicy, Event
+from callpolicy import CallPolicy, Event, EventKind
 
 __all__ = ["EVENT_PREFIX", "EventRelay"]
 
@@ -24,6 +25,8 @@ EVENT_PREFIX: Final = "callpolicy_"
 """Custom event names are this prefix and the event kind: ``callpolicy_state_change``,
 ``callpolicy_refused``, ``callpolicy_retry``, ``callpolicy_fallback``,
 ``callpolicy_cache_hit``, ``callpolicy_budget_refused``."""
+
+_NAMES_THE_FAILED_RUN: Final = (EventKind.RETRY, EventKind.FALLBACK)
 
 _pending: contextvars.ContextVar[list[Event] | None] = contextvars.ContextVar(
     "callpolicy_langchain_events", default=None
@@ -47,13 +50,20 @@ def _no_parent_run(exc: RuntimeError) -> bool:
 
 
 class EventRelay:
-    """Collects one call's events and hands them to its LangChain callbacks."""
+    """Collects one call's events and hands them to its LangChain callbacks.
 
-    __slots__ = ("_config", "_events", "_token")
+    It also names each attempt's run (:meth:`run_started`), so that the retry or fallback
+    event that follows a failed attempt carries that run's id (``failed_run_id``): a UI
+    that showed the attempt's streamed tokens (``astream_events``, LangGraph's
+    ``"messages"`` mode) knows which to drop.
+    """
+
+    __slots__ = ("_config", "_events", "_last_run", "_token")
 
     def __init__(self, config: RunnableConfig, *, active: bool = True) -> None:
         self._config = config
         self._events: list[Event] = []
+        self._last_run: uuid.UUID | None = None
         self._token: contextvars.Token[list[Event] | None] | None = (
             _pending.set(self._events) if active else None
         )
@@ -71,12 +81,26 @@ class EventRelay:
         policy.add_listener(_collect)
         return True
 
+    def run_started(self, config: RunnableConfig) -> None:
+        """An attempt's run is about to start with ``config``: give it its id now (the
+        caller's own ``run_id`` on the first attempt, if any), to name it if it fails."""
+        run_id = config.get("run_id")
+        if run_id is None:
+            run_id = config["run_id"] = uuid.uuid4()
+        self._last_run = run_id
+
+    def _payload(self, event: Event) -> dict[str, Any]:
+        payload = _payload(event)
+        if self._last_run is not None and event.kind in _NAMES_THE_FAILED_RUN:
+            payload["failed_run_id"] = str(self._last_run)
+        return payload
+
     def flush(self) -> None:
         events, self._events[:] = list(self._events), []
         for event in events:
             try:
                 dispatch_custom_event(
-                    EVENT_PREFIX + event.kind.value, _payload(event), config=self._config
+                    EVENT_PREFIX + event.kind.value, self._payload(event), config=self._config
                 )
             except RuntimeError as exc:
                 if not _no_parent_run(exc):
@@ -88,7 +112,7 @@ class EventRelay:
         for event in events:
             try:
                 await adispatch_custom_event(
-                    EVENT_PREFIX + event.kind.value, _payload(event), config=self._config
+                    EVENT_PREFIX + event.kind.value, self._payload(event), config=self._config
                 )
             except RuntimeError as exc:
                 if not _no_parent_run(exc):

@@ -53,7 +53,17 @@ _SAME: Final = object()
 class Route:
     """The policy, keys and runnables of one wrapper (or one structured-output runnable)."""
 
-    __slots__ = ("callbacks", "fallback", "keys", "metadata", "outer", "policy", "primary", "tags")
+    __slots__ = (
+        "_markers",
+        "callbacks",
+        "fallback",
+        "keys",
+        "metadata",
+        "outer",
+        "policy",
+        "primary",
+        "tags",
+    )
 
     def __init__(
         self,
@@ -78,6 +88,9 @@ class Route:
         self.outer = outer
         """The budget and cache, and how calls are described for them; None without
         either (then the route never builds a request: the hot path is unchanged)."""
+        self._markers: dict[tuple[Any, Any], tuple[Any, Any]] = {}
+        """The end-marker checks of a stream called without kwargs, by the two options
+        (looked up once per route: the first chunk's time is measured)."""
 
     def with_runnables(
         self,
@@ -220,9 +233,12 @@ class Route:
         def call() -> Any:
             nonlocal attempt
             attempt += 1
-            if relay is not None:
-                relay.flush()
-            return primary.invoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+            if relay is None:
+                return primary.invoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+            relay.flush()
+            labelled = self.stamp(cfg, PRIMARY, attempt)
+            relay.run_started(labelled)
+            return primary.invoke(input, labelled, **kwargs)
 
         fallback = self.fallback
         outer = self.outer
@@ -233,9 +249,10 @@ class Route:
             assert fallback is not None
             if relay is not None:
                 relay.flush()
-            return fallback.invoke(
-                input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
-            )
+            labelled = self.stamp_fallback(cfg, key, attempt + 1)
+            if relay is not None:
+                relay.run_started(labelled)
+            return fallback.invoke(input, labelled, **self.fallback_kwargs(kwargs))
 
         if outer is None:
             return self.policy.execute(
@@ -299,9 +316,12 @@ class Route:
         async def call() -> Any:
             nonlocal attempt
             attempt += 1
-            if relay is not None:
-                await relay.aflush()
-            return await primary.ainvoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+            if relay is None:
+                return await primary.ainvoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+            await relay.aflush()
+            labelled = self.stamp(cfg, PRIMARY, attempt)
+            relay.run_started(labelled)
+            return await primary.ainvoke(input, labelled, **kwargs)
 
         fallback = self.fallback
         outer = self.outer
@@ -312,9 +332,10 @@ class Route:
             assert fallback is not None
             if relay is not None:
                 await relay.aflush()
-            return await fallback.ainvoke(
-                input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
-            )
+            labelled = self.stamp_fallback(cfg, key, attempt + 1)
+            if relay is not None:
+                relay.run_started(labelled)
+            return await fallback.ainvoke(input, labelled, **self.fallback_kwargs(kwargs))
 
         if outer is None:
             return await self.policy.aexecute(
@@ -395,32 +416,39 @@ class Route:
             attempt += 1
             if relay is not None:
                 relay.flush()
-            return getattr(primary, method)(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+            labelled = self.stamp(cfg, PRIMARY, attempt)
+            if relay is not None:
+                relay.run_started(labelled)
+            return getattr(primary, method)(input, labelled, **kwargs)
 
+        markers = self._markers.get((finished, fallback_finished)) if not kwargs else None
+        if markers is None:
+            markers = (
+                end_marker(_model_of(primary), finished, kwargs),
+                None
+                if fallback is None
+                else end_marker(
+                    _model_of(fallback), fallback_finished, self.fallback_kwargs(kwargs)
+                ),
+            )
+            if not kwargs:
+                self._markers[finished, fallback_finished] = markers
         call_fallback = None
-        fallback_marker = None
         if fallback is not None:
             fallback_kwargs = self.fallback_kwargs(kwargs)
 
             def call_fallback() -> Any:
                 nonlocal attempt
                 attempt += 1
+                answered[0] = self.keys.fallback or key
                 if relay is not None:
                     relay.flush()
-                answered[0] = self.keys.fallback or key
                 labelled = self.stamp_fallback(cfg, key, attempt)
+                if relay is not None:
+                    relay.run_started(labelled)
                 return getattr(fallback, method)(input, labelled, **fallback_kwargs)
 
-            fallback_marker = end_marker(_model_of(fallback), fallback_finished, fallback_kwargs)
-        return _StreamCalls(
-            key,
-            start,
-            call_fallback,
-            end_marker(_model_of(primary), finished, kwargs),
-            fallback_marker,
-            relay,
-            answered,
-        )
+        return _StreamCalls(key, start, call_fallback, markers[0], markers[1], relay, answered)
 
     def stream(
         self,

@@ -26,6 +26,15 @@ except ImportError as missing:
 
 from ._events import CallPolicyEvent
 from ._llm import CircuitBreakerLLM
+from ._markers import anthropic_finished, openai_finished
 from ._served import SERVED_BY_KEY, cache_status, served_by
 
-__all__ = ["SERVED_BY_KEY", "CallPolicyEvent", "CircuitBreakerLLM", "cache_status", "served_by"]
+__all__ = [
+    "SERVED_BY_KEY",
+    "CallPolicyEvent",
+    "CircuitBreakerLLM",
+    "anthropic_finished",
+    "cache_status",
+    "openai_finished",
+    "served_by",
+]

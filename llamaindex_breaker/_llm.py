@@ -9,6 +9,7 @@ conventions.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -53,6 +54,7 @@ from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
 
 from ._events import relay_events
 from ._keys import CircuitKeys, model_name_of
+from ._markers import AUTO, StreamFinished, check_option, end_marker
 from ._request import (
     chat_request,
     complete_request,
@@ -100,24 +102,30 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     >>> llm.state_for()
     <CircuitState.CLOSED: 'closed'>
 
-    **What goes through the engine.** ``chat``, ``achat``, ``complete``, ``acomplete``,
-    ``chat_with_tools`` and ``achat_with_tools`` (and everything built on them: ``predict``,
-    ``structured_predict``, ``predict_and_call``, query and chat engines, agents run with
-    ``streaming=False``). A call is refused with :class:`callpolicy.CircuitOpenError` while
-    the inner model's circuit is open, unless the fallback answers instead.
+    **What goes through the engine.** Every call: ``chat``, ``achat``, ``complete``,
+    ``acomplete``, ``chat_with_tools``, ``achat_with_tools`` (and everything built on them:
+    ``predict``, ``structured_predict``, ``predict_and_call``, query and chat engines), and
+    the streams: ``stream_chat``, ``astream_chat``, ``stream_complete``,
+    ``astream_complete``, ``stream_chat_with_tools``, ``astream_chat_with_tools`` (and
+    through them streaming agents, query engines and chat engines). A call is refused
+    with :class:`callpolicy.CircuitOpenError` while the inner model's circuit is open,
+    unless the fallback answers instead.
 
-    **What does not.** ``stream_chat``, ``astream_chat``, ``stream_complete``,
-    ``astream_complete``, ``stream_chat_with_tools`` and ``astream_chat_with_tools`` pass
-    through to the inner model untouched (its own deltas, in order; its errors unchanged)
-    and neither count toward nor are refused by the breaker: a stream fails after some of
-    its output has reached the caller, where neither a retry nor a fallback can answer
-    instead without duplicating it (the LangChain wrapper follows the same rule). With
-    ``guard_stream_start=True`` the breaker guards a stream's *start*: admission, and a
-    failure before the first chunk (counted, retried, or answered by the fallback's
-    stream, its chunks marked); the chunks still pass untouched, and an error after the
-    first chunk propagates as is, uncounted. Agents stream by default
-    (``FunctionAgent(streaming=True)``): set it, or ``streaming=False``, for the breaker
-    to protect them.
+    **Streams** are guarded as one call each (:meth:`callpolicy.CallPolicy.stream`): an
+    open circuit sends the stream to the fallback's stream (or refuses it); a failure
+    before the first chunk is counted, retried per ``retry=``, then served by the
+    fallback's stream (its chunks marked). After the first chunk a failure counts
+    against the circuit and reaches the caller as the model's own exception, with a
+    note naming the key and the chunks delivered: never replayed, never followed by the
+    fallback's chunks. A stream that ends without the provider's end marker (OpenAI's
+    ``finish_reason``, Anthropic's ``stop_reason``; see ``stream_finished``)
+    raises :class:`callpolicy.IncompleteStreamError` after its last chunk and counts as a
+    failure. Consumed to its end, a stream is a success; stopped early by the caller
+    (``break``, ``aclose()``, a cancelled task), neither (a half-open probe slot is
+    freed). The chunks are the model's own objects, in order, unbuffered. Nothing is
+    sent until the stream is iterated (as with the bare models). ``guard_streams=False``
+    passes streams through untouched instead (they are then neither counted nor
+    refused).
 
     **Tools.** The wrapper is always a ``FunctionCallingLLM``; ``metadata`` is the inner
     model's, so LlamaIndex uses tool calling exactly when the inner model supports it.
@@ -136,8 +144,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     wrapper only describes each call. The budget is checked before every guarded call (a
     call that would pass a limit raises :class:`callpolicy.BudgetExceededError` and reaches
     no model) and counts the usage the answer reports (``raw`` usage, or ``prompt_tokens``/
-    ``completion_tokens`` in ``additional_kwargs``), else the estimated input. Streams are
-    never refused and never altered: with a budget they are counted as they pass. A cache
+    ``completion_tokens`` in ``additional_kwargs``), else the estimated input. The budget
+    never refuses or alters a stream: it counts it as it passes. A cache
     hit returns the full answer, marked ``additional_kwargs["callpolicy"]["cache"] ==
     "hit"`` (see :func:`llamaindex_breaker.cache_status`), and costs no budget. See
     ``docs/llamaindex.md``.
@@ -177,7 +185,14 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         listeners: callables receiving every :class:`callpolicy.Event` (sync or async).
         listener_timeout: seconds an async listener may run before it is cancelled.
         store: where circuit state lives (:class:`callpolicy.MemoryStore` by default).
-        guard_stream_start: let the breaker guard the start of every stream method.
+        guard_streams: guard the stream methods (default True); False passes them
+            through to the inner model untouched. ``guard_stream_start=`` is a
+            deprecated alias (a DeprecationWarning): ``True`` now guards whole streams.
+        stream_finished, fallback_stream_finished: how to tell the chunk carrying the
+            inner model's (the fallback's) end marker: ``"auto"`` (default: the OpenAI
+            and Anthropic integrations are recognised), a function of one chunk (such as
+            :func:`llamaindex_breaker.openai_finished`), or None (no check: a stream that
+            ends is complete).
         budget: a :class:`callpolicy.Budget` (limits on calls, tokens, dollars); share one
             object between wrappers to share the limits. With ``max_cost_usd``, the inner
             model and the fallback must be in its price table (checked now).
@@ -243,9 +258,16 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     )
     listener_timeout: SkipValidation[float | None] = Field(default=None, frozen=True)
     store: SkipValidation[CircuitStore | None] = Field(default=None, frozen=True, exclude=True)
-    guard_stream_start: bool = Field(
-        default=False, description="Let the breaker guard the start of streams (opt-in)."
+    guard_streams: bool = Field(
+        default=True, description="Guard the stream methods (False: pass them through)."
     )
+    stream_finished: SkipValidation[StreamFinished] = Field(default=AUTO, frozen=True, exclude=True)
+    """Which chunk of the inner model's stream carries its end marker: ``"auto"``, a
+    function of one chunk, or None (see ``llamaindex_breaker._markers``)."""
+    fallback_stream_finished: SkipValidation[StreamFinished] = Field(
+        default=AUTO, frozen=True, exclude=True
+    )
+    """``stream_finished`` for the fallback's chunks."""
     budget: SkipValidation[Budget | None] = Field(
         default=None, frozen=True, exclude=True, description="Limits checked before every call."
     )
@@ -259,6 +281,11 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     @model_validator(mode="before")
     @classmethod
     def _inherit_prompt_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "guard_stream_start" in data:
+            data = dict(data)
+            data["guard_streams"] = _deprecated_alias(
+                data.pop("guard_stream_start"), data.get("guard_streams"), stacklevel=5
+            )
         if isinstance(data, dict):
             inner = data.get("inner")
             if isinstance(inner, LLM):
@@ -270,6 +297,11 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 if missing:
                     data = {**missing, **data}
         return data
+
+    @field_validator("stream_finished", "fallback_stream_finished", mode="before")
+    @classmethod
+    def _check_stream_finished(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_option(str(info.field_name), value)
 
     @field_validator("inner", "fallback", mode="before")
     @classmethod
@@ -321,7 +353,17 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         )
         # The values in use, for inspection (the fields are frozen: set them directly).
         self.__dict__.update(policy=policy, key=keys.default, fallback_key=keys.fallback)
-        self._route = Route(policy, keys, tool_fallback, budget=budget, cache=cache)
+        self._route = Route(
+            policy,
+            keys,
+            tool_fallback,
+            budget=budget,
+            cache=cache,
+            finished=end_marker(inner, self.stream_finished),
+            fallback_finished=None
+            if fallback is None
+            else end_marker(fallback, self.fallback_stream_finished),
+        )
         relay_events(policy)
         if self.callback_manager is not inner.callback_manager:  # given, not inherited
             self._share_callback_manager(self.callback_manager)
@@ -333,7 +375,14 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             if model is not None:
                 model.callback_manager = manager
 
+    @property
+    def guard_stream_start(self) -> bool:
+        """Deprecated alias of :attr:`guard_streams`."""
+        return self.guard_streams
+
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "guard_stream_start":
+            name, value = "guard_streams", _deprecated_alias(value, None, stacklevel=3)
         super().__setattr__(name, value)
         if name == "callback_manager":
             self._share_callback_manager(value)
@@ -430,13 +479,13 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             complete_request(inner, prompt, formatted, kwargs) if route.described else None,
         )
 
-    # -- streams: the inner model's own, unless guard_stream_start -----------------------
+    # -- streams: guarded by the engine, unless guard_streams=False ----------------------
     @unspanned
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         if self.rate_limiter is not None:
             self.rate_limiter.acquire()
         inner, fallback = self.inner, self.fallback
-        if not self.guard_stream_start:
+        if not self.guard_streams:
             chunks = inner.stream_chat(messages, **kwargs)
             if self.budget is None:
                 return chunks
@@ -460,13 +509,13 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         if self.rate_limiter is not None:
             await self.rate_limiter.async_acquire()
         inner, fallback = self.inner, self.fallback
-        if not self.guard_stream_start:
+        if not self.guard_streams:
             chunks = await inner.astream_chat(messages, **kwargs)
             if self.budget is None:
                 return chunks
             return _ametered(self, kwargs, lambda: messages_text(messages), chunks)
         route = _route_of(self)
-        chunks = await route.astream(
+        chunks = route.astream(
             route.key_of(kwargs),
             lambda: inner.astream_chat(messages, **kwargs),
             None
@@ -484,7 +533,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         if self.rate_limiter is not None:
             self.rate_limiter.acquire()
         inner, fallback = self.inner, self.fallback
-        if not self.guard_stream_start:
+        if not self.guard_streams:
             chunks = inner.stream_complete(prompt, formatted=formatted, **kwargs)
             if self.budget is None:
                 return chunks
@@ -510,13 +559,13 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         if self.rate_limiter is not None:
             await self.rate_limiter.async_acquire()
         inner, fallback = self.inner, self.fallback
-        if not self.guard_stream_start:
+        if not self.guard_streams:
             chunks = await inner.astream_complete(prompt, formatted=formatted, **kwargs)
             if self.budget is None:
                 return chunks
             return _ametered(self, kwargs, lambda: prompt, chunks)
         route = _route_of(self)
-        chunks = await route.astream(
+        chunks = route.astream(
             route.key_of(kwargs),
             lambda: inner.astream_complete(prompt, formatted=formatted, **kwargs),
             None
@@ -620,8 +669,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         tool_required: bool = False,
         **kwargs: Any,
     ) -> ChatResponseGen:
-        """``inner.stream_chat_with_tools``, untouched (streams bypass the breaker), unless
-        ``guard_stream_start``."""
+        """``inner.stream_chat_with_tools`` guarded as one call (its chunks untouched), or
+        the fallback's when it can call tools; untouched with ``guard_streams=False``."""
         if self.rate_limiter is not None:
             self.rate_limiter.acquire()
         inner = self._tool_model()
@@ -629,7 +678,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         # For the budget's estimate: the messages sent, taken before an integration appends
         # user_msg to chat_history in place.
         sent = [] if self.budget is None else tool_messages(user_msg, chat_history)
-        if not self.guard_stream_start:
+        if not self.guard_streams:
             chunks = inner.stream_chat_with_tools(
                 tools, user_msg=user_msg, chat_history=chat_history, **options
             )
@@ -666,8 +715,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         tool_required: bool = False,
         **kwargs: Any,
     ) -> ChatResponseAsyncGen:
-        """``inner.astream_chat_with_tools``, untouched (streams bypass the breaker), unless
-        ``guard_stream_start``."""
+        """Async :meth:`stream_chat_with_tools`."""
         if self.rate_limiter is not None:
             await self.rate_limiter.async_acquire()
         inner = self._tool_model()
@@ -675,7 +723,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         # For the budget's estimate: the messages sent, taken before an integration appends
         # user_msg to chat_history in place.
         sent = [] if self.budget is None else tool_messages(user_msg, chat_history)
-        if not self.guard_stream_start:
+        if not self.guard_streams:
             chunks = await inner.astream_chat_with_tools(
                 tools, user_msg=user_msg, chat_history=chat_history, **options
             )
@@ -684,7 +732,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             return _ametered(self, kwargs, lambda: tools_text(sent, tools), chunks)
         route = _route_of(self)
         fallback = route.tool_fallback
-        chunks = await route.astream(
+        chunks = route.astream(
             route.key_of(kwargs),
             lambda: inner.astream_chat_with_tools(
                 tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
@@ -781,6 +829,23 @@ def _ametered(
     """Async :func:`_metered`."""
     route = _route_of(llm)
     return route.ametered(route.key_of(kwargs), chunks, input_text)
+
+
+def _deprecated_alias(value: Any, guard_streams: Any, *, stacklevel: int) -> Any:
+    """``guard_stream_start=value`` (deprecated): the value for ``guard_streams``."""
+    warnings.warn(
+        "CircuitBreakerLLM: guard_stream_start is deprecated; streams are guarded by "
+        "default (guard_streams=True), whole streams and not only their start: use "
+        "guard_streams",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    if guard_streams is not None and guard_streams != value:
+        raise ValueError(
+            f"guard_stream_start: {value!r} contradicts guard_streams={guard_streams!r} "
+            "(guard_stream_start is a deprecated alias of guard_streams)"
+        )
+    return value
 
 
 def _require_prices(budget: Budget, keys: CircuitKeys) -> None:

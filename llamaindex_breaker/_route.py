@@ -1,5 +1,5 @@
 """One wrapper's way through the engine: which circuit a call counts against, and how a
-call and its fallback (or, opt-in, a stream's start) are handed to the policy.
+call and its fallback (or a stream and its fallback's stream) are handed to the policy.
 
 The wrapper's methods build zero-argument callables that call a model's *own* method
 (``inner.chat``, ``fallback.achat_with_tools``, ...); the route hands them to
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import (
     AsyncGenerator,
-    AsyncIterator,
+    AsyncIterable,
     Awaitable,
     Callable,
     Generator,
-    Iterator,
+    Iterable,
     Mapping,
 )
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar, cast
 
 from llama_index.core.base.llms.types import ChatResponse, CompletionResponse
 from llama_index.core.llms.function_calling import FunctionCallingLLM
@@ -25,6 +25,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from callpolicy import Budget, CallPolicy, CallRequest, ResponseCache
 
 from ._keys import CircuitKeys
+from ._markers import EndMarker
 from ._request import ameter_stream, meter_stream
 from ._served import mark_fallback
 
@@ -32,14 +33,21 @@ __all__ = ["Route"]
 
 R = TypeVar("R", ChatResponse, CompletionResponse)
 
-_NOTHING: Final = object()
-
 
 class Route:
     """The policy, circuit keys, budget and cache of one wrapper, resolved once at
     construction."""
 
-    __slots__ = ("budget", "cache", "described", "keys", "policy", "tool_fallback")
+    __slots__ = (
+        "budget",
+        "cache",
+        "described",
+        "fallback_finished",
+        "finished",
+        "keys",
+        "policy",
+        "tool_fallback",
+    )
 
     def __init__(
         self,
@@ -49,6 +57,8 @@ class Route:
         *,
         budget: Budget | None = None,
         cache: ResponseCache | None = None,
+        finished: EndMarker | None = None,
+        fallback_finished: EndMarker | None = None,
     ) -> None:
         self.policy = policy
         self.keys = keys
@@ -59,6 +69,10 @@ class Route:
         self.described = budget is not None or cache is not None
         """Whether calls need a CallRequest (only for a budget or a cache: the plain path
         never builds one)."""
+        self.finished = finished
+        """The inner model's stream end marker (None: its integration reports none)."""
+        self.fallback_finished = fallback_finished
+        """The fallback's."""
 
     def key_of(self, kwargs: Mapping[str, Any]) -> str:
         """The circuit of this call: the inner model's, or a per-call ``model=`` override's."""
@@ -185,94 +199,86 @@ class Route:
         budget = self.budget
         return chunks if budget is None else ameter_stream(chunks, budget, key, input_text)
 
-    # -- streams whose start is guarded (opt-in) -----------------------------------------
+    # -- guarded streams ----------------------------------------------------------------
     def stream(
         self,
         key: str,
-        start: Callable[[], Iterator[R]],
-        fallback: Callable[[], Iterator[R]] | None,
+        start: Callable[[], Iterable[R]],
+        fallback: Callable[[], Iterable[R]] | None,
     ) -> Generator[R, None, None]:
-        """A stream whose start the breaker guards: admission, and a failure before the
-        first chunk (counted, retried, or answered by the fallback's stream, whose chunks
-        are marked). Once a chunk is out, chunks pass untouched and a later error
-        propagates as is, uncounted. The stream is opened before this returns."""
+        """``start()``'s stream, guarded by the engine as one call under ``key``
+        (:meth:`callpolicy.CallPolicy.stream`): admission, retry and the fallback's stream
+        (its chunks marked) until the first chunk; after it, a failure counts and
+        propagates; a stream cut short (no end marker, where the model reports one)
+        raises :class:`callpolicy.IncompleteStreamError`. Nothing starts until it is
+        iterated."""
+        # The engine's guarded stream is a generator (typed as an iterator there).
+        if fallback is None:
+            return cast(
+                "Generator[R, None, None]", self.policy.stream(key, start, finished=self.finished)
+            )
         keys = self.keys
         model = keys.fallback_model or "unknown"
-
-        def open_fallback() -> tuple[Iterator[R], Any]:
-            assert fallback is not None
-            chunks, first = _open(fallback)
-            marked = (mark_fallback(chunk, keys.fallback, model) for chunk in chunks)
-            if first is not _NOTHING:
-                first = mark_fallback(first, keys.fallback, model)
-            return marked, first
-
-        chunks, first = self.policy.execute(
+        guarded = self.policy.stream(
             key,
-            lambda: _open(start),
-            fallback=None if fallback is None else open_fallback,
+            start,
+            fallback=lambda: _marked(fallback(), keys.fallback, model),
             fallback_key=keys.fallback,
+            finished=self.finished,
+            fallback_finished=self.fallback_finished,
         )
-        return _chain(first, chunks)
+        return cast("Generator[R, None, None]", guarded)
 
-    async def astream(
+    def astream(
         self,
         key: str,
-        start: Callable[[], Awaitable[AsyncIterator[R]]],
-        fallback: Callable[[], Awaitable[AsyncIterator[R]]] | None,
+        start: Callable[[], Awaitable[AsyncIterable[R]]],
+        fallback: Callable[[], Awaitable[AsyncIterable[R]]] | None,
     ) -> AsyncGenerator[R, None]:
-        """Async :meth:`stream`."""
+        """Async :meth:`stream`: ``start`` is a LlamaIndex ``astream_*`` call (a coroutine
+        that returns the stream)."""
+        if fallback is None:
+            return cast(
+                "AsyncGenerator[R, None]", self.policy.astream(key, start, finished=self.finished)
+            )
         keys = self.keys
         model = keys.fallback_model or "unknown"
 
-        async def open_fallback() -> tuple[AsyncIterator[R], Any]:
-            assert fallback is not None
-            chunks, first = await _aopen(fallback)
-            if first is not _NOTHING:
-                first = mark_fallback(first, keys.fallback, model)
-            return _amarked(chunks, keys.fallback, model), first
+        async def open_fallback() -> AsyncIterable[R]:
+            return _amarked(await fallback(), keys.fallback, model)
 
-        chunks, first = await self.policy.aexecute(
+        guarded = self.policy.astream(
             key,
-            lambda: _aopen(start),
-            fallback=None if fallback is None else open_fallback,
+            start,
+            fallback=open_fallback,
             fallback_key=keys.fallback,
+            finished=self.finished,
+            fallback_finished=self.fallback_finished,
         )
-        return _achain(first, chunks)
+        return cast("AsyncGenerator[R, None]", guarded)
 
 
-def _open(start: Callable[[], Iterator[R]]) -> tuple[Iterator[R], Any]:
-    """Start a stream and wait for its first chunk (``_NOTHING`` if it is empty)."""
-    chunks = iter(start())
+def _marked(chunks: Iterable[R], key: str | None, model: str) -> Generator[R, None, None]:
+    """The fallback's chunks, each marked as the fallback's; closing this closes them."""
+    iterator = iter(chunks)
     try:
-        return chunks, next(chunks)
-    except StopIteration:
-        return chunks, _NOTHING
-
-
-async def _aopen(start: Callable[[], Awaitable[AsyncIterator[R]]]) -> tuple[AsyncIterator[R], Any]:
-    chunks = await start()
-    try:
-        return chunks, await chunks.__anext__()
-    except StopAsyncIteration:
-        return chunks, _NOTHING
-
-
-def _chain(first: Any, rest: Iterator[R]) -> Generator[R, None, None]:
-    if first is not _NOTHING:
-        yield first
-    yield from rest
-
-
-async def _achain(first: Any, rest: AsyncIterator[R]) -> AsyncGenerator[R, None]:
-    if first is not _NOTHING:
-        yield first
-    async for chunk in rest:
-        yield chunk
+        for chunk in iterator:
+            yield mark_fallback(chunk, key, model)
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
 
 
 async def _amarked(
-    chunks: AsyncIterator[R], key: str | None, model: str
+    chunks: AsyncIterable[R], key: str | None, model: str
 ) -> AsyncGenerator[R, None]:
-    async for chunk in chunks:
-        yield mark_fallback(chunk, key, model)
+    """Async :func:`_marked`."""
+    iterator = aiter(chunks)
+    try:
+        async for chunk in iterator:
+            yield mark_fallback(chunk, key, model)
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()

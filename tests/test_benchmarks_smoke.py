@@ -28,12 +28,16 @@ def test_engine_benchmark_prints_a_ratio_row() -> None:
 def test_the_instruction_count_program_runs_each_variant() -> None:
     # What callgrind runs in the full suite, run here without valgrind (a broken program
     # would otherwise only show minutes into a full benchmark run).
-    from benchmarks.instructions import _LLAMAINDEX_PROGRAM, _PROGRAM, THREADS
+    from benchmarks.instructions import _LLAMAINDEX_PROGRAM, _PROGRAM, _STREAM_PROGRAM, THREADS
 
     runs = [(_PROGRAM, variant) for variant in ("bare", "breaker", "breaker_fallback")]
     runs += [(_PROGRAM, variant) for variant in ("storm_bare", "storm_breaker")]
     runs += [(_PROGRAM, variant) for variant in ("threads_bare", "threads_breaker")]
     runs += [(_LLAMAINDEX_PROGRAM, variant) for variant in ("li_bare", "li_wrapper")]
+    runs += [
+        (_STREAM_PROGRAM, variant)
+        for variant in ("first_bare", "first_breaker", "whole_bare", "whole_breaker")
+    ]
     for program, variant in runs:
         done = subprocess.run(
             [sys.executable, "-c", program, variant, "32", str(THREADS)],

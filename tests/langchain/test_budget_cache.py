@@ -38,6 +38,7 @@ from callpolicy import (
     BudgetExceededError,
     CallPolicy,
     CircuitOpenError,
+    IncompleteStreamError,
     MissingPriceError,
     ResponseCache,
     SQLiteCacheBackend,
@@ -426,6 +427,34 @@ async def test_a_stream_is_not_refused_by_a_spent_budget(mode: str) -> None:
     received = await stream(model, mode)
     assert "".join(str(c.content) for c in received) == "ok"
     assert budget_of(model).usage().calls == 2
+
+
+async def test_a_stream_the_fallback_serves_is_counted_under_the_fallbacks_key(mode: str) -> None:
+    backup = ScriptedChatModel(provider="other")
+    model = guarded(fallback=backup, budget=Budget(max_calls=5, per_key=True))
+    scripted(model).push(ServerError("500"))
+    backup.push("from the backup")
+    received = await stream(model, mode)
+    assert "".join(str(c.content) for c in received) == "from the backup"
+    budget = budget_of(model)
+    assert model.fallback_key is not None
+    assert budget.usage(model.fallback_key).calls == 1
+    assert budget.usage(model.key_for()).calls == 0
+
+
+async def test_a_stream_cut_short_is_settled_with_what_it_reported(mode: str) -> None:
+    inner = FixedChunksChatModel()
+    given = chunks_with_usage()[:2]  # no end marker, and only the input's usage
+    inner.set_chunks(given)
+    model = guarded(
+        inner,
+        budget=Budget(max_calls=5),
+        stream_finished=lambda chunk: bool(chunk.response_metadata.get("finish_reason")),
+    )
+    with pytest.raises(IncompleteStreamError):
+        await stream(model, mode)
+    usage = budget_of(model).usage()
+    assert (usage.calls, usage.input_tokens, usage.output_tokens) == (1, 7, 0)
 
 
 # -- the cache: a hit is the full answer, marked -------------------------------------------

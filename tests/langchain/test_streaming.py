@@ -8,13 +8,21 @@ tests pin what the LangChain wrapper adds (runs, kwargs, markers, structured out
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessageChunk
+from pydantic import BaseModel
 
-from callpolicy import CallPolicy, CircuitOpenError, CircuitState, RetryPolicy
+from callpolicy import (
+    CallPolicy,
+    CircuitOpenError,
+    CircuitState,
+    IncompleteStreamError,
+    RetryPolicy,
+)
 from langchain_breaker import CircuitBreakerChatModel
 from tests.langchain.fakes import DiesMidStream, ScriptedChatModel, ServerError, tool_call_message
 from tests.support.clock import FakeClock
@@ -251,3 +259,80 @@ def test_stream_events_v3_is_the_inner_models_stream() -> None:
     model.policy.force_open(model.key_for())
     stream = model.stream_events("hi", version="v3")
     assert "".join(stream.text) == "a b"
+
+
+# -- cancellation and end markers --------------------------------------------------------
+
+
+class StallsAfterOneChunk(ScriptedChatModel):
+    """Streams one chunk, then waits for ever (a provider that stalls)."""
+
+    async def astream(  # type: ignore[override]
+        self, input: Any, config: Any = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> AsyncIterator[AIMessageChunk]:
+        yield AIMessageChunk(content="first")
+        await asyncio.Event().wait()
+
+
+async def test_a_cancelled_consumer_frees_the_probe_slot(clock: FakeClock) -> None:
+    model = CircuitBreakerChatModel(
+        inner=StallsAfterOneChunk(),
+        policy=CallPolicy(clock=clock, failure_threshold=1, cooldown=30),
+    )
+    assert model.policy is not None
+    model.policy.trip(model.key_for())
+    clock.advance(30)  # half-open: one probe
+    first = asyncio.Event()
+
+    async def reader() -> None:
+        async for _chunk in model.astream("hi"):
+            first.set()
+
+    task = asyncio.create_task(reader())
+    await first.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert model.policy.metrics()[model.key_for()].cancelled == 1
+    assert model.state_for() is CircuitState.HALF_OPEN
+    # The slot is free: the next stream is the probe.
+    assert model.policy.circuit(model.key_for()).admit() is not None
+
+
+async def test_a_stream_finished_option_makes_a_stream_without_the_marker_cut_short(
+    mode: str,
+) -> None:
+    model = CircuitBreakerChatModel(
+        inner=ScriptedChatModel(default="a b"),
+        failure_threshold=1,
+        stream_finished=lambda chunk: chunk.response_metadata.get("done") is True,
+    )
+    chunks, raised = await collect_until_error(model, mode)
+    assert text(chunks) == "a b"
+    assert isinstance(raised, IncompleteStreamError)
+    assert raised.chunks == len(chunks)
+    assert model.state_for() is OPEN
+
+
+async def test_a_model_that_reports_no_marker_is_not_checked(mode: str) -> None:
+    model = CircuitBreakerChatModel(inner=ScriptedChatModel(default="a b"), failure_threshold=1)
+    assert text(await collect(model, mode)) == "a b"
+    assert model.state_for() is CLOSED
+
+
+async def test_a_structured_output_stream_is_guarded(clock: FakeClock, mode: str) -> None:
+    inner = ScriptedChatModel(script=[ServerError("500")])
+    backup = ScriptedChatModel(provider="other")
+    backup.push(tool_call_message("Person", {"name": "Ada", "age": 36}))
+    model = CircuitBreakerChatModel(
+        inner=inner, fallback=backup, policy=CallPolicy(clock=clock, failure_threshold=1)
+    )
+    got = await collect(model.with_structured_output(Person), mode)
+    assert got[-1] == Person(name="Ada", age=36)  # the fallback's stream, parsed
+    assert (inner.calls, backup.calls) == (1, 1)
+    assert model.state_for() is OPEN
+
+
+class Person(BaseModel):
+    name: str
+    age: int

@@ -348,7 +348,7 @@ async def stream(llm: Any, method: str, mode: str, text: str = "hi") -> list[Any
 
 
 @pytest.mark.parametrize("method", ["stream_chat", "stream_complete", "stream_chat_with_tools"])
-@pytest.mark.parametrize("guarded", [False, True], ids=["plain", "guard_stream_start"])
+@pytest.mark.parametrize("guarded", [False, True], ids=["pass-through", "guarded"])
 async def test_streams_pass_unchanged_and_their_usage_is_counted(
     method: str, mode: str, guarded: bool
 ) -> None:
@@ -358,7 +358,7 @@ async def test_streams_pass_unchanged_and_their_usage_is_counted(
     inner = ScriptedLLM(model_name="fake-primary", usage=usage)
     inner.push(Stream(("one", " two", " three")))
     budget = Budget(max_calls=5)
-    llm = CircuitBreakerLLM(inner=inner, budget=budget, guard_stream_start=guarded)
+    llm = CircuitBreakerLLM(inner=inner, budget=budget, guard_streams=guarded)
     expected = await stream(alone, method, mode)
     chunks = await stream(llm, method, mode)
     assert chunks == expected  # the inner model's chunks, as they are
@@ -874,9 +874,7 @@ async def test_a_stream_the_fallback_serves_is_counted_under_the_fallbacks_key(
     # Per key: the fallback's stream, its usage and (with no usage) its estimate all
     # belong to the fallback's key, none to the primary whose circuit refused it.
     budget = Budget(max_tokens=10_000, per_key=True)
-    llm = CircuitBreakerLLM(
-        inner=inner, fallback=backup, policy=policy, budget=budget, guard_stream_start=True
-    )
+    llm = CircuitBreakerLLM(inner=inner, fallback=backup, policy=policy, budget=budget)
     policy.force_open(llm.key_for())
     backup.push(Stream(("from", " backup")))
     chunks = await stream(llm, method, mode, "z" * 80)

@@ -176,15 +176,19 @@ async def test_a_dying_stream_reaches_the_caller_as_the_bare_client_raises_it(
         fallback=client(openai_server, http_clients, "gpt-4o"),
         policy=policy,
     )
-    for _ in range(6):  # more than the threshold: streams count for nothing
+    for _ in range(5):  # the threshold: each dying stream counts
         openai_server.push(StreamDies(after_chunks=3))
         deltas: list[str] = []
         with pytest.raises(type(bare_error.value)):
             await stream_into(llm, mode, deltas)
-        assert deltas == bare_deltas
+        assert deltas == bare_deltas  # never followed by the fallback's
     assert bare_deltas == ["", "the", " stream"]
-    assert llm.state_for() is CircuitState.CLOSED
-    assert {r["model"] for r in openai_server.requests} == {"gpt-4o-mini"}  # no fallback
+    assert llm.state_for() is CircuitState.OPEN
+    openai_server.push(Reply("from the fallback"))
+    deltas = []
+    await stream_into(llm, mode, deltas)
+    assert "".join(deltas) == "from the fallback"
+    assert [r["model"] for r in openai_server.requests[1:]] == ["gpt-4o-mini"] * 5 + ["gpt-4o"]
 
 
 async def test_a_healthy_stream_is_the_clients_own(
