@@ -132,7 +132,8 @@ class _Opening:
 
     def falls_back(self, exc: Exception, outcome: Outcome) -> bool:
         """After the last attempt failed: does the fallback serve (per ``fallback_on``)?"""
-        if not self.policy._wants_fallback(outcome):
+        assert self.classification is not None
+        if not self.policy._wants_fallback(self.classification, outcome):
             return False
         self.cause = exc
         return True
