@@ -30,9 +30,9 @@ from ._config import (
     FallbackOn,
     RetryPolicy,
 )
-from ._errors import CallPolicyError, CircuitOpenError
+from ._errors import AllModelsFailedError, CallPolicyError, CircuitOpenError
 from ._events import Event, EventKind, Listener
-from ._fallback import FallbackStart, fallback_start
+from ._fallback import Fallbacks, FallbackStart, fallback_start
 from ._memory import MemoryStore
 from ._policy import CallPolicy
 from ._request import CallRequest
@@ -49,6 +49,7 @@ from ._types import (
 
 __all__ = [
     "DEFAULT_COUNTED_ERRORS",
+    "AllModelsFailedError",
     "DEFAULT_RETRYABLE_ERRORS",
     "BreakerConfig",
     "Budget",
@@ -73,6 +74,7 @@ __all__ = [
     "EventKind",
     "FallbackOn",
     "FallbackStart",
+    "Fallbacks",
     "KeyMetrics",
     "Listener",
     "MemoryBudgetStore",

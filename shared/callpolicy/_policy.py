@@ -17,6 +17,7 @@ framework type. The order, outermost first, and why:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import threading
@@ -31,9 +32,9 @@ from ._cache import ResponseCache
 from ._cache_key import cache_key
 from ._classify import Classification, Classifier, classify_error
 from ._config import BreakerConfig, FallbackOn, RetryPolicy
-from ._errors import CircuitOpenError, add_note
+from ._errors import AllModelsFailedError, CircuitOpenError, add_note
 from ._events import DEFAULT_LISTENER_TIMEOUT, Event, EventKind, Listener, dispatch, logger
-from ._fallback import FallbackStart
+from ._fallback import Fallbacks, FallbackStart, arun_chain, run_chain
 from ._fallback import _current as _current_fallback
 from ._memory import MemoryStore
 from ._report import html_table, text_table
@@ -330,7 +331,7 @@ class CallPolicy:
         call: Callable[[], T],
         /,
         *,
-        fallback: Callable[[], T] | None = None,
+        fallback: Callable[[], T] | Fallbacks[T] | None = None,
         fallback_key: str | None = None,
         budget: Budget | None = None,
         cache: ResponseCache | None = None,
@@ -340,8 +341,10 @@ class CallPolicy:
 
         ``fallback`` answers instead when the circuit is open or (per ``fallback_on``) the
         primary failed; it runs under ``fallback_key``'s breaker when one is given, once,
-        without retries. Errors propagate unchanged: a refused call raises
-        :class:`CircuitOpenError`, a failed one the provider's own exception.
+        without retries. A :class:`Fallbacks` list is tried in order, each under its own
+        circuit (``fallback_key`` is then not used). Errors propagate unchanged: a refused
+        call raises :class:`CircuitOpenError`, a failed one the provider's own exception
+        (or, when a list of fallbacks ends without an answer, :class:`AllModelsFailedError`).
 
         With a ``cache`` and/or a ``budget`` (``request`` then describes the call), the
         order is cache -> budget -> fallback -> retry -> breaker: a hit costs no budget,
@@ -405,7 +408,7 @@ class CallPolicy:
     def _run_fallback(
         self,
         circuit: Circuit,
-        fallback: Callable[[], T],
+        fallback: Callable[[], T] | Fallbacks[T],
         fallback_key: str | None,
         cause: BaseException,
         classification: Classification | None,
@@ -414,11 +417,15 @@ class CallPolicy:
         self._emit_fallback(circuit, cause, classification)
         token = _current_fallback.set(FallbackStart(circuit.key, state, cause))
         try:
+            if isinstance(fallback, Fallbacks):
+                return run_chain(self, circuit.key, fallback, cause)
             if fallback_key is None:
                 return fallback()
             return self._guard_once(
                 self._tallies.get(fallback_key) or self._tally(fallback_key), fallback
             )
+        except AllModelsFailedError:
+            raise  # names every model already
         except Exception as exc:
             _chain(exc, cause)
             self._note_fallback_failure(exc, circuit, cause)
@@ -455,7 +462,7 @@ class CallPolicy:
         call: Callable[[], Awaitable[T]],
         /,
         *,
-        fallback: Callable[[], Awaitable[T]] | None = None,
+        fallback: Callable[[], Awaitable[T]] | Fallbacks[Awaitable[T]] | None = None,
         fallback_key: str | None = None,
         budget: Budget | None = None,
         cache: ResponseCache | None = None,
@@ -535,7 +542,7 @@ class CallPolicy:
     async def _arun_fallback(
         self,
         circuit: Circuit,
-        fallback: Callable[[], Awaitable[T]],
+        fallback: Callable[[], Awaitable[T]] | Fallbacks[Awaitable[T]],
         fallback_key: str | None,
         cause: BaseException,
         classification: Classification | None,
@@ -545,11 +552,15 @@ class CallPolicy:
         # Set in this task's context: the fallback's coroutine, awaited here, sees it.
         token = _current_fallback.set(FallbackStart(circuit.key, state, cause))
         try:
+            if isinstance(fallback, Fallbacks):
+                return await arun_chain(self, circuit.key, fallback, cause)
             if fallback_key is None:
                 return await fallback()
             return await self._aguard_once(
                 self._tallies.get(fallback_key) or self._tally(fallback_key), fallback
             )
+        except AllModelsFailedError:
+            raise  # names every model already
         except Exception as exc:
             _chain(exc, cause)
             self._note_fallback_failure(exc, circuit, cause)
@@ -598,7 +609,7 @@ class CallPolicy:
         self,
         key: str,
         call: Callable[[], T],
-        fallback: Callable[[], T] | None,
+        fallback: Callable[[], T] | Fallbacks[T] | None,
         fallback_key: str | None,
         budget: Budget | None,
         cache: ResponseCache | None,
@@ -615,8 +626,10 @@ class CallPolicy:
                 self._budget_refused(key, refusal)
                 raise
             answered = [key]
-            routed = None
-            if fallback is not None:
+            routed: Callable[[], T] | Fallbacks[T] | None = None
+            if isinstance(fallback, Fallbacks):
+                routed = fallback.map(functools.partial(_answering, answered))
+            elif fallback is not None:
 
                 def routed() -> T:
                     answered[0] = fallback_key or key
@@ -652,7 +665,7 @@ class CallPolicy:
         self,
         key: str,
         call: Callable[[], Awaitable[T]],
-        fallback: Callable[[], Awaitable[T]] | None,
+        fallback: Callable[[], Awaitable[T]] | Fallbacks[Awaitable[T]] | None,
         fallback_key: str | None,
         budget: Budget | None,
         cache: ResponseCache | None,
@@ -669,8 +682,10 @@ class CallPolicy:
                 self._budget_refused(key, refusal)
                 raise
             answered = [key]
-            routed = None
-            if fallback is not None:
+            routed: Callable[[], Awaitable[T]] | Fallbacks[Awaitable[T]] | None = None
+            if isinstance(fallback, Fallbacks):
+                routed = fallback.map(functools.partial(_answering, answered))
+            elif fallback is not None:
 
                 async def routed() -> T:
                     answered[0] = fallback_key or key
@@ -893,6 +908,18 @@ def _refused_state(refusal: CircuitOpenError) -> CircuitState:
     """The state a refusal comes from: half-open with its probe slots taken (no wait),
     or open (cooling down, or held)."""
     return CircuitState.HALF_OPEN if refusal.retry_in == 0.0 else _OPEN
+
+
+def _answering(answered: list[str], key: str | None, call: Callable[[], T]) -> Callable[[], T]:
+    """``call``, noting first that ``key`` (a step of a fallback list) is answering: the
+    budget counts the call's usage under the model that answered."""
+
+    def step() -> T:
+        if key is not None:
+            answered[0] = key
+        return call()
+
+    return step
 
 
 def _require_request(request: CallRequest[T] | None) -> CallRequest[T]:
