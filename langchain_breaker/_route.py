@@ -10,7 +10,7 @@ run per attempt, of the model that answered.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Final, cast
 
 from langchain_core.callbacks import Callbacks
@@ -21,11 +21,12 @@ from langchain_core.runnables.config import (
     var_child_runnable_config,
 )
 
-from callpolicy import CallPolicy, fallback_start
+from callpolicy import CallPolicy, Fallbacks, fallback_start, split_key
 
 from ._events import EventRelay
 from ._keys import CircuitKeys
 from ._outer import Outer, ametered, metered
+from ._served import mark_served, served_mark
 
 __all__ = ["FALLBACK", "META_ATTEMPT", "META_KEY", "META_ROLE", "META_STATE", "PRIMARY", "Route"]
 
@@ -52,7 +53,17 @@ _SAME: Final = object()
 class Route:
     """The policy, keys and runnables of one wrapper (or one structured-output runnable)."""
 
-    __slots__ = ("callbacks", "fallback", "keys", "metadata", "outer", "policy", "primary", "tags")
+    __slots__ = (
+        "callbacks",
+        "fallback",
+        "keys",
+        "metadata",
+        "more",
+        "outer",
+        "policy",
+        "primary",
+        "tags",
+    )
 
     def __init__(
         self,
@@ -65,6 +76,7 @@ class Route:
         metadata: Mapping[str, Any] | None = None,
         callbacks: Callbacks = None,
         outer: Outer | None = None,
+        more: Sequence[tuple[str, Runnable[Any, Any]]] = (),
     ) -> None:
         self.policy = policy
         self.keys = keys
@@ -77,6 +89,8 @@ class Route:
         self.outer = outer
         """The budget and cache, and how calls are described for them; None without
         either (then the route never builds a request: the hot path is unchanged)."""
+        self.more = tuple(more)
+        """The fallbacks after the first, each with its circuit key, tried in order."""
 
     def with_runnables(
         self,
@@ -87,9 +101,11 @@ class Route:
         metadata: Mapping[str, Any] | None = None,
         callbacks: Callbacks = None,
         outer: object = _SAME,
+        more: Sequence[tuple[str, Runnable[Any, Any]]] | None = None,
     ) -> Route:
         """A route with the same policy and circuits (and budget and cache, unless
-        ``outer`` is given), calling other runnables."""
+        ``outer`` is given; the further fallbacks, unless ``more`` is), calling other
+        runnables."""
         return Route(
             self.policy,
             self.keys,
@@ -99,6 +115,7 @@ class Route:
             metadata=metadata,
             callbacks=callbacks,
             outer=self.outer if outer is _SAME else cast("Outer | None", outer),
+            more=self.more if more is None else more,
         )
 
     # -- per-call config -----------------------------------------------------------------
@@ -157,6 +174,26 @@ class Route:
         if "model" not in kwargs:
             return kwargs
         return {name: value for name, value in kwargs.items() if name != "model"}
+
+    def fallback_plan(
+        self, on: Callable[[Runnable[Any, Any], str | None], Callable[[], Any]]
+    ) -> tuple[Any, str | None]:
+        """The engine's ``fallback`` and ``fallback_key`` for a call: ``on(runnable, key)``
+        builds one fallback's callable; several fallbacks become a :class:`Fallbacks`
+        list, each under its own circuit."""
+        assert self.fallback is not None
+        first_key = self.keys.fallback
+        first = on(self.fallback, first_key)
+        if not self.more:
+            return first, first_key
+        steps = [(first_key, first), *((key, on(runnable, key)) for key, runnable in self.more)]
+        return Fallbacks(steps), None
+
+    @staticmethod
+    def served(answer: Any, key: str | None) -> Any:
+        """A fallback's answer, marked as served by the fallback ``key`` (and why)."""
+        model = split_key(key)[1] if key else "unknown"
+        return mark_served(answer, served_mark(key, model))
 
     # -- invoke --------------------------------------------------------------------------
     def single_attempt(self) -> bool:
@@ -228,23 +265,27 @@ class Route:
         if fallback is None and outer is None:
             return self.policy.execute(key, call)
 
-        def call_fallback() -> Any:
-            assert fallback is not None
-            if relay is not None:
-                relay.flush()
-            return fallback.invoke(
-                input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
-            )
+        def on(runnable: Runnable[Any, Any], step: str | None) -> Callable[[], Any]:
+            def call_fallback() -> Any:
+                nonlocal attempt
+                attempt += 1
+                if relay is not None:
+                    relay.flush()
+                answer = runnable.invoke(
+                    input, self.stamp_fallback(cfg, key, attempt), **self.fallback_kwargs(kwargs)
+                )
+                return self.served(answer, step)
 
+            return call_fallback
+
+        plan, plan_key = (None, None) if fallback is None else self.fallback_plan(on)
         if outer is None:
-            return self.policy.execute(
-                key, call, fallback=call_fallback, fallback_key=self.keys.fallback
-            )
+            return self.policy.execute(key, call, fallback=plan, fallback_key=plan_key)
         return self.policy.execute(
             key,
             call,
-            fallback=None if fallback is None else call_fallback,
-            fallback_key=self.keys.fallback,
+            fallback=plan,
+            fallback_key=plan_key,
             budget=outer.budget,
             cache=outer.cache,
             request=outer.request(self.primary, input, kwargs),
@@ -307,23 +348,27 @@ class Route:
         if fallback is None and outer is None:
             return await self.policy.aexecute(key, call)
 
-        async def call_fallback() -> Any:
-            assert fallback is not None
-            if relay is not None:
-                await relay.aflush()
-            return await fallback.ainvoke(
-                input, self.stamp_fallback(cfg, key, attempt + 1), **self.fallback_kwargs(kwargs)
-            )
+        def on(runnable: Runnable[Any, Any], step: str | None) -> Callable[[], Awaitable[Any]]:
+            async def call_fallback() -> Any:
+                nonlocal attempt
+                attempt += 1
+                if relay is not None:
+                    await relay.aflush()
+                answer = await runnable.ainvoke(
+                    input, self.stamp_fallback(cfg, key, attempt), **self.fallback_kwargs(kwargs)
+                )
+                return self.served(answer, step)
 
+            return call_fallback
+
+        plan, plan_key = (None, None) if fallback is None else self.fallback_plan(on)
         if outer is None:
-            return await self.policy.aexecute(
-                key, call, fallback=call_fallback, fallback_key=self.keys.fallback
-            )
+            return await self.policy.aexecute(key, call, fallback=plan, fallback_key=plan_key)
         return await self.policy.aexecute(
             key,
             call,
-            fallback=None if fallback is None else call_fallback,
-            fallback_key=self.keys.fallback,
+            fallback=plan,
+            fallback_key=plan_key,
             budget=outer.budget,
             cache=outer.cache,
             request=outer.request(self.primary, input, kwargs),
