@@ -15,6 +15,7 @@ The engine's types (``CircuitOpenError``, ``CircuitState``, ``RetryPolicy``, ``C
 """
 
 from ._chat_model import CircuitBreakerChatModel
+from ._embeddings import CircuitBreakerEmbeddings
 from ._events import EVENT_PREFIX
 from ._guarded import GuardedRunnable
 from ._outer import META_CACHE
@@ -34,6 +35,7 @@ __all__ = [
     "META_SERVED_BY",
     "META_STATE",
     "CircuitBreakerChatModel",
+    "CircuitBreakerEmbeddings",
     "CircuitBreakerMiddleware",
     "GuardedRunnable",
     "served_by",

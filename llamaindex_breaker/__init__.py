@@ -13,8 +13,16 @@ Errors and states come from the engine: ``from callpolicy import CircuitOpenErro
 CircuitState``.
 """
 
+from ._embedding import CircuitBreakerEmbedding
 from ._events import CallPolicyEvent
 from ._llm import CircuitBreakerLLM
 from ._served import SERVED_BY_KEY, cache_status, served_by
 
-__all__ = ["SERVED_BY_KEY", "CallPolicyEvent", "CircuitBreakerLLM", "cache_status", "served_by"]
+__all__ = [
+    "SERVED_BY_KEY",
+    "CallPolicyEvent",
+    "CircuitBreakerEmbedding",
+    "CircuitBreakerLLM",
+    "cache_status",
+    "served_by",
+]

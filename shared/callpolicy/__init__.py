@@ -30,6 +30,8 @@ from ._config import (
     FallbackOn,
     RetryPolicy,
 )
+from ._embed import EmbeddingGuard
+from ._embed_cache import EmbedKind, VectorCache
 from ._errors import AllModelsFailedError, CallPolicyError, CircuitOpenError
 from ._events import Event, EventKind, Listener
 from ._fallback import Fallbacks, FallbackStart, fallback_start
@@ -69,6 +71,8 @@ __all__ = [
     "CircuitStore",
     "Classification",
     "Classifier",
+    "EmbedKind",
+    "EmbeddingGuard",
     "ErrorClass",
     "Event",
     "EventKind",
@@ -90,6 +94,7 @@ __all__ = [
     "SQLiteCacheBackend",
     "Transition",
     "Usage",
+    "VectorCache",
     "cache_key",
     "circuit_key",
     "classify_error",
