@@ -278,3 +278,32 @@ def test_bad_arguments_are_named() -> None:
                 ChatOpenAI(model=BACKUP, api_key="sk-test"),
             ]
         )
+
+
+async def test_model_call_limit_counts_a_call_the_fallback_served_once(
+    openai_server: OpenAICompatServer, clock: FakeClock, mode: str
+) -> None:
+    from langchain.agents.middleware import ModelCallLimitMiddleware
+    from langchain.agents.middleware.model_call_limit import ModelCallLimitExceededError
+
+    server = openai_server
+    guard = CircuitBreakerMiddleware(fallback=chat(server, BACKUP), policy=CallPolicy(clock=clock))
+    limit = ModelCallLimitMiddleware(run_limit=2, exit_behavior="error")
+    agent = create_agent(model=chat(server), tools=[get_weather], middleware=[limit, guard])
+    # Two model-node runs, each a primary failure served by the fallback: within the limit.
+    server.push(
+        Fail(500),
+        Reply(tool_calls=[{"name": "get_weather", "arguments": {"city": "Nice"}}]),
+        Fail(500),
+        Reply("sunny"),
+    )
+    assert (await run(agent, mode))["messages"][-1].content == "sunny"
+    assert asked(server) == [PRIMARY, BACKUP, PRIMARY, BACKUP]
+    # A third model call in one run is over the limit, however the calls were served.
+    server.push(
+        Reply(tool_calls=[{"name": "get_weather", "arguments": {"city": "A"}}]),
+        Reply(tool_calls=[{"name": "get_weather", "arguments": {"city": "B"}}]),
+        Reply("done"),
+    )
+    with pytest.raises(ModelCallLimitExceededError):
+        await run(agent, mode)
