@@ -189,6 +189,12 @@ class Route:
         steps = [(first_key, first), *((key, on(runnable, key)) for key, runnable in self.more)]
         return Fallbacks(steps), None
 
+    def _listed(self, call_fallback: Callable[..., Any]) -> tuple[Any, str | None]:
+        """The engine's fallback list: ``call_fallback`` bound to each fallback."""
+        return self.fallback_plan(
+            lambda runnable, step: functools.partial(call_fallback, runnable, step)
+        )
+
     @staticmethod
     def served(answer: Any, key: str | None) -> Any:
         """A fallback's answer, marked as served by the fallback ``key`` (and why)."""
@@ -265,20 +271,22 @@ class Route:
         if fallback is None and outer is None:
             return self.policy.execute(key, call)
 
-        def on(runnable: Runnable[Any, Any], step: str | None) -> Callable[[], Any]:
-            def call_fallback() -> Any:
-                nonlocal attempt
-                attempt += 1
-                if relay is not None:
-                    relay.flush()
-                answer = runnable.invoke(
-                    input, self.stamp_fallback(cfg, key, attempt), **self.fallback_kwargs(kwargs)
-                )
-                return self.served(answer, step)
+        # One closure, as a single fallback always needed: the defaults name the first
+        # fallback; a list binds each of its steps (functools.partial) instead.
+        def call_fallback(runnable: Any = fallback, step: str | None = self.keys.fallback) -> Any:
+            nonlocal attempt
+            attempt += 1
+            if relay is not None:
+                relay.flush()
+            answer = runnable.invoke(
+                input, self.stamp_fallback(cfg, key, attempt), **self.fallback_kwargs(kwargs)
+            )
+            return self.served(answer, step)
 
-            return call_fallback
-
-        plan, plan_key = (None, None) if fallback is None else self.fallback_plan(on)
+        plan: Any = None if fallback is None else call_fallback
+        plan_key = self.keys.fallback
+        if self.more:
+            plan, plan_key = self._listed(call_fallback)
         if outer is None:
             return self.policy.execute(key, call, fallback=plan, fallback_key=plan_key)
         return self.policy.execute(
@@ -348,20 +356,22 @@ class Route:
         if fallback is None and outer is None:
             return await self.policy.aexecute(key, call)
 
-        def on(runnable: Runnable[Any, Any], step: str | None) -> Callable[[], Awaitable[Any]]:
-            async def call_fallback() -> Any:
-                nonlocal attempt
-                attempt += 1
-                if relay is not None:
-                    await relay.aflush()
-                answer = await runnable.ainvoke(
-                    input, self.stamp_fallback(cfg, key, attempt), **self.fallback_kwargs(kwargs)
-                )
-                return self.served(answer, step)
+        async def call_fallback(
+            runnable: Any = fallback, step: str | None = self.keys.fallback
+        ) -> Any:
+            nonlocal attempt
+            attempt += 1
+            if relay is not None:
+                await relay.aflush()
+            answer = await runnable.ainvoke(
+                input, self.stamp_fallback(cfg, key, attempt), **self.fallback_kwargs(kwargs)
+            )
+            return self.served(answer, step)
 
-            return call_fallback
-
-        plan, plan_key = (None, None) if fallback is None else self.fallback_plan(on)
+        plan: Any = None if fallback is None else call_fallback
+        plan_key = self.keys.fallback
+        if self.more:
+            plan, plan_key = self._listed(call_fallback)
         if outer is None:
             return await self.policy.aexecute(key, call, fallback=plan, fallback_key=plan_key)
         return await self.policy.aexecute(
