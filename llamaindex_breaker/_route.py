@@ -97,22 +97,21 @@ class Route:
             return kwargs
         return {name: value for name, value in kwargs.items() if name != "model"}
 
-    def _plan(self, on: Callable[[Any], R], tools: bool) -> tuple[Any, str | None]:
-        """The engine's ``fallback`` and ``fallback_key``: ``on(model)`` called on each
-        fallback (marked as its), one callable for one fallback, else a list."""
-        steps = self.tool_steps if tools else self.steps
+    @staticmethod
+    def _listed(on: Callable[[Any], R], steps: tuple[Step, ...]) -> Fallbacks[R]:
+        """The engine's list of fallbacks: ``on(model)`` on each, its answer marked."""
 
         def marked(step: Step) -> Callable[[], R]:
             key, name, model = step
             return lambda: mark_fallback(on(model), key, name)
 
-        if len(steps) == 1:
-            return marked(steps[0]), steps[0][0]
-        return Fallbacks([(step[0], marked(step)) for step in steps]), None
+        return Fallbacks([(step[0], marked(step)) for step in steps])
 
-    def _aplan(self, on: Callable[[Any], Awaitable[R]], tools: bool) -> tuple[Any, str | None]:
-        """Async :meth:`_plan`."""
-        steps = self.tool_steps if tools else self.steps
+    @staticmethod
+    def _alisted(
+        on: Callable[[Any], Awaitable[R]], steps: tuple[Step, ...]
+    ) -> Fallbacks[Awaitable[R]]:
+        """Async :meth:`_listed`."""
 
         def marked(step: Step) -> Callable[[], Awaitable[R]]:
             key, name, model = step
@@ -122,9 +121,7 @@ class Route:
 
             return call
 
-        if len(steps) == 1:
-            return marked(steps[0]), steps[0][0]
-        return Fallbacks([(step[0], marked(step)) for step in steps]), None
+        return Fallbacks([(step[0], marked(step)) for step in steps])
 
     def run(
         self,
@@ -139,13 +136,22 @@ class Route:
         (the tool-calling ones with ``tools``), its answer marked, when the engine says so.
         ``request`` (given when :attr:`described`) lets the engine's cache and budget see
         the call."""
-        if fallback is None or not (self.tool_steps if tools else self.steps):
+        steps = self.tool_steps if tools else self.steps
+        if fallback is None or not steps:
             if request is None:
                 return self.policy.execute(key, call)
             return self.policy.execute(
                 key, call, budget=self.budget, cache=self.cache, request=request
             )
-        plan, plan_key = self._plan(fallback, tools)
+        plan: Any
+        if len(steps) == 1:  # one fallback: one closure per call, as it always was
+            plan_key, name, model = steps[0]
+
+            def plan() -> R:
+                return mark_fallback(fallback(model), plan_key, name)
+
+        else:
+            plan, plan_key = self._listed(fallback, steps), None
         if request is None:
             return self.policy.execute(key, call, fallback=plan, fallback_key=plan_key)  # type: ignore[no-any-return]
         return self.policy.execute(
@@ -168,13 +174,22 @@ class Route:
         tools: bool = False,
     ) -> R:
         """Async :meth:`run`: the callables return awaitables."""
-        if fallback is None or not (self.tool_steps if tools else self.steps):
+        steps = self.tool_steps if tools else self.steps
+        if fallback is None or not steps:
             if request is None:
                 return await self.policy.aexecute(key, call)
             return await self.policy.aexecute(
                 key, call, budget=self.budget, cache=self.cache, request=request
             )
-        plan, plan_key = self._aplan(fallback, tools)
+        plan: Any
+        if len(steps) == 1:
+            plan_key, name, model = steps[0]
+
+            async def plan() -> R:
+                return mark_fallback(await fallback(model), plan_key, name)
+
+        else:
+            plan, plan_key = self._alisted(fallback, steps), None
         if request is None:
             return await self.policy.aexecute(key, call, fallback=plan, fallback_key=plan_key)
         return await self.policy.aexecute(
