@@ -40,12 +40,13 @@ from callpolicy import (
     Listener,
     ResponseCache,
     RetryPolicy,
+    circuit_key,
 )
 from callpolicy import __version__ as callpolicy_version
 from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
 
 from ._guarded import GuardedRunnable
-from ._keys import CircuitKeys
+from ._keys import CircuitKeys, model_identity
 from ._outer import TRACING_KWARGS, ChatCodec, Outer, StructuredCodec, unbind
 from ._route import Route
 from ._stream_end import AUTO, StreamFinished, check_option
@@ -187,8 +188,9 @@ class CircuitBreakerChatModel(BaseChatModel):
 
     inner: BaseChatModel
     """The guarded chat model."""
-    fallback: BaseChatModel | None = None
-    """Answers when the inner model's circuit is open or it failed (per ``fallback_on``)."""
+    fallback: BaseChatModel | list[BaseChatModel] | None = None
+    """Answers when the inner model's circuit is open or it failed (per ``fallback_on``);
+    a list of models is tried in order."""
     policy: SkipValidation[CallPolicy | None] = Field(default=None, exclude=True)
     """The engine; shared state when shared. Set after construction."""
     key: str | None = None
@@ -259,22 +261,12 @@ class CircuitBreakerChatModel(BaseChatModel):
     def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None and info.field_name == "fallback":
             return None
-        if not isinstance(value, BaseChatModel):
-            hint = ""
-            if isinstance(value, RunnableBinding) and isinstance(value.bound, BaseChatModel):
-                hint = (
-                    " (a bound model: pass the chat model itself and call bind_tools(), "
-                    "bind() or with_structured_output() on the wrapper)"
-                )
-            elif type(value).__module__.startswith("llama_index"):
-                hint = " (a LlamaIndex model: guard it with llamaindex_breaker.CircuitBreakerLLM)"
-            elif hasattr(value, "invoke"):
-                hint = " (a runnable or completion LLM, not a chat model)"
-            raise TypeError(
-                f"{info.field_name}: expected a LangChain chat model (a BaseChatModel such "
-                f"as ChatOpenAI), got {type(value).__name__}{hint}"
-            )
-        return value
+        if info.field_name == "fallback" and isinstance(value, (list, tuple)):
+            models = [_checked_model(f"fallback[{i}]", item) for i, item in enumerate(value)]
+            if not models:
+                raise ValueError("fallback: an empty list; give None for no fallback")
+            return models[0] if len(models) == 1 else models
+        return _checked_model(str(info.field_name), value)
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -311,10 +303,17 @@ class CircuitBreakerChatModel(BaseChatModel):
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
         self._add_version("callpolicy", callpolicy_version)
-        inner, fallback = self.inner, self.fallback
-        if fallback is inner:
+        inner, fallbacks = self.inner, _fallback_models(self.fallback)
+        if any(model is inner for model in fallbacks):
             raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
+        fallback = fallbacks[0] if fallbacks else None
+        if len(fallbacks) > 1 and self.fallback_key is not None:
+            raise TypeError(
+                "fallback_key: names one fallback's circuit; with a list of fallbacks each "
+                "key is derived from its model (give models that differ)"
+            )
         keys = CircuitKeys(inner, fallback, key=self.key, fallback_key=self.fallback_key)
+        more = _more_fallbacks(keys, fallbacks[1:])
         options = {name: getattr(self, name) for name in _ENGINE_OPTIONS}
         policy = policy_from_options(self.policy, options, owner=type(self).__name__)
         budget = self.budget
@@ -322,8 +321,9 @@ class CircuitBreakerChatModel(BaseChatModel):
             # A max_cost_usd budget must be able to price both models: fail now, naming
             # the model, not at the first call (or the first fallback, mid-outage).
             budget.require_price(keys.default)
-            if keys.fallback is not None:
-                budget.require_price(keys.fallback)
+            for fallback_key in (keys.fallback, *(key for key, _ in more)):
+                if fallback_key is not None:
+                    budget.require_price(fallback_key)
         cache = self.cache if isinstance(self.cache, ResponseCache) else None
         outer = None
         if budget is not None or cache is not None:
@@ -340,6 +340,7 @@ class CircuitBreakerChatModel(BaseChatModel):
             metadata=self.metadata,
             callbacks=self.callbacks,
             outer=outer,
+            more=more,
         )
 
     @override
@@ -372,15 +373,28 @@ class CircuitBreakerChatModel(BaseChatModel):
         return super().__deepcopy__(memo)
 
     def _rerouted(
-        self, primary: Runnable[Any, Any], fallback: Runnable[Any, Any] | None
+        self,
+        primary: Runnable[Any, Any],
+        fallback: Runnable[Any, Any] | None,
+        more: Sequence[tuple[str, Runnable[Any, Any]]] = (),
     ) -> CircuitBreakerChatModel:
         """A copy calling other runnables (bound tools) with the same policy and keys."""
         clone = self.model_copy()
         clone._route = self._route.with_runnables(
-            primary, fallback, tags=self.tags, metadata=self.metadata, callbacks=self.callbacks
+            primary,
+            fallback,
+            tags=self.tags,
+            metadata=self.metadata,
+            callbacks=self.callbacks,
+            more=more,
         )
         clone._tools_bound = True
         return clone
+
+    def _more_models(self) -> list[tuple[str, BaseChatModel]]:
+        """The fallbacks after the first, with their circuit keys."""
+        keys = [key for key, _ in self._route.more]
+        return list(zip(keys, _fallback_models(self.fallback)[1:], strict=True))
 
     # -- identity and tracing ----------------------------------------------------------
     @property
@@ -392,12 +406,13 @@ class CircuitBreakerChatModel(BaseChatModel):
     @override
     def _identifying_params(self) -> dict[str, Any]:
         policy = self._route.policy
-        fallback = self.fallback
+        described = [
+            {"_type": model._llm_type, **model._identifying_params}
+            for model in _fallback_models(self.fallback)
+        ]
         return {
             "inner": {"_type": self.inner._llm_type, **self.inner._identifying_params},
-            "fallback": None
-            if fallback is None
-            else {"_type": fallback._llm_type, **fallback._identifying_params},
+            "fallback": described if len(described) > 1 else next(iter(described), None),
             "key": self.key,
             "fallback_key": self.fallback_key,
             "breaker": policy.breaker.model_dump(mode="json"),
@@ -582,6 +597,16 @@ class CircuitBreakerChatModel(BaseChatModel):
             return key, primary, None
         return key, primary, _legacy_call(route.fallback, Route.fallback_kwargs(kwargs))
 
+    def _legacy_plan(
+        self, kwargs: dict[str, Any], on: Callable[[_Legacy, str | None], Callable[[], Any]]
+    ) -> tuple[Any, str | None]:
+        """The engine's fallback (one, or a list) for the legacy path: ``on((model,
+        kwargs), key)`` builds each one's call."""
+        fallback_kwargs = Route.fallback_kwargs(kwargs)
+        return self._route.fallback_plan(
+            lambda runnable, key: on(_legacy_call(runnable, fallback_kwargs), key)
+        )
+
     def _legacy_request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> CallRequest[ChatResult]:
@@ -634,25 +659,26 @@ class CircuitBreakerChatModel(BaseChatModel):
                 messages, stop=stop, run_manager=run_manager, **primary_kwargs
             )
 
-        call_fallback: Callable[[], ChatResult] | None = None
-        if second is not None:
-            fallback, fallback_kwargs = second
+        def on(legacy: _Legacy, step: str | None) -> Callable[[], ChatResult]:
+            fallback, fallback_kwargs = legacy
 
             def call_fallback() -> ChatResult:
-                return fallback._generate_with_cache(
+                answer = fallback._generate_with_cache(
                     messages, stop=stop, run_manager=run_manager, **fallback_kwargs
                 )
+                return cast("ChatResult", Route.served(answer, step))
 
+            return call_fallback
+
+        plan, plan_key = (None, None) if second is None else self._legacy_plan(kwargs, on)
         outer = self._route.outer
         if outer is None:
-            return self._route.policy.execute(
-                key, call, fallback=call_fallback, fallback_key=self._keys.fallback
-            )
+            return self._route.policy.execute(key, call, fallback=plan, fallback_key=plan_key)  # type: ignore[no-any-return]
         return self._route.policy.execute(
             key,
             call,
-            fallback=call_fallback,
-            fallback_key=self._keys.fallback,
+            fallback=plan,
+            fallback_key=plan_key,
             budget=outer.budget,
             cache=outer.cache,
             request=self._legacy_request(messages, stop, primary_kwargs),
@@ -673,25 +699,28 @@ class CircuitBreakerChatModel(BaseChatModel):
                 messages, stop=stop, run_manager=run_manager, **primary_kwargs
             )
 
-        call_fallback: Callable[[], Any] | None = None
-        if second is not None:
-            fallback, fallback_kwargs = second
+        def on(legacy: _Legacy, step: str | None) -> Callable[[], Any]:
+            fallback, fallback_kwargs = legacy
 
             async def call_fallback() -> ChatResult:
-                return await fallback._agenerate_with_cache(
+                answer = await fallback._agenerate_with_cache(
                     messages, stop=stop, run_manager=run_manager, **fallback_kwargs
                 )
+                return cast("ChatResult", Route.served(answer, step))
 
+            return call_fallback
+
+        plan, plan_key = (None, None) if second is None else self._legacy_plan(kwargs, on)
         outer = self._route.outer
         if outer is None:
             return await self._route.policy.aexecute(
-                key, call, fallback=call_fallback, fallback_key=self._keys.fallback
+                key, call, fallback=plan, fallback_key=plan_key
             )
         return await self._route.policy.aexecute(
             key,
             call,
-            fallback=call_fallback,
-            fallback_key=self._keys.fallback,
+            fallback=plan,
+            fallback_key=plan_key,
             budget=outer.budget,
             cache=outer.cache,
             request=self._legacy_request(messages, stop, primary_kwargs),
@@ -716,9 +745,14 @@ class CircuitBreakerChatModel(BaseChatModel):
             kwargs["tool_choice"] = tool_choice
         primary = _bind_tools("inner", self.inner, tools, kwargs)
         fallback = None
-        if self.fallback is not None:
-            fallback = _bind_tools("fallback", self.fallback, tools, kwargs)
-        return self._rerouted(primary, fallback).bind()
+        fallbacks = _fallback_models(self.fallback)
+        if fallbacks:
+            fallback = _bind_tools("fallback", fallbacks[0], tools, kwargs)
+        more = [
+            (key, _bind_tools(f"fallback[{index}]", model, tools, kwargs))
+            for index, (key, model) in enumerate(self._more_models(), start=1)
+        ]
+        return self._rerouted(primary, fallback, more).bind()
 
     @override
     def with_structured_output(
@@ -738,8 +772,13 @@ class CircuitBreakerChatModel(BaseChatModel):
         """
         primary = _structured("inner", self.inner, schema, include_raw, kwargs)
         fallback = None
-        if self.fallback is not None:
-            fallback = _structured("fallback", self.fallback, schema, include_raw, kwargs)
+        fallbacks = _fallback_models(self.fallback)
+        if fallbacks:
+            fallback = _structured("fallback", fallbacks[0], schema, include_raw, kwargs)
+        more = [
+            (key, _structured(f"fallback[{index}]", model, schema, include_raw, kwargs))
+            for index, (key, model) in enumerate(self._more_models(), start=1)
+        ]
         outer = self._route.outer
         if outer is not None:
             outer = outer.with_codec(StructuredCodec(self.inner, schema, include_raw, kwargs))
@@ -750,8 +789,55 @@ class CircuitBreakerChatModel(BaseChatModel):
             metadata=self.metadata,
             callbacks=self.callbacks,
             outer=outer,
+            more=more,
         )
         return GuardedRunnable(route, guard_streams=self.guard_streams)
+
+
+def _checked_model(argument: str, value: Any) -> BaseChatModel:
+    """``value`` if it is a chat model, else a TypeError naming ``argument``."""
+    if isinstance(value, BaseChatModel):
+        return value
+    hint = ""
+    if isinstance(value, RunnableBinding) and isinstance(value.bound, BaseChatModel):
+        hint = (
+            " (a bound model: pass the chat model itself and call bind_tools(), "
+            "bind() or with_structured_output() on the wrapper)"
+        )
+    elif type(value).__module__.startswith("llama_index"):
+        hint = " (a LlamaIndex model: guard it with llamaindex_breaker.CircuitBreakerLLM)"
+    elif hasattr(value, "invoke"):
+        hint = " (a runnable or completion LLM, not a chat model)"
+    raise TypeError(
+        f"{argument}: expected a LangChain chat model (a BaseChatModel such "
+        f"as ChatOpenAI), got {type(value).__name__}{hint}"
+    )
+
+
+def _more_fallbacks(
+    keys: CircuitKeys, models: Sequence[BaseChatModel]
+) -> list[tuple[str, Runnable[Any, Any]]]:
+    """The fallbacks after the first, each with its own circuit key (derived), which must
+    differ from the inner model's and every other fallback's."""
+    taken = [keys.default, keys.fallback]
+    more: list[tuple[str, Runnable[Any, Any]]] = []
+    for index, model in enumerate(models, start=1):
+        key = circuit_key(*model_identity(model))
+        if key in taken:
+            raise ValueError(
+                f"fallback[{index}]: its circuit key {key!r} is another model's of this "
+                "wrapper too; one circuit cannot guard both (give models that differ)"
+            )
+        taken.append(key)
+        more.append((key, model))
+    return more
+
+
+def _fallback_models(fallback: BaseChatModel | list[BaseChatModel] | None) -> list[BaseChatModel]:
+    """The fallbacks, in order (none, one, or a list)."""
+    if fallback is None:
+        return []
+    return list(fallback) if isinstance(fallback, list) else [fallback]
 
 
 _Legacy = tuple[BaseChatModel, dict[str, Any]]

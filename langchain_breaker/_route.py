@@ -21,11 +21,12 @@ from langchain_core.runnables.config import (
     var_child_runnable_config,
 )
 
-from callpolicy import CallPolicy, fallback_start
+from callpolicy import CallPolicy, Fallbacks, fallback_start, split_key
 
 from ._events import EventRelay
 from ._keys import CircuitKeys
 from ._outer import Outer, ametered, metered, unbind
+from ._served import mark_served, served_mark
 from ._stream_end import StreamFinished, end_marker
 
 __all__ = ["FALLBACK", "META_ATTEMPT", "META_KEY", "META_ROLE", "META_STATE", "PRIMARY", "Route"]
@@ -59,6 +60,7 @@ class Route:
         "fallback",
         "keys",
         "metadata",
+        "more",
         "outer",
         "policy",
         "primary",
@@ -76,6 +78,7 @@ class Route:
         metadata: Mapping[str, Any] | None = None,
         callbacks: Callbacks = None,
         outer: Outer | None = None,
+        more: Sequence[tuple[str, Runnable[Any, Any]]] = (),
     ) -> None:
         self.policy = policy
         self.keys = keys
@@ -91,6 +94,8 @@ class Route:
         self._markers: dict[tuple[Any, Any], tuple[Any, Any]] = {}
         """The end-marker checks of a stream called without kwargs, by the two options
         (looked up once per route: the first chunk's time is measured)."""
+        self.more = tuple(more)
+        """The fallbacks after the first, each with its circuit key, tried in order."""
 
     def with_runnables(
         self,
@@ -101,9 +106,11 @@ class Route:
         metadata: Mapping[str, Any] | None = None,
         callbacks: Callbacks = None,
         outer: object = _SAME,
+        more: Sequence[tuple[str, Runnable[Any, Any]]] | None = None,
     ) -> Route:
         """A route with the same policy and circuits (and budget and cache, unless
-        ``outer`` is given), calling other runnables."""
+        ``outer`` is given; the further fallbacks, unless ``more`` is), calling other
+        runnables."""
         return Route(
             self.policy,
             self.keys,
@@ -113,6 +120,7 @@ class Route:
             metadata=metadata,
             callbacks=callbacks,
             outer=self.outer if outer is _SAME else cast("Outer | None", outer),
+            more=self.more if more is None else more,
         )
 
     # -- per-call config -----------------------------------------------------------------
@@ -171,6 +179,32 @@ class Route:
         if "model" not in kwargs:
             return kwargs
         return {name: value for name, value in kwargs.items() if name != "model"}
+
+    def fallback_plan(
+        self, on: Callable[[Runnable[Any, Any], str | None], Callable[[], Any]]
+    ) -> tuple[Any, str | None]:
+        """The engine's ``fallback`` and ``fallback_key`` for a call: ``on(runnable, key)``
+        builds one fallback's callable; several fallbacks become a :class:`Fallbacks`
+        list, each under its own circuit."""
+        assert self.fallback is not None
+        first_key = self.keys.fallback
+        first = on(self.fallback, first_key)
+        if not self.more:
+            return first, first_key
+        steps = [(first_key, first), *((key, on(runnable, key)) for key, runnable in self.more)]
+        return Fallbacks(steps), None
+
+    def _listed(self, call_fallback: Callable[..., Any]) -> tuple[Any, str | None]:
+        """The engine's fallback list: ``call_fallback`` bound to each fallback."""
+        return self.fallback_plan(
+            lambda runnable, step: functools.partial(call_fallback, runnable, step)
+        )
+
+    @staticmethod
+    def served(answer: Any, key: str | None) -> Any:
+        """A fallback's answer, marked as served by the fallback ``key`` (and why)."""
+        model = split_key(key)[1] if key else "unknown"
+        return mark_served(answer, served_mark(key, model))
 
     # -- invoke --------------------------------------------------------------------------
     def single_attempt(self) -> bool:
@@ -245,24 +279,30 @@ class Route:
         if fallback is None and outer is None:
             return self.policy.execute(key, call)
 
-        def call_fallback() -> Any:
-            assert fallback is not None
+        # One closure, as a single fallback always needed: the defaults name the first
+        # fallback; a list binds each of its steps (functools.partial) instead.
+        def call_fallback(runnable: Any = fallback, step: str | None = self.keys.fallback) -> Any:
+            nonlocal attempt
+            attempt += 1
             if relay is not None:
                 relay.flush()
-            labelled = self.stamp_fallback(cfg, key, attempt + 1)
+            labelled = self.stamp_fallback(cfg, key, attempt)
             if relay is not None:
                 relay.run_started(labelled)
-            return fallback.invoke(input, labelled, **self.fallback_kwargs(kwargs))
+            answer = runnable.invoke(input, labelled, **self.fallback_kwargs(kwargs))
+            return self.served(answer, step)
 
+        plan: Any = None if fallback is None else call_fallback
+        plan_key = self.keys.fallback
+        if self.more:
+            plan, plan_key = self._listed(call_fallback)
         if outer is None:
-            return self.policy.execute(
-                key, call, fallback=call_fallback, fallback_key=self.keys.fallback
-            )
+            return self.policy.execute(key, call, fallback=plan, fallback_key=plan_key)
         return self.policy.execute(
             key,
             call,
-            fallback=None if fallback is None else call_fallback,
-            fallback_key=self.keys.fallback,
+            fallback=plan,
+            fallback_key=plan_key,
             budget=outer.budget,
             cache=outer.cache,
             request=outer.request(self.primary, input, kwargs),
@@ -328,24 +368,30 @@ class Route:
         if fallback is None and outer is None:
             return await self.policy.aexecute(key, call)
 
-        async def call_fallback() -> Any:
-            assert fallback is not None
+        async def call_fallback(
+            runnable: Any = fallback, step: str | None = self.keys.fallback
+        ) -> Any:
+            nonlocal attempt
+            attempt += 1
             if relay is not None:
                 await relay.aflush()
-            labelled = self.stamp_fallback(cfg, key, attempt + 1)
+            labelled = self.stamp_fallback(cfg, key, attempt)
             if relay is not None:
                 relay.run_started(labelled)
-            return await fallback.ainvoke(input, labelled, **self.fallback_kwargs(kwargs))
+            answer = await runnable.ainvoke(input, labelled, **self.fallback_kwargs(kwargs))
+            return self.served(answer, step)
 
+        plan: Any = None if fallback is None else call_fallback
+        plan_key = self.keys.fallback
+        if self.more:
+            plan, plan_key = self._listed(call_fallback)
         if outer is None:
-            return await self.policy.aexecute(
-                key, call, fallback=call_fallback, fallback_key=self.keys.fallback
-            )
+            return await self.policy.aexecute(key, call, fallback=plan, fallback_key=plan_key)
         return await self.policy.aexecute(
             key,
             call,
-            fallback=None if fallback is None else call_fallback,
-            fallback_key=self.keys.fallback,
+            fallback=plan,
+            fallback_key=plan_key,
             budget=outer.budget,
             cache=outer.cache,
             request=outer.request(self.primary, input, kwargs),

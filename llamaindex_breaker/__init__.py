@@ -24,6 +24,7 @@ except ImportError as missing:
         name=missing.name,
     ) from missing
 
+from ._embedding import CircuitBreakerEmbedding
 from ._events import CallPolicyEvent
 from ._llm import CircuitBreakerLLM
 from ._markers import anthropic_finished, openai_finished
@@ -32,6 +33,7 @@ from ._served import SERVED_BY_KEY, cache_status, served_by
 __all__ = [
     "SERVED_BY_KEY",
     "CallPolicyEvent",
+    "CircuitBreakerEmbedding",
     "CircuitBreakerLLM",
     "anthropic_finished",
     "cache_status",

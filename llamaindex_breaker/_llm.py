@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -48,12 +48,13 @@ from callpolicy import (
     MissingPriceError,
     ResponseCache,
     RetryPolicy,
+    circuit_key,
 )
 from callpolicy._errors import add_note
 from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
 
 from ._events import relay_events
-from ._keys import CircuitKeys, model_name_of
+from ._keys import CircuitKeys, model_identity, model_name_of
 from ._markers import AUTO, StreamFinished, check_option, end_marker
 from ._request import (
     chat_request,
@@ -63,7 +64,7 @@ from ._request import (
     tools_request,
     tools_text,
 )
-from ._route import Route
+from ._route import Route, Step
 from ._served import fallback_mark
 from ._spans import unspanned
 
@@ -223,10 +224,11 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     """
 
     inner: LLM = Field(frozen=True, description="The guarded model.")
-    fallback: LLM | None = Field(
+    fallback: LLM | list[LLM] | None = Field(
         default=None,
         frozen=True,
-        description="Answers when the inner model's circuit is open or it failed.",
+        description="Answers when the inner model's circuit is open or it failed; a list "
+        "is tried in order.",
     )
     policy: SkipValidation[CallPolicy | None] = Field(
         default=None, frozen=True, exclude=True, description="The callpolicy engine."
@@ -308,6 +310,14 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None and info.field_name == "fallback":
             return None
+        if info.field_name == "fallback" and isinstance(value, (list, tuple)):
+            models = [
+                cls._check_model(item, cast("ValidationInfo", _Named(f"fallback[{i}]")))
+                for i, item in enumerate(value)
+            ]
+            if not models:
+                raise ValueError("fallback: an empty list; give None for no fallback")
+            return models[0] if len(models) == 1 else models
         if not isinstance(value, LLM):
             hint = ""
             if type(value).__module__.startswith("langchain"):
@@ -324,9 +334,15 @@ class CircuitBreakerLLM(FunctionCallingLLM):
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
-        inner, fallback = self.inner, self.fallback
-        if fallback is inner:
+        inner, fallbacks = self.inner, _fallback_models(self.fallback)
+        if any(model is inner for model in fallbacks):
             raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
+        fallback = fallbacks[0] if fallbacks else None
+        if len(fallbacks) > 1 and self.fallback_key is not None:
+            raise TypeError(
+                "fallback_key: names one fallback's circuit; with a list of fallbacks each "
+                "key is derived from its model (give models that differ)"
+            )
         for name in ("key", "fallback_key"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -341,29 +357,29 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 f"cache: expected a callpolicy.ResponseCache, got {type(cache).__name__}"
             )
         keys = CircuitKeys(inner, fallback, key=self.key, fallback_key=self.fallback_key)
+        steps = _steps(keys, fallbacks)
         if budget is not None:
-            _require_prices(budget, keys)
+            _require_prices(budget, keys, steps)
         options = {name: getattr(self, name) for name in _ENGINE_OPTIONS}
         policy = policy_from_options(self.policy, options, owner=type(self).__name__)
-        tool_fallback = (
-            fallback
-            if isinstance(fallback, FunctionCallingLLM)
-            and fallback.metadata.is_function_calling_model
-            else None
-        )
+
         # The values in use, for inspection (the fields are frozen: set them directly).
         self.__dict__.update(policy=policy, key=keys.default, fallback_key=keys.fallback)
-        self._route = Route(
+        route = Route(
             policy,
             keys,
-            tool_fallback,
+            None,
             budget=budget,
             cache=cache,
+            steps=steps,
             finished=end_marker(inner, self.stream_finished),
             fallback_finished=None
             if fallback is None
             else end_marker(fallback, self.fallback_stream_finished),
         )
+        if route.tool_steps:
+            route.tool_fallback = cast("FunctionCallingLLM", route.tool_steps[0][2])
+        self._route = route
         relay_events(policy)
         if self.callback_manager is not inner.callback_manager:  # given, not inherited
             self._share_callback_manager(self.callback_manager)
@@ -371,7 +387,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     def _share_callback_manager(self, manager: Any) -> None:
         # The models fire the callback events, so they need the manager given to the
         # wrapper (Settings and query engines assign one), as they would unwrapped.
-        for model in (self.__dict__.get("inner"), self.__dict__.get("fallback")):
+        models = [self.__dict__.get("inner"), *_fallback_models(self.__dict__.get("fallback"))]
+        for model in models:
             if model is not None:
                 model.callback_manager = manager
 
@@ -421,13 +438,13 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         if self.rate_limiter is not None:
             self.rate_limiter.acquire()
-        route, inner, fallback = _route_of(self), self.inner, self.fallback
+        route, inner = _route_of(self), self.inner
         return route.run(
             route.key_of(kwargs),
             lambda: inner.chat(messages, **kwargs),
             None
-            if fallback is None
-            else lambda: fallback.chat(messages, **route.fallback_kwargs(kwargs)),
+            if not route.steps
+            else lambda fallback: fallback.chat(messages, **route.fallback_kwargs(kwargs)),
             chat_request(inner, messages, kwargs) if route.described else None,
         )
 
@@ -435,13 +452,13 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         if self.rate_limiter is not None:
             await self.rate_limiter.async_acquire()
-        route, inner, fallback = _route_of(self), self.inner, self.fallback
+        route, inner = _route_of(self), self.inner
         return await route.arun(
             route.key_of(kwargs),
             lambda: inner.achat(messages, **kwargs),
             None
-            if fallback is None
-            else lambda: fallback.achat(messages, **route.fallback_kwargs(kwargs)),
+            if not route.steps
+            else lambda fallback: fallback.achat(messages, **route.fallback_kwargs(kwargs)),
             chat_request(inner, messages, kwargs) if route.described else None,
         )
 
@@ -449,13 +466,13 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         if self.rate_limiter is not None:
             self.rate_limiter.acquire()
-        route, inner, fallback = _route_of(self), self.inner, self.fallback
+        route, inner = _route_of(self), self.inner
         return route.run(
             route.key_of(kwargs),
             lambda: inner.complete(prompt, formatted=formatted, **kwargs),
             None
-            if fallback is None
-            else lambda: fallback.complete(
+            if not route.steps
+            else lambda fallback: fallback.complete(
                 prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
             ),
             complete_request(inner, prompt, formatted, kwargs) if route.described else None,
@@ -467,13 +484,13 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     ) -> CompletionResponse:
         if self.rate_limiter is not None:
             await self.rate_limiter.async_acquire()
-        route, inner, fallback = _route_of(self), self.inner, self.fallback
+        route, inner = _route_of(self), self.inner
         return await route.arun(
             route.key_of(kwargs),
             lambda: inner.acomplete(prompt, formatted=formatted, **kwargs),
             None
-            if fallback is None
-            else lambda: fallback.acomplete(
+            if not route.steps
+            else lambda fallback: fallback.acomplete(
                 prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
             ),
             complete_request(inner, prompt, formatted, kwargs) if route.described else None,
@@ -484,7 +501,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         if self.rate_limiter is not None:
             self.rate_limiter.acquire()
-        inner, fallback = self.inner, self.fallback
+        inner, fallback = self.inner, _first(self.fallback)
         if not self.guard_streams:
             chunks = inner.stream_chat(messages, **kwargs)
             if self.budget is None:
@@ -508,7 +525,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     ) -> ChatResponseAsyncGen:
         if self.rate_limiter is not None:
             await self.rate_limiter.async_acquire()
-        inner, fallback = self.inner, self.fallback
+        inner, fallback = self.inner, _first(self.fallback)
         if not self.guard_streams:
             chunks = await inner.astream_chat(messages, **kwargs)
             if self.budget is None:
@@ -532,7 +549,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     ) -> CompletionResponseGen:
         if self.rate_limiter is not None:
             self.rate_limiter.acquire()
-        inner, fallback = self.inner, self.fallback
+        inner, fallback = self.inner, _first(self.fallback)
         if not self.guard_streams:
             chunks = inner.stream_complete(prompt, formatted=formatted, **kwargs)
             if self.budget is None:
@@ -558,7 +575,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     ) -> CompletionResponseAsyncGen:
         if self.rate_limiter is not None:
             await self.rate_limiter.async_acquire()
-        inner, fallback = self.inner, self.fallback
+        inner, fallback = self.inner, _first(self.fallback)
         if not self.guard_streams:
             chunks = await inner.astream_complete(prompt, formatted=formatted, **kwargs)
             if self.budget is None:
@@ -603,7 +620,6 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         if self.rate_limiter is not None:
             self.rate_limiter.acquire()
         inner, route = self._tool_model(), _route_of(self)
-        fallback = route.tool_fallback
         options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
         # Integrations append user_msg to chat_history in place (OpenAI does): every
         # attempt gets its own copy, or a retry or the fallback would see it twice.
@@ -613,8 +629,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
             ),
             None
-            if fallback is None
-            else lambda: fallback.chat_with_tools(
+            if not route.tool_steps
+            else lambda fallback: fallback.chat_with_tools(
                 tools,
                 user_msg=user_msg,
                 chat_history=_copy(chat_history),
@@ -623,6 +639,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             tools_request(inner, tools, user_msg, chat_history, options)
             if route.described
             else None,
+            tools=True,
         )
 
     async def achat_with_tools(
@@ -639,7 +656,6 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         if self.rate_limiter is not None:
             await self.rate_limiter.async_acquire()
         inner, route = self._tool_model(), _route_of(self)
-        fallback = route.tool_fallback
         options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
         return await route.arun(
             route.key_of(kwargs),
@@ -647,8 +663,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
             ),
             None
-            if fallback is None
-            else lambda: fallback.achat_with_tools(
+            if not route.tool_steps
+            else lambda fallback: fallback.achat_with_tools(
                 tools,
                 user_msg=user_msg,
                 chat_history=_copy(chat_history),
@@ -657,6 +673,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             tools_request(inner, tools, user_msg, chat_history, options)
             if route.described
             else None,
+            tools=True,
         )
 
     def stream_chat_with_tools(
@@ -783,12 +800,11 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         fallback for a response marked as its, else the inner model)."""
         model: LLM = self.inner
         mark = fallback_mark(response)
-        if (
-            mark is not None
-            and self.fallback is not None
-            and mark.get("key") == _route_of(self).keys.fallback
-        ):
-            model = self.fallback
+        if mark is not None:
+            for key, name, fallback in _route_of(self).steps:
+                if mark.get("key") == key and mark.get("model") == name:
+                    model = fallback
+                    break
         if not isinstance(model, FunctionCallingLLM):
             if error_on_no_tool_call:
                 raise ValueError(
@@ -848,10 +864,46 @@ def _deprecated_alias(value: Any, guard_streams: Any, *, stacklevel: int) -> Any
     return value
 
 
-def _require_prices(budget: Budget, keys: CircuitKeys) -> None:
+def _first(fallback: LLM | list[LLM] | None) -> LLM | None:
+    """The first fallback (a guarded stream falls back to it alone)."""
+    return fallback[0] if isinstance(fallback, list) else fallback
+
+
+def _fallback_models(fallback: LLM | list[LLM] | None) -> list[LLM]:
+    """The fallbacks, in order (none, one, or a list)."""
+    if fallback is None:
+        return []
+    return list(fallback) if isinstance(fallback, list) else [fallback]
+
+
+def _steps(keys: CircuitKeys, fallbacks: list[LLM]) -> list[Step]:
+    """Each fallback with its circuit key and model name. The first's key is the keys'
+    (given or derived); the others' are derived, and a fallback with the inner model's
+    very key runs unguarded (as a single one does). Two fallbacks may not share a key."""
+    if not fallbacks:
+        return []
+    steps: list[Step] = [(keys.fallback, keys.fallback_model or "unknown", fallbacks[0])]
+    taken = {keys.fallback}
+    for index, model in enumerate(fallbacks[1:], start=1):
+        derived = circuit_key(*model_identity(model))
+        key = None if derived == keys.default else derived
+        if key is not None and key in taken:
+            raise ValueError(
+                f"fallback[{index}]: its circuit key {key!r} is another fallback's too; "
+                "one circuit cannot guard both (give models that differ)"
+            )
+        taken.add(key)
+        steps.append((key, model_name_of(model), model))
+    return steps
+
+
+def _require_prices(budget: Budget, keys: CircuitKeys, steps: list[Step]) -> None:
     """With ``max_cost_usd``, every model the wrapper meters must have a price: fail now,
     naming the model, rather than at its first call."""
-    for argument, key in (("inner", keys.default), ("fallback", keys.fallback)):
+    named: list[tuple[str, str | None]] = [("inner", keys.default)]
+    for index, step in enumerate(steps):
+        named.append((f"fallback[{index}]" if len(steps) > 1 else "fallback", step[0]))
+    for argument, key in named:
         if key is None:
             continue
         try:
@@ -859,6 +911,13 @@ def _require_prices(budget: Budget, keys: CircuitKeys) -> None:
         except MissingPriceError as exc:
             add_note(exc, f"budget: the {argument} model of CircuitBreakerLLM has no price")
             raise
+
+
+class _Named:
+    """What ``_check_model`` reads of pydantic's ``ValidationInfo``: the argument's name."""
+
+    def __init__(self, field_name: str) -> None:
+        self.field_name = field_name
 
 
 def _copy(history: list[ChatMessage] | None) -> list[ChatMessage] | None:

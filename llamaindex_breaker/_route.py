@@ -16,13 +16,15 @@ from collections.abc import (
     Generator,
     Iterable,
     Mapping,
+    Sequence,
 )
 from typing import Any, TypeVar, cast
 
 from llama_index.core.base.llms.types import ChatResponse, CompletionResponse
+from llama_index.core.llms import LLM
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 
-from callpolicy import Budget, CallPolicy, CallRequest, ResponseCache
+from callpolicy import Budget, CallPolicy, CallRequest, Fallbacks, ResponseCache
 
 from ._keys import CircuitKeys
 from ._markers import EndMarker
@@ -34,9 +36,13 @@ __all__ = ["Route"]
 R = TypeVar("R", ChatResponse, CompletionResponse)
 
 
+Step = tuple["str | None", str, LLM]
+"""One fallback: its circuit key (None: unguarded), its model name, the model."""
+
+
 class Route:
-    """The policy, circuit keys, budget and cache of one wrapper, resolved once at
-    construction."""
+    """The policy, circuit keys, fallbacks, budget and cache of one wrapper, resolved once
+    at construction."""
 
     __slots__ = (
         "budget",
@@ -46,7 +52,9 @@ class Route:
         "finished",
         "keys",
         "policy",
+        "steps",
         "tool_fallback",
+        "tool_steps",
     )
 
     def __init__(
@@ -59,11 +67,12 @@ class Route:
         cache: ResponseCache | None = None,
         finished: EndMarker | None = None,
         fallback_finished: EndMarker | None = None,
+        steps: Sequence[Step] = (),
     ) -> None:
         self.policy = policy
         self.keys = keys
         self.tool_fallback = tool_fallback
-        """The fallback when it can call tools; tool calls have no fallback otherwise."""
+        """The first fallback that can call tools; tool calls have no fallback otherwise."""
         self.budget = budget
         self.cache = cache
         self.described = budget is not None or cache is not None
@@ -73,6 +82,15 @@ class Route:
         """The inner model's stream end marker (None: its integration reports none)."""
         self.fallback_finished = fallback_finished
         """The fallback's."""
+        self.steps: tuple[Step, ...] = tuple(steps)
+        """The fallbacks, in order (empty without one)."""
+        self.tool_steps: tuple[Step, ...] = tuple(
+            step
+            for step in self.steps
+            if isinstance(step[2], FunctionCallingLLM)
+            and step[2].metadata.is_function_calling_model
+        )
+        """The fallbacks that can call tools, in order."""
 
     def key_of(self, kwargs: Mapping[str, Any]) -> str:
         """The circuit of this call: the inner model's, or a per-call ``model=`` override's."""
@@ -86,49 +104,68 @@ class Route:
             return kwargs
         return {name: value for name, value in kwargs.items() if name != "model"}
 
+    @staticmethod
+    def _listed(on: Callable[[Any], R], steps: tuple[Step, ...]) -> Fallbacks[R]:
+        """The engine's list of fallbacks: ``on(model)`` on each, its answer marked."""
+
+        def marked(step: Step) -> Callable[[], R]:
+            key, name, model = step
+            return lambda: mark_fallback(on(model), key, name)
+
+        return Fallbacks([(step[0], marked(step)) for step in steps])
+
+    @staticmethod
+    def _alisted(
+        on: Callable[[Any], Awaitable[R]], steps: tuple[Step, ...]
+    ) -> Fallbacks[Awaitable[R]]:
+        """Async :meth:`_listed`."""
+
+        def marked(step: Step) -> Callable[[], Awaitable[R]]:
+            key, name, model = step
+
+            async def call() -> R:
+                return mark_fallback(await on(model), key, name)
+
+            return call
+
+        return Fallbacks([(step[0], marked(step)) for step in steps])
+
     def run(
         self,
         key: str,
         call: Callable[[], R],
-        fallback: Callable[[], R] | None,
+        fallback: Callable[[Any], R] | None,
         request: CallRequest[R] | None = None,
+        *,
+        tools: bool = False,
     ) -> R:
-        """``call()`` under ``key``'s breaker; ``fallback()`` (marked) answers instead when
-        the engine says so. ``request`` (given when :attr:`described`) lets the engine's
-        cache and budget see the call."""
-        if request is not None:
-            return self._run_described(key, call, fallback, request)
-        if fallback is None:
-            return self.policy.execute(key, call)
-        keys = self.keys
-        model = keys.fallback_model or "unknown"
+        """``call()`` under ``key``'s breaker; ``fallback(model)`` on each fallback in turn
+        (the tool-calling ones with ``tools``), its answer marked, when the engine says so.
+        ``request`` (given when :attr:`described`) lets the engine's cache and budget see
+        the call."""
+        steps = self.tool_steps if tools else self.steps
+        if fallback is None or not steps:
+            if request is None:
+                return self.policy.execute(key, call)
+            return self.policy.execute(
+                key, call, budget=self.budget, cache=self.cache, request=request
+            )
+        plan: Any
+        if len(steps) == 1:  # one fallback: one closure per call, as it always was
+            plan_key, name, model = steps[0]
 
-        def from_fallback() -> R:
-            return mark_fallback(fallback(), keys.fallback, model)
+            def plan() -> R:
+                return mark_fallback(fallback(model), plan_key, name)
 
-        return self.policy.execute(key, call, fallback=from_fallback, fallback_key=keys.fallback)
-
-    def _run_described(
-        self,
-        key: str,
-        call: Callable[[], R],
-        fallback: Callable[[], R] | None,
-        request: CallRequest[R],
-    ) -> R:
-        keys = self.keys
-        routed: Callable[[], R] | None = None
-        if fallback is not None:
-            model = keys.fallback_model or "unknown"
-
-            def from_fallback() -> R:
-                return mark_fallback(fallback(), keys.fallback, model)
-
-            routed = from_fallback
+        else:
+            plan, plan_key = self._listed(fallback, steps), None
+        if request is None:
+            return self.policy.execute(key, call, fallback=plan, fallback_key=plan_key)  # type: ignore[no-any-return]
         return self.policy.execute(
             key,
             call,
-            fallback=routed,
-            fallback_key=keys.fallback if fallback is not None else None,
+            fallback=plan,
+            fallback_key=plan_key,
             budget=self.budget,
             cache=self.cache,
             request=request,
@@ -138,45 +175,35 @@ class Route:
         self,
         key: str,
         call: Callable[[], Awaitable[R]],
-        fallback: Callable[[], Awaitable[R]] | None,
+        fallback: Callable[[Any], Awaitable[R]] | None,
         request: CallRequest[R] | None = None,
+        *,
+        tools: bool = False,
     ) -> R:
         """Async :meth:`run`: the callables return awaitables."""
-        if request is not None:
-            return await self._arun_described(key, call, fallback, request)
-        if fallback is None:
-            return await self.policy.aexecute(key, call)
-        keys = self.keys
-        model = keys.fallback_model or "unknown"
+        steps = self.tool_steps if tools else self.steps
+        if fallback is None or not steps:
+            if request is None:
+                return await self.policy.aexecute(key, call)
+            return await self.policy.aexecute(
+                key, call, budget=self.budget, cache=self.cache, request=request
+            )
+        plan: Any
+        if len(steps) == 1:
+            plan_key, name, model = steps[0]
 
-        async def from_fallback() -> R:
-            return mark_fallback(await fallback(), keys.fallback, model)
+            async def plan() -> R:
+                return mark_fallback(await fallback(model), plan_key, name)
 
-        return await self.policy.aexecute(
-            key, call, fallback=from_fallback, fallback_key=keys.fallback
-        )
-
-    async def _arun_described(
-        self,
-        key: str,
-        call: Callable[[], Awaitable[R]],
-        fallback: Callable[[], Awaitable[R]] | None,
-        request: CallRequest[R],
-    ) -> R:
-        keys = self.keys
-        routed: Callable[[], Awaitable[R]] | None = None
-        if fallback is not None:
-            model = keys.fallback_model or "unknown"
-
-            async def from_fallback() -> R:
-                return mark_fallback(await fallback(), keys.fallback, model)
-
-            routed = from_fallback
+        else:
+            plan, plan_key = self._alisted(fallback, steps), None
+        if request is None:
+            return await self.policy.aexecute(key, call, fallback=plan, fallback_key=plan_key)
         return await self.policy.aexecute(
             key,
             call,
-            fallback=routed,
-            fallback_key=keys.fallback if fallback is not None else None,
+            fallback=plan,
+            fallback_key=plan_key,
             budget=self.budget,
             cache=self.cache,
             request=request,

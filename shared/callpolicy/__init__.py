@@ -37,9 +37,16 @@ from ._config import (
     FallbackOn,
     RetryPolicy,
 )
-from ._errors import CallPolicyError, CircuitOpenError, IncompleteStreamError
+from ._embed import EmbeddingGuard
+from ._embed_cache import EmbedKind, VectorCache
+from ._errors import (
+    AllModelsFailedError,
+    CallPolicyError,
+    CircuitOpenError,
+    IncompleteStreamError,
+)
 from ._events import Event, EventKind, Listener
-from ._fallback import FallbackStart, fallback_start
+from ._fallback import Fallbacks, FallbackStart, fallback_start
 from ._memory import MemoryStore
 from ._policy import CallPolicy
 from ._request import CallRequest
@@ -56,6 +63,7 @@ from ._types import (
 
 __all__ = [
     "DEFAULT_COUNTED_ERRORS",
+    "AllModelsFailedError",
     "DEFAULT_RETRYABLE_ERRORS",
     "BreakerConfig",
     "Budget",
@@ -75,12 +83,15 @@ __all__ = [
     "CircuitStore",
     "Classification",
     "Classifier",
+    "EmbedKind",
+    "EmbeddingGuard",
     "ErrorClass",
     "Event",
     "EventKind",
     "FallbackOn",
     "FallbackStart",
     "IncompleteStreamError",
+    "Fallbacks",
     "KeyMetrics",
     "Listener",
     "MemoryBudgetStore",
@@ -99,6 +110,7 @@ __all__ = [
     "UncacheableRequestError",
     "Usage",
     "by_type",
+    "VectorCache",
     "cache_key",
     "circuit_key",
     "classify_error",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CallPolicyError", "CircuitOpenError", "IncompleteStreamError"]
+__all__ = ["AllModelsFailedError", "CallPolicyError", "CircuitOpenError", "IncompleteStreamError"]
 
 
 class CallPolicyError(Exception):
@@ -76,6 +76,46 @@ class IncompleteStreamError(CallPolicyError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.key, self.chunks))
+
+
+class AllModelsFailedError(CallPolicyError):
+    """Raised when a list of fallbacks ends without an answer: the primary and every
+    fallback tried failed, or were skipped because their circuit was open.
+
+    The message names every model tried, in order, with its error's type (never its
+    message, which can carry request data). ``__cause__`` is the last model's error.
+
+    Attributes:
+        keys: the circuit keys tried, in order, the primary's first (``None`` for a
+            fallback run without a circuit of its own).
+        errors: each one's error, in the same order: the provider's exception, or the
+            :class:`CircuitOpenError` of a model skipped because its circuit was open.
+        exceptions: ``errors``, under the name an ``ExceptionGroup`` gives them.
+    """
+
+    def __init__(self, keys: tuple[str | None, ...], errors: tuple[BaseException, ...]) -> None:
+        if len(keys) != len(errors):
+            raise ValueError("keys and errors: expected one error per key")
+        self.keys = keys
+        self.errors = errors
+        tried = "; ".join(
+            f"{key or 'an unguarded fallback'}: {_described(error)}"
+            for key, error in zip(keys, errors, strict=True)
+        )
+        super().__init__(f"every model failed ({len(keys)} tried): {tried}")
+
+    @property
+    def exceptions(self) -> tuple[BaseException, ...]:
+        return self.errors
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.keys, self.errors))
+
+
+def _described(error: BaseException) -> str:
+    if isinstance(error, CircuitOpenError):
+        return "circuit open (not called)"
+    return type(error).__name__
 
 
 def _why(reason: str | None, failures: int) -> str:

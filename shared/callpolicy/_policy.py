@@ -17,6 +17,7 @@ framework type. The order, outermost first, and why:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import threading
@@ -38,9 +39,9 @@ from ._budget_store import BudgetExceededError
 from ._cache import ResponseCache
 from ._classify import Classification, Classifier, classify_error
 from ._config import BreakerConfig, FallbackOn, RetryPolicy
-from ._errors import CircuitOpenError, add_note
+from ._errors import AllModelsFailedError, CircuitOpenError, add_note
 from ._events import DEFAULT_LISTENER_TIMEOUT, Event, EventKind, Listener, dispatch, logger
-from ._fallback import FallbackStart
+from ._fallback import Fallbacks, FallbackStart, arun_chain, run_chain
 from ._fallback import _current as _current_fallback
 from ._memory import MemoryStore
 from ._report import html_table, text_table
@@ -341,7 +342,7 @@ class CallPolicy:
         call: Callable[[], T],
         /,
         *,
-        fallback: Callable[[], T] | None = None,
+        fallback: Callable[[], T] | Fallbacks[T] | None = None,
         fallback_key: str | None = None,
         budget: Budget | None = None,
         cache: ResponseCache | None = None,
@@ -351,8 +352,10 @@ class CallPolicy:
 
         ``fallback`` answers instead when the circuit is open or (per ``fallback_on``) the
         primary failed; it runs under ``fallback_key``'s breaker when one is given, once,
-        without retries. Errors propagate unchanged: a refused call raises
-        :class:`CircuitOpenError`, a failed one the provider's own exception.
+        without retries. A :class:`Fallbacks` list is tried in order, each under its own
+        circuit (``fallback_key`` is then not used). Errors propagate unchanged: a refused
+        call raises :class:`CircuitOpenError`, a failed one the provider's own exception
+        (or, when a list of fallbacks ends without an answer, :class:`AllModelsFailedError`).
 
         With a ``cache`` and/or a ``budget`` (``request`` then describes the call), the
         order is cache -> budget -> fallback -> retry -> breaker: a hit costs no budget,
@@ -416,7 +419,7 @@ class CallPolicy:
     def _run_fallback(
         self,
         circuit: Circuit,
-        fallback: Callable[[], T],
+        fallback: Callable[[], T] | Fallbacks[T],
         fallback_key: str | None,
         cause: BaseException,
         classification: Classification | None,
@@ -425,11 +428,15 @@ class CallPolicy:
         self._emit_fallback(circuit, cause, classification)
         token = _current_fallback.set(FallbackStart(circuit.key, state, cause))
         try:
+            if isinstance(fallback, Fallbacks):
+                return run_chain(self, circuit.key, fallback, cause)
             if fallback_key is None:
                 return fallback()
             return self._guard_once(
                 self._tallies.get(fallback_key) or self._tally(fallback_key), fallback
             )
+        except AllModelsFailedError:
+            raise  # names every model already
         except Exception as exc:
             _chain(exc, cause)
             self._note_fallback_failure(exc, circuit, cause)
@@ -466,7 +473,7 @@ class CallPolicy:
         call: Callable[[], Awaitable[T]],
         /,
         *,
-        fallback: Callable[[], Awaitable[T]] | None = None,
+        fallback: Callable[[], Awaitable[T]] | Fallbacks[Awaitable[T]] | None = None,
         fallback_key: str | None = None,
         budget: Budget | None = None,
         cache: ResponseCache | None = None,
@@ -546,7 +553,7 @@ class CallPolicy:
     async def _arun_fallback(
         self,
         circuit: Circuit,
-        fallback: Callable[[], Awaitable[T]],
+        fallback: Callable[[], Awaitable[T]] | Fallbacks[Awaitable[T]],
         fallback_key: str | None,
         cause: BaseException,
         classification: Classification | None,
@@ -556,11 +563,15 @@ class CallPolicy:
         # Set in this task's context: the fallback's coroutine, awaited here, sees it.
         token = _current_fallback.set(FallbackStart(circuit.key, state, cause))
         try:
+            if isinstance(fallback, Fallbacks):
+                return await arun_chain(self, circuit.key, fallback, cause)
             if fallback_key is None:
                 return await fallback()
             return await self._aguard_once(
                 self._tallies.get(fallback_key) or self._tally(fallback_key), fallback
             )
+        except AllModelsFailedError:
+            raise  # names every model already
         except Exception as exc:
             _chain(exc, cause)
             self._note_fallback_failure(exc, circuit, cause)
@@ -658,7 +669,7 @@ class CallPolicy:
         self,
         key: str,
         call: Callable[[], T],
-        fallback: Callable[[], T] | None,
+        fallback: Callable[[], T] | Fallbacks[T] | None,
         fallback_key: str | None,
         budget: Budget | None,
         cache: ResponseCache | None,
@@ -680,8 +691,10 @@ class CallPolicy:
                 self._budget_refused(key, refusal)
                 raise
             answered = [key]
-            routed = None
-            if fallback is not None:
+            routed: Callable[[], T] | Fallbacks[T] | None = None
+            if isinstance(fallback, Fallbacks):
+                routed = fallback.map(functools.partial(_answering, answered))
+            elif fallback is not None:
 
                 def routed() -> T:
                     answered[0] = fallback_key or key
@@ -725,7 +738,7 @@ class CallPolicy:
         self,
         key: str,
         call: Callable[[], Awaitable[T]],
-        fallback: Callable[[], Awaitable[T]] | None,
+        fallback: Callable[[], Awaitable[T]] | Fallbacks[Awaitable[T]] | None,
         fallback_key: str | None,
         budget: Budget | None,
         cache: ResponseCache | None,
@@ -747,8 +760,10 @@ class CallPolicy:
                 self._budget_refused(key, refusal)
                 raise
             answered = [key]
-            routed = None
-            if fallback is not None:
+            routed: Callable[[], Awaitable[T]] | Fallbacks[Awaitable[T]] | None = None
+            if isinstance(fallback, Fallbacks):
+                routed = fallback.map(functools.partial(_answering, answered))
+            elif fallback is not None:
 
                 async def routed() -> T:
                     answered[0] = fallback_key or key
@@ -1012,6 +1027,18 @@ def _refused_state(refusal: CircuitOpenError) -> CircuitState:
     return CircuitState.HALF_OPEN if refusal.retry_in == 0.0 else _OPEN
 
 
+def _answering(answered: list[str], key: str | None, call: Callable[[], T]) -> Callable[[], T]:
+    """``call``, noting first that ``key`` (a step of a fallback list) is answering: the
+    budget counts the call's usage under the model that answered."""
+
+    def step() -> T:
+        if key is not None:
+            answered[0] = key
+        return call()
+
+    return step
+
+
 def _require_request(request: CallRequest[T] | None) -> CallRequest[T]:
     if request is None:
         raise TypeError("request: a CallRequest is needed when a budget or cache is given")
@@ -1024,9 +1051,17 @@ def _usage(request: CallRequest[T], result: T) -> Usage | None:
     return Usage.from_report(request.usage(result))
 
 
-def _noting(fallback: Callable[[], T], noted: list[bool]) -> Callable[[], T]:
-    """``fallback``, noting in ``noted[0]`` that it ran (for the cache)."""
+def _noting(
+    fallback: Callable[[], T] | Fallbacks[T], noted: list[bool]
+) -> Callable[[], T] | Fallbacks[T]:
+    """``fallback`` (each step of a list), noting in ``noted[0]`` that it ran (for the
+    cache)."""
+    if isinstance(fallback, Fallbacks):
+        return fallback.map(lambda _key, call: _noted(call, noted))
+    return _noted(fallback, noted)
 
+
+def _noted(fallback: Callable[[], T], noted: list[bool]) -> Callable[[], T]:
     def noting() -> T:
         noted[0] = True
         return fallback()
@@ -1034,9 +1069,16 @@ def _noting(fallback: Callable[[], T], noted: list[bool]) -> Callable[[], T]:
     return noting
 
 
-def _anoting(fallback: Callable[[], Awaitable[T]], noted: list[bool]) -> Callable[[], Awaitable[T]]:
+def _anoting(
+    fallback: Callable[[], Awaitable[T]] | Fallbacks[Awaitable[T]], noted: list[bool]
+) -> Callable[[], Awaitable[T]] | Fallbacks[Awaitable[T]]:
     """Async :func:`_noting`."""
+    if isinstance(fallback, Fallbacks):
+        return fallback.map(lambda _key, call: _anoted(call, noted))
+    return _anoted(fallback, noted)
 
+
+def _anoted(fallback: Callable[[], Awaitable[T]], noted: list[bool]) -> Callable[[], Awaitable[T]]:
     async def noting() -> T:
         noted[0] = True
         return await fallback()

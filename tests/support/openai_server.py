@@ -219,6 +219,9 @@ class OpenAICompatServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length) if length else b"{}"
+                if self.path.rstrip("/").endswith("/embeddings"):
+                    server._embeddings_route(self, raw)
+                    return
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send_json(404, {"error": {"message": f"no route {self.path}"}})
                     return
@@ -407,3 +410,121 @@ def _stream_events(body: dict[str, Any], behaviour: Behaviour) -> list[dict[str,
     if (body.get("stream_options") or {}).get("include_usage"):
         events.append({**base, "choices": [], "usage": reply.usage or _DEFAULT_USAGE})
     return events
+
+
+# -- /v1/embeddings ----------------------------------------------------------------------
+# A separate block: its own script, log and counters, so that the chat route's API is
+# untouched. Vectors are deterministic (a hash of model and text), so a test can compare a
+# cached vector with a freshly embedded one; ``dimensions`` in the request sets their size.
+
+EMBEDDING_DIMENSIONS = 8
+
+
+def embedding_of(model: str, text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """The vector the server answers for ``text`` embedded by ``model`` (before the float32
+    rounding of a base64 answer)."""
+    import hashlib
+
+    values: list[float] = []
+    counter = 0
+    while len(values) < dimensions:
+        digest = hashlib.sha256(f"{model}\0{text}\0{counter}".encode()).digest()
+        for offset in range(0, len(digest), 4):
+            if len(values) == dimensions:
+                break
+            word = int.from_bytes(digest[offset : offset + 4], "little")
+            values.append(word / 2**31 - 1.0)
+        counter += 1
+    return values
+
+
+def _embeddings_state(server: OpenAICompatServer) -> dict[str, Any]:
+    state = server.__dict__.get("_embeddings")
+    if state is None:
+        state = {"script": deque(), "default": None, "requests": []}
+        server.__dict__["_embeddings"] = state
+    return state
+
+
+def _push_embeddings(self: OpenAICompatServer, *behaviours: Fail | Hang | Drop | None) -> None:
+    """Script the next ``/v1/embeddings`` requests (``None``: answer normally)."""
+    with self._lock:
+        _embeddings_state(self)["script"].extend(behaviours)
+
+
+def _set_embeddings_default(self: OpenAICompatServer, behaviour: Fail | Hang | Drop | None) -> None:
+    """What ``/v1/embeddings`` does when its script is empty (``None``: answer)."""
+    with self._lock:
+        _embeddings_state(self)["default"] = behaviour
+
+
+def _embedding_requests(self: OpenAICompatServer) -> list[dict[str, Any]]:
+    """The body of every ``/v1/embeddings`` request, in order."""
+    with self._lock:
+        return list(_embeddings_state(self)["requests"])
+
+
+def _embedded_texts(self: OpenAICompatServer) -> list[str]:
+    """Every text sent to ``/v1/embeddings``, in order (a batch's texts one by one)."""
+    texts: list[str] = []
+    for body in _embedding_requests(self):
+        given = body.get("input")
+        texts.extend([given] if isinstance(given, str) else list(given or []))
+    return texts
+
+
+def _embeddings_route(self: OpenAICompatServer, handler: Any, raw: bytes) -> None:
+    import base64
+    import struct
+
+    body = json.loads(raw or b"{}")
+    with self._lock:
+        state = _embeddings_state(self)
+        state["requests"].append(body)
+        behaviour = state["script"].popleft() if state["script"] else state["default"]
+    if isinstance(behaviour, Hang):
+        self._closing.wait(behaviour.seconds)
+        behaviour = behaviour.then if isinstance(behaviour.then, Fail) else None
+        if self._closing.is_set():
+            handler._drop()
+            return
+    if isinstance(behaviour, Drop):
+        handler._drop()
+        return
+    if isinstance(behaviour, Fail):
+        handler._send_json(
+            behaviour.status,
+            {"error": {"message": behaviour.message, "type": "error", "code": None}},
+            behaviour.headers,
+        )
+        return
+    given = body.get("input")
+    texts = [given] if isinstance(given, str) else list(given or [])
+    model = str(body.get("model", "unknown"))
+    size = int(body.get("dimensions") or EMBEDDING_DIMENSIONS)
+    data = []
+    for index, text in enumerate(texts):
+        vector = embedding_of(model, str(text), size)
+        if body.get("encoding_format") == "base64":
+            packed = struct.pack(f"<{len(vector)}f", *vector)
+            encoded: Any = base64.b64encode(packed).decode("ascii")
+        else:
+            encoded = vector
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = sum(max(1, len(str(text).split())) for text in texts)
+    handler._send_json(
+        200,
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        },
+    )
+
+
+OpenAICompatServer.push_embeddings = _push_embeddings  # type: ignore[attr-defined]
+OpenAICompatServer.set_embeddings_default = _set_embeddings_default  # type: ignore[attr-defined]
+OpenAICompatServer.embedding_requests = property(_embedding_requests)  # type: ignore[attr-defined]
+OpenAICompatServer.embedded_texts = property(_embedded_texts)  # type: ignore[attr-defined]
+OpenAICompatServer._embeddings_route = _embeddings_route  # type: ignore[attr-defined]
