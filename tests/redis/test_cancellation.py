@@ -11,6 +11,7 @@ cancelled task went on to call the model.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import threading
 from typing import Any
@@ -35,6 +36,12 @@ def _request(prompt: str) -> CallRequest[str]:
     )
 
 
+# Each thread's asyncio.run() ends its loop; a redis.asyncio connection whose round trip
+# that ending cuts is dropped by redis-py without closing its socket (upstream), and the
+# collector reports the socket in whichever test runs then. This test is about leases,
+# reservations and flights: it collects those sockets itself (below) and ignores them.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_cancelled_calls_leave_no_lease_reservation_or_flight_and_never_call_the_model(
     make_store: MakeStore, client: redis.Redis, prefix: str
 ) -> None:
@@ -109,6 +116,7 @@ def test_cancelled_calls_leave_no_lease_reservation_or_flight_and_never_call_the
     for thread in threads:
         thread.join(120)
 
+    gc.collect()  # the dropped sockets are reported here, not in a later test
     assert len(cancelled) == THREADS
     assert sum(cancelled) > THREADS * TASKS // 4  # the test did cancel many calls
     assert model_calls[0] > 0
