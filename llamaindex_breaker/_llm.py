@@ -369,7 +369,6 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         route = Route(
             policy,
             keys,
-            None,
             budget=budget,
             cache=cache,
             steps=steps,
@@ -379,8 +378,6 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             else end_marker(fallback, self.fallback_stream_finished),
             step_finished=[end_marker(step[2], self.fallback_stream_finished) for step in steps],
         )
-        if route.tool_steps:
-            route.tool_fallback = cast("FunctionCallingLLM", route.tool_steps[0][2])
         self._route = route
         relay_events(policy)
         if self.callback_manager is not inner.callback_manager:  # given, not inherited

@@ -54,7 +54,6 @@ class Route:
         "policy",
         "step_finished",
         "steps",
-        "tool_fallback",
         "tool_finished",
         "tool_steps",
     )
@@ -63,7 +62,6 @@ class Route:
         self,
         policy: CallPolicy,
         keys: CircuitKeys,
-        tool_fallback: FunctionCallingLLM | None,
         *,
         budget: Budget | None = None,
         cache: ResponseCache | None = None,
@@ -74,8 +72,6 @@ class Route:
     ) -> None:
         self.policy = policy
         self.keys = keys
-        self.tool_fallback = tool_fallback
-        """The first fallback that can call tools; tool calls have no fallback otherwise."""
         self.budget = budget
         self.cache = cache
         self.described = budget is not None or cache is not None

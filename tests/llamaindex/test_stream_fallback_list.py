@@ -19,6 +19,7 @@ from tests.llamaindex.test_fallback_list import (
     PRIMARY,
     S_KEY,
     SPARE,
+    WEATHER,
     asked,
     client,
 )
@@ -101,3 +102,26 @@ async def test_a_fallback_failing_midway_is_not_followed_by_another(
     assert error is not None
     assert f"callpolicy: stream of {B_KEY} failed after" in " ".join(error.__notes__)
     assert asked(openai_server) == [PRIMARY, BACKUP]
+
+
+async def test_a_tool_stream_walks_the_tool_calling_fallbacks(
+    openai_server: OpenAICompatServer, http_clients: HttpClients, clock: FakeClock, mode: str
+) -> None:
+    llm = guarded(openai_server, http_clients, clock)
+    openai_server.push(
+        Fail(500),
+        Fail(500),
+        Reply(tool_calls=[{"name": "weather", "arguments": {"city": "Lima"}}]),
+    )
+    chunks: list[Any] = []
+    if mode == "sync":
+        chunks = list(llm.stream_chat_with_tools([WEATHER], user_msg="weather in Lima?"))
+    else:
+        stream = await llm.astream_chat_with_tools([WEATHER], user_msg="weather in Lima?")
+        chunks = [chunk async for chunk in stream]
+    assert asked(openai_server) == [PRIMARY, BACKUP, SPARE]
+    for body in openai_server.requests:
+        assert [t["function"]["name"] for t in body["tools"]] == ["weather"]
+    assert chunks[-1].additional_kwargs["callpolicy"]["key"] == S_KEY
+    calls = llm.get_tool_calls_from_response(chunks[-1])
+    assert [(c.tool_name, c.tool_kwargs) for c in calls] == [("weather", {"city": "Lima"})]
