@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, Final, NamedTuple, cast
+from typing import Any, Final, cast
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -450,12 +450,30 @@ class Route:
     ) -> _StreamCalls:
         """What the engine needs to guard one stream: the key, the two openers (each
         labels its run as ``invoke``'s attempts are labelled), the end-marker checks."""
-        key = self.key_of(kwargs)
-        cfg = self.prepare(config, key)
+        relay: EventRelay | None = None
+        if (
+            config is None
+            and not kwargs
+            and not self.tags
+            and self.callbacks is None
+            and var_child_runnable_config.get() is None
+        ):
+            # A script's stream (no config, kwargs or parent run): what key_of/prepare
+            # would build, in one step, as bare_config() does for invoke. Its config has
+            # no callbacks, so there is nobody to relay events to (EventRelay.wanted: no).
+            # The time to the first chunk is measured (benchmarks/instructions.py).
+            key, metadata = self.keys.default, self.metadata
+            cfg = RunnableConfig(
+                tags=[], metadata={**metadata, META_KEY: key} if metadata else {META_KEY: key}
+            )
+        else:
+            key = self.key_of(kwargs)
+            cfg = self.prepare(config, key)
+            if EventRelay.wanted(self.policy, cfg):
+                relay = EventRelay(cfg, active=False)
         primary, fallback = self.primary, self.fallback
         attempt = 0
         answered = [key]
-        relay = EventRelay(cfg, active=False) if EventRelay.wanted(self.policy, cfg) else None
 
         def start() -> Any:
             nonlocal attempt
@@ -493,7 +511,7 @@ class Route:
                     return getattr(runnable, method)(input, labelled, **fallback_kwargs)
 
                 plan = self._listed(open_step)[0]
-                return _StreamCalls(key, start, plan, markers[0], markers[1], relay, answered)
+                return key, start, plan, markers[0], markers[1], relay, answered
 
             def call_fallback() -> Any:
                 nonlocal attempt
@@ -506,7 +524,8 @@ class Route:
                     relay.run_started(labelled)
                 return getattr(fallback, method)(input, labelled, **fallback_kwargs)
 
-        return _StreamCalls(key, start, call_fallback, markers[0], markers[1], relay, answered)
+        # A plain tuple: a NamedTuple's __new__ is one more Python call per stream.
+        return key, start, call_fallback, markers[0], markers[1], relay, answered
 
     def _fallback_markers(self, option: StreamFinished, kwargs: dict[str, Any]) -> Any:
         """The fallbacks' end-marker checks: the one fallback's, or with a list, one per
@@ -539,19 +558,21 @@ class Route:
         retry and the fallback's stream before the first chunk, the chunks untouched, a
         failure after it counted, a stream cut short (no end marker) an error; metered by
         the budget, if any."""
-        calls = self._stream_calls("stream", input, config, kwargs, finished, fallback_finished)
-        chunks = self.policy.stream(
-            calls.key,
-            calls.start,
-            fallback=calls.fallback,
-            fallback_key=self.keys.fallback,
-            finished=calls.finished,
-            fallback_finished=calls.fallback_finished,
+        key, start, call_fallback, ends, fallback_ends, relay, answered = self._stream_calls(
+            "stream", input, config, kwargs, finished, fallback_finished
         )
-        if calls.relay is not None:
-            chunks = _relayed(calls.relay, chunks)
+        chunks = self.policy.stream(
+            key,
+            start,
+            fallback=call_fallback,
+            fallback_key=self.keys.fallback,
+            finished=ends,
+            fallback_finished=fallback_ends,
+        )
+        if relay is not None:
+            chunks = _relayed(relay, chunks)
         if self.outer is not None:
-            chunks = self.metered(chunks, input, kwargs, calls.answered)
+            chunks = self.metered(chunks, input, kwargs, answered)
         return chunks
 
     def astream(
@@ -564,32 +585,35 @@ class Route:
         fallback_finished: StreamFinished = None,
     ) -> AsyncIterator[Any]:
         """Async :meth:`stream`."""
-        calls = self._stream_calls("astream", input, config, kwargs, finished, fallback_finished)
-        chunks = self.policy.astream(
-            calls.key,
-            calls.start,
-            fallback=calls.fallback,
-            fallback_key=self.keys.fallback,
-            finished=calls.finished,
-            fallback_finished=calls.fallback_finished,
+        key, start, call_fallback, ends, fallback_ends, relay, answered = self._stream_calls(
+            "astream", input, config, kwargs, finished, fallback_finished
         )
-        if calls.relay is not None:
-            chunks = _arelayed(calls.relay, chunks)
+        chunks = self.policy.astream(
+            key,
+            start,
+            fallback=call_fallback,
+            fallback_key=self.keys.fallback,
+            finished=ends,
+            fallback_finished=fallback_ends,
+        )
+        if relay is not None:
+            chunks = _arelayed(relay, chunks)
         if self.outer is not None:
-            chunks = self.ametered(chunks, input, kwargs, calls.answered)
+            chunks = self.ametered(chunks, input, kwargs, answered)
         return chunks
 
 
-class _StreamCalls(NamedTuple):
-    key: str
-    start: Callable[[], Any]
-    fallback: Callable[[], Any] | Fallbacks[Any] | None
-    """One fallback's opener, or a list's (each step under its own circuit)."""
-    finished: Callable[[Any], bool] | None
-    fallback_finished: Callable[[Any], bool] | tuple[Callable[[Any], bool] | None, ...] | None
-    """The fallback's end-marker check, or one per step of a list."""
-    relay: EventRelay | None
-    answered: list[str]
+_StreamCalls = tuple[
+    str,  # the key
+    Callable[[], Any],  # opens the primary's stream (an attempt)
+    Callable[[], Any] | Fallbacks[Any] | None,  # opens the fallback's (or a list's steps)
+    Callable[[Any], bool] | None,  # the primary's end-marker check
+    Callable[[Any], bool] | tuple[Callable[[Any], bool] | None, ...] | None,  # the fallback's
+    # (or one per step of a list)
+    EventRelay | None,  # the events of the opening, for the caller's callbacks
+    list[str],  # the key of the model streaming (for the budget's meter)
+]
+"""What :meth:`Route._stream_calls` returns."""
 
 
 def _model_of(runnable: Runnable[Any, Any]) -> Any:

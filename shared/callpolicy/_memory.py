@@ -26,6 +26,7 @@ _OPEN = CircuitState.OPEN
 _HALF_OPEN = CircuitState.HALF_OPEN
 _SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
+_IGNORED = Outcome.IGNORED
 
 
 class _MemoryCircuit:
@@ -137,6 +138,10 @@ class _MemoryCircuit:
             and self._window is None
         ):
             return _CLOSED  # closed and clean: nothing to write
+        if outcome is _IGNORED and not permit.probe:
+            # Neither success nor failure outside a probe writes nothing below (a stream
+            # its consumer closed early: the time to its first chunk is measured).
+            return self._state
         transition = None
         with self._lock:
             if permit.generation == self._generation:  # else: admitted in an earlier period

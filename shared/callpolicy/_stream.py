@@ -102,11 +102,11 @@ class _Opening:
 
     __slots__ = ("attempt", "cause", "classification", "policy", "started", "state", "tally")
 
-    def __init__(self, policy: CallPolicy, key: str) -> None:
+    def __init__(self, policy: CallPolicy, tally: _Tally, started: float) -> None:
         self.policy = policy
-        self.tally = policy._tallies.get(key) or policy._tally(key)
+        self.tally = tally
         self.attempt = 1
-        self.started = policy._clock() if policy.retry is not None else 0.0
+        self.started = started
         self.cause: BaseException | None = None
         """Why the fallback serves (a refusal, or the primary's last error)."""
         self.classification: Classification | None = None
@@ -157,9 +157,6 @@ class _Opening:
         if exc.__context__ is None and exc is not self.cause:
             exc.__context__ = self.cause
         self.policy._note_fallback_failure(exc, self.tally.circuit, self.cause)
-
-    def primary_leg(self, permit: Permit, finished: Finished | None) -> _Leg:
-        return _Leg(self.tally.circuit.key, self.tally, permit, finished)
 
 
 def _fallback_tally(policy: CallPolicy, fallback_key: str | None) -> _Tally | None:
@@ -230,8 +227,12 @@ def guard_stream(
     fallback_finished: Markers,
 ) -> Generator[C, None, None]:
     """The guarded stream (see the module's rules); nothing happens until it is iterated."""
-    opening = _Opening(policy, key)
-    circuit = opening.tally.circuit
+    # The retry bookkeeping (an _Opening) is built only when the way to the first chunk
+    # is not straight (a refusal, a failure): the healthy stream's set-up is measured.
+    tally = policy._tallies.get(key) or policy._tally(key)
+    circuit = tally.circuit
+    started = policy._clock() if policy.retry is not None else 0.0
+    opening: _Opening | None = None
     permit: Permit | None = None
     leg: _Leg | None = None
     try:
@@ -240,6 +241,7 @@ def guard_stream(
         if fallback is None:
             policy._refused(circuit, refusal)
             raise
+        opening = _Opening(policy, tally, started)
         opening.refused(refusal)
     while permit is not None:  # the primary's attempts
         stream: Iterable[C] | None = None
@@ -250,6 +252,8 @@ def guard_stream(
             if first is _END and finished is not None:
                 raise IncompleteStreamError(key, 0)
         except Exception as exc:
+            if opening is None:
+                opening = _Opening(policy, tally, started)
             outcome = opening.judge(exc)
             state = circuit.record(permit, outcome)
             _close_quietly(stream)
@@ -269,12 +273,13 @@ def guard_stream(
             break
         except BaseException:
             circuit.record(permit, _IGNORED)
-            policy._count_cancelled(opening.tally)
+            policy._count_cancelled(tally)
             raise
-        leg = opening.primary_leg(permit, finished)
+        leg = _Leg(circuit.key, tally, permit, finished)
         break
     if leg is None:  # refused, or the primary's attempts failed: the fallback serves
         assert fallback is not None
+        assert opening is not None
         token = _current_fallback.set(opening.hand_over())
         try:
             if isinstance(fallback, Fallbacks):
@@ -517,8 +522,12 @@ async def aguard_stream(
     fallback_finished: Markers,
 ) -> AsyncGenerator[C, None]:
     """Async :func:`guard_stream`."""
-    opening = _Opening(policy, key)
-    circuit = opening.tally.circuit
+    # The retry bookkeeping (an _Opening) is built only when the way to the first chunk
+    # is not straight (a refusal, a failure): the healthy stream's set-up is measured.
+    tally = policy._tallies.get(key) or policy._tally(key)
+    circuit = tally.circuit
+    started = policy._clock() if policy.retry is not None else 0.0
+    opening: _Opening | None = None
     native = circuit.is_async_native
     permit: Permit | None = None
     leg: _Leg | None = None
@@ -528,6 +537,7 @@ async def aguard_stream(
         if fallback is None:
             policy._refused(circuit, refusal)
             raise
+        opening = _Opening(policy, tally, started)
         opening.refused(refusal)
     while permit is not None:
         stream: AsyncIterable[C] | None = None
@@ -538,6 +548,8 @@ async def aguard_stream(
             if first is _END and finished is not None:
                 raise IncompleteStreamError(key, 0)
         except Exception as exc:
+            if opening is None:
+                opening = _Opening(policy, tally, started)
             outcome = opening.judge(exc)
             state = (
                 await circuit.arecord(permit, outcome)
@@ -560,16 +572,17 @@ async def aguard_stream(
                 raise
             break
         except BaseException:
-            policy._count_cancelled(opening.tally)
+            policy._count_cancelled(tally)
             if native:
                 await asyncio.shield(circuit.arecord(permit, _IGNORED))
             else:
                 circuit.record(permit, _IGNORED)
             raise
-        leg = opening.primary_leg(permit, finished)
+        leg = _Leg(circuit.key, tally, permit, finished)
         break
     if leg is None:  # refused, or the primary's attempts failed: the fallback serves
         assert fallback is not None
+        assert opening is not None
         token = _current_fallback.set(opening.hand_over())
         try:
             if isinstance(fallback, Fallbacks):
