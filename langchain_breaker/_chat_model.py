@@ -144,7 +144,7 @@ class CircuitBreakerChatModel(BaseChatModel):
         guard_streams: guard ``stream``/``astream`` (default True); False passes them
             through untouched. ``guard_stream_start`` is its deprecated alias.
         stream_finished, fallback_stream_finished: how to tell the chunk carrying the
-            inner model's (the fallback's) end marker: ``"auto"`` (default: OpenAI's and
+            inner model's (each fallback's) end marker: ``"auto"`` (default: OpenAI's and
             Anthropic's integrations are recognised), a function of one chunk, or None
             (no check: a stream that ends is complete).
         budget: a :class:`callpolicy.Budget`: every call is checked first and refused with

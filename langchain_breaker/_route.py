@@ -489,17 +489,29 @@ class Route:
         if markers is None:
             markers = (
                 end_marker(_model_of(primary), finished, kwargs),
-                None
-                if fallback is None
-                else end_marker(
-                    _model_of(fallback), fallback_finished, self.fallback_kwargs(kwargs)
-                ),
+                self._fallback_markers(fallback_finished, kwargs),
             )
             if not kwargs:
                 self._markers[finished, fallback_finished] = markers
         call_fallback = None
         if fallback is not None:
             fallback_kwargs = self.fallback_kwargs(kwargs)
+
+            if self.more:  # a list: one opener, bound to each step in turn
+
+                def open_step(runnable: Any, step: str | None) -> Any:
+                    nonlocal attempt
+                    attempt += 1
+                    answered[0] = step or key
+                    if relay is not None:
+                        relay.flush()
+                    labelled = self.stamp_fallback(cfg, key, attempt)
+                    if relay is not None:
+                        relay.run_started(labelled)
+                    return getattr(runnable, method)(input, labelled, **fallback_kwargs)
+
+                plan = self._listed(open_step)[0]
+                return key, start, plan, markers[0], markers[1], relay, answered
 
             def call_fallback() -> Any:
                 nonlocal attempt
@@ -514,6 +526,24 @@ class Route:
 
         # A plain tuple: a NamedTuple's __new__ is one more Python call per stream.
         return key, start, call_fallback, markers[0], markers[1], relay, answered
+
+    def _fallback_markers(self, option: StreamFinished, kwargs: dict[str, Any]) -> Any:
+        """The fallbacks' end-marker checks: the one fallback's, or with a list, one per
+        step in order (each chosen for its own model)."""
+        fallback = self.fallback
+        if fallback is None:
+            return None
+        fallback_kwargs = self.fallback_kwargs(kwargs)
+        first = end_marker(_model_of(fallback), option, fallback_kwargs)
+        if not self.more:
+            return first
+        return (
+            first,
+            *(
+                end_marker(_model_of(runnable), option, fallback_kwargs)
+                for _, runnable in self.more
+            ),
+        )
 
     def stream(
         self,
@@ -576,9 +606,10 @@ class Route:
 _StreamCalls = tuple[
     str,  # the key
     Callable[[], Any],  # opens the primary's stream (an attempt)
-    Callable[[], Any] | None,  # opens the fallback's
+    Callable[[], Any] | Fallbacks[Any] | None,  # opens the fallback's (or a list's steps)
     Callable[[Any], bool] | None,  # the primary's end-marker check
-    Callable[[Any], bool] | None,  # the fallback's
+    Callable[[Any], bool] | tuple[Callable[[Any], bool] | None, ...] | None,  # the fallback's
+    # (or one per step of a list)
     EventRelay | None,  # the events of the opening, for the caller's callbacks
     list[str],  # the key of the model streaming (for the budget's meter)
 ]

@@ -115,7 +115,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     **Streams** are guarded as one call each (:meth:`callpolicy.CallPolicy.stream`): an
     open circuit sends the stream to the fallback's stream (or refuses it); a failure
     before the first chunk is counted, retried per ``retry=``, then served by the
-    fallback's stream (its chunks marked). After the first chunk a failure counts
+    fallback's stream (its chunks marked; with a list, each fallback's in turn, as for
+    ``chat``). After the first chunk a failure counts
     against the circuit and reaches the caller as the model's own exception, with a
     note naming the key and the chunks delivered: never replayed, never followed by the
     fallback's chunks. A stream that ends without the provider's end marker (OpenAI's
@@ -190,7 +191,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             through to the inner model untouched. ``guard_stream_start=`` is a
             deprecated alias (a DeprecationWarning): ``True`` now guards whole streams.
         stream_finished, fallback_stream_finished: how to tell the chunk carrying the
-            inner model's (the fallback's) end marker: ``"auto"`` (default: the OpenAI
+            inner model's (each fallback's) end marker: ``"auto"`` (default: the OpenAI
             and Anthropic integrations are recognised), a function of one chunk (such as
             :func:`llamaindex_breaker.openai_finished`), or None (no check: a stream that
             ends is complete).
@@ -368,7 +369,6 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         route = Route(
             policy,
             keys,
-            None,
             budget=budget,
             cache=cache,
             steps=steps,
@@ -376,9 +376,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             fallback_finished=None
             if fallback is None
             else end_marker(fallback, self.fallback_stream_finished),
+            step_finished=[end_marker(step[2], self.fallback_stream_finished) for step in steps],
         )
-        if route.tool_steps:
-            route.tool_fallback = cast("FunctionCallingLLM", route.tool_steps[0][2])
         self._route = route
         relay_events(policy)
         if self.callback_manager is not inner.callback_manager:  # given, not inherited
@@ -501,7 +500,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         if self.rate_limiter is not None:
             self.rate_limiter.acquire()
-        inner, fallback = self.inner, _first(self.fallback)
+        inner = self.inner
         if not self.guard_streams:
             chunks = inner.stream_chat(messages, **kwargs)
             if self.budget is None:
@@ -512,8 +511,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             route.key_of(kwargs),
             lambda: inner.stream_chat(messages, **kwargs),
             None
-            if fallback is None
-            else lambda: fallback.stream_chat(messages, **route.fallback_kwargs(kwargs)),
+            if not route.steps
+            else lambda fallback: fallback.stream_chat(messages, **route.fallback_kwargs(kwargs)),
         )
         if self.budget is None:
             return chunks
@@ -525,7 +524,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     ) -> ChatResponseAsyncGen:
         if self.rate_limiter is not None:
             await self.rate_limiter.async_acquire()
-        inner, fallback = self.inner, _first(self.fallback)
+        inner = self.inner
         if not self.guard_streams:
             chunks = await inner.astream_chat(messages, **kwargs)
             if self.budget is None:
@@ -536,8 +535,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             route.key_of(kwargs),
             lambda: inner.astream_chat(messages, **kwargs),
             None
-            if fallback is None
-            else lambda: fallback.astream_chat(messages, **route.fallback_kwargs(kwargs)),
+            if not route.steps
+            else lambda fallback: fallback.astream_chat(messages, **route.fallback_kwargs(kwargs)),
         )
         if self.budget is None:
             return chunks
@@ -549,7 +548,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     ) -> CompletionResponseGen:
         if self.rate_limiter is not None:
             self.rate_limiter.acquire()
-        inner, fallback = self.inner, _first(self.fallback)
+        inner = self.inner
         if not self.guard_streams:
             chunks = inner.stream_complete(prompt, formatted=formatted, **kwargs)
             if self.budget is None:
@@ -560,8 +559,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             route.key_of(kwargs),
             lambda: inner.stream_complete(prompt, formatted=formatted, **kwargs),
             None
-            if fallback is None
-            else lambda: fallback.stream_complete(
+            if not route.steps
+            else lambda fallback: fallback.stream_complete(
                 prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
             ),
         )
@@ -575,7 +574,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     ) -> CompletionResponseAsyncGen:
         if self.rate_limiter is not None:
             await self.rate_limiter.async_acquire()
-        inner, fallback = self.inner, _first(self.fallback)
+        inner = self.inner
         if not self.guard_streams:
             chunks = await inner.astream_complete(prompt, formatted=formatted, **kwargs)
             if self.budget is None:
@@ -586,8 +585,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             route.key_of(kwargs),
             lambda: inner.astream_complete(prompt, formatted=formatted, **kwargs),
             None
-            if fallback is None
-            else lambda: fallback.astream_complete(
+            if not route.steps
+            else lambda fallback: fallback.astream_complete(
                 prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
             ),
         )
@@ -703,20 +702,20 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 return chunks
             return _metered(self, kwargs, lambda: tools_text(sent, tools), chunks)
         route = _route_of(self)
-        fallback = route.tool_fallback
         chunks = route.stream(
             route.key_of(kwargs),
             lambda: inner.stream_chat_with_tools(
                 tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
             ),
             None
-            if fallback is None
-            else lambda: fallback.stream_chat_with_tools(
+            if not route.tool_steps
+            else lambda fallback: fallback.stream_chat_with_tools(
                 tools,
                 user_msg=user_msg,
                 chat_history=_copy(chat_history),
                 **route.fallback_kwargs(options),
             ),
+            tools=True,
         )
         if self.budget is None:
             return chunks
@@ -748,20 +747,20 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                 return chunks
             return _ametered(self, kwargs, lambda: tools_text(sent, tools), chunks)
         route = _route_of(self)
-        fallback = route.tool_fallback
         chunks = route.astream(
             route.key_of(kwargs),
             lambda: inner.astream_chat_with_tools(
                 tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
             ),
             None
-            if fallback is None
-            else lambda: fallback.astream_chat_with_tools(
+            if not route.tool_steps
+            else lambda fallback: fallback.astream_chat_with_tools(
                 tools,
                 user_msg=user_msg,
                 chat_history=_copy(chat_history),
                 **route.fallback_kwargs(options),
             ),
+            tools=True,
         )
         if self.budget is None:
             return chunks
@@ -862,11 +861,6 @@ def _deprecated_alias(value: Any, guard_streams: Any, *, stacklevel: int) -> Any
             "(guard_stream_start is a deprecated alias of guard_streams)"
         )
     return value
-
-
-def _first(fallback: LLM | list[LLM] | None) -> LLM | None:
-    """The first fallback (a guarded stream falls back to it alone)."""
-    return fallback[0] if isinstance(fallback, list) else fallback
 
 
 def _fallback_models(fallback: LLM | list[LLM] | None) -> list[LLM]:

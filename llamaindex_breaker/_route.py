@@ -52,8 +52,9 @@ class Route:
         "finished",
         "keys",
         "policy",
+        "step_finished",
         "steps",
-        "tool_fallback",
+        "tool_finished",
         "tool_steps",
     )
 
@@ -61,18 +62,16 @@ class Route:
         self,
         policy: CallPolicy,
         keys: CircuitKeys,
-        tool_fallback: FunctionCallingLLM | None,
         *,
         budget: Budget | None = None,
         cache: ResponseCache | None = None,
         finished: EndMarker | None = None,
         fallback_finished: EndMarker | None = None,
         steps: Sequence[Step] = (),
+        step_finished: Sequence[EndMarker | None] = (),
     ) -> None:
         self.policy = policy
         self.keys = keys
-        self.tool_fallback = tool_fallback
-        """The first fallback that can call tools; tool calls have no fallback otherwise."""
         self.budget = budget
         self.cache = cache
         self.described = budget is not None or cache is not None
@@ -91,6 +90,18 @@ class Route:
             and step[2].metadata.is_function_calling_model
         )
         """The fallbacks that can call tools, in order."""
+        self.step_finished: tuple[EndMarker | None, ...] = tuple(step_finished) or (
+            (fallback_finished,) * len(self.steps)
+        )
+        """Each fallback's stream end marker, aligned with :attr:`steps`."""
+        if len(self.step_finished) != len(self.steps):
+            raise ValueError("step_finished: expected one end marker per fallback")
+        self.tool_finished: tuple[EndMarker | None, ...] = tuple(
+            marker
+            for step, marker in zip(self.steps, self.step_finished, strict=True)
+            if any(step is tool_step for tool_step in self.tool_steps)
+        )
+        """The tool-calling fallbacks' end markers, aligned with :attr:`tool_steps`."""
 
     def key_of(self, kwargs: Mapping[str, Any]) -> str:
         """The circuit of this call: the inner model's, or a per-call ``model=`` override's."""
@@ -231,57 +242,95 @@ class Route:
         self,
         key: str,
         start: Callable[[], Iterable[R]],
-        fallback: Callable[[], Iterable[R]] | None,
+        fallback: Callable[[Any], Iterable[R]] | None,
+        *,
+        tools: bool = False,
     ) -> Generator[R, None, None]:
         """``start()``'s stream, guarded by the engine as one call under ``key``
-        (:meth:`callpolicy.CallPolicy.stream`): admission, retry and the fallback's stream
-        (its chunks marked) until the first chunk; after it, a failure counts and
-        propagates; a stream cut short (no end marker, where the model reports one)
-        raises :class:`callpolicy.IncompleteStreamError`. Nothing starts until it is
-        iterated."""
+        (:meth:`callpolicy.CallPolicy.stream`): admission, retry and ``fallback(model)``'s
+        stream on each fallback in turn (the tool-calling ones with ``tools``; its chunks
+        marked) until the first chunk; after it, a failure counts and propagates; a
+        stream cut short (no end marker, where the model reports one) raises
+        :class:`callpolicy.IncompleteStreamError`. Nothing starts until it is iterated."""
+        steps = self.tool_steps if tools else self.steps
         # The engine's guarded stream is a generator (typed as an iterator there).
-        if fallback is None:
+        if fallback is None or not steps:
             return cast(
                 "Generator[R, None, None]", self.policy.stream(key, start, finished=self.finished)
             )
-        keys = self.keys
-        model = keys.fallback_model or "unknown"
-        guarded = self.policy.stream(
-            key,
-            start,
-            fallback=lambda: _marked(fallback(), keys.fallback, model),
-            fallback_key=keys.fallback,
-            finished=self.finished,
-            fallback_finished=self.fallback_finished,
-        )
+        markers = self.tool_finished if tools else self.step_finished
+        if len(steps) == 1:  # one fallback: one closure per call, as it always was
+            plan_key, name, model = steps[0]
+            guarded = self.policy.stream(
+                key,
+                start,
+                fallback=lambda: _marked(fallback(model), plan_key, name),
+                fallback_key=plan_key,
+                finished=self.finished,
+                fallback_finished=markers[0],
+            )
+        else:
+
+            def opener(step: Step) -> Callable[[], Iterable[R]]:
+                step_key, name, model = step
+                return lambda: _marked(fallback(model), step_key, name)
+
+            guarded = self.policy.stream(
+                key,
+                start,
+                fallback=Fallbacks([(step[0], opener(step)) for step in steps]),
+                finished=self.finished,
+                fallback_finished=markers,
+            )
         return cast("Generator[R, None, None]", guarded)
 
     def astream(
         self,
         key: str,
         start: Callable[[], Awaitable[AsyncIterable[R]]],
-        fallback: Callable[[], Awaitable[AsyncIterable[R]]] | None,
+        fallback: Callable[[Any], Awaitable[AsyncIterable[R]]] | None,
+        *,
+        tools: bool = False,
     ) -> AsyncGenerator[R, None]:
         """Async :meth:`stream`: ``start`` is a LlamaIndex ``astream_*`` call (a coroutine
-        that returns the stream)."""
-        if fallback is None:
+        that returns the stream), and so is ``fallback(model)``."""
+        steps = self.tool_steps if tools else self.steps
+        if fallback is None or not steps:
             return cast(
                 "AsyncGenerator[R, None]", self.policy.astream(key, start, finished=self.finished)
             )
-        keys = self.keys
-        model = keys.fallback_model or "unknown"
+        markers = self.tool_finished if tools else self.step_finished
+        if len(steps) == 1:
+            plan_key, name, model = steps[0]
 
-        async def open_fallback() -> AsyncIterable[R]:
-            return _amarked(await fallback(), keys.fallback, model)
+            async def open_fallback() -> AsyncIterable[R]:
+                return _amarked(await fallback(model), plan_key, name)
 
-        guarded = self.policy.astream(
-            key,
-            start,
-            fallback=open_fallback,
-            fallback_key=keys.fallback,
-            finished=self.finished,
-            fallback_finished=self.fallback_finished,
-        )
+            guarded = self.policy.astream(
+                key,
+                start,
+                fallback=open_fallback,
+                fallback_key=plan_key,
+                finished=self.finished,
+                fallback_finished=markers[0],
+            )
+        else:
+
+            def opener(step: Step) -> Callable[[], Awaitable[AsyncIterable[R]]]:
+                step_key, step_name, step_model = step
+
+                async def open_step() -> AsyncIterable[R]:
+                    return _amarked(await fallback(step_model), step_key, step_name)
+
+                return open_step
+
+            guarded = self.policy.astream(
+                key,
+                start,
+                fallback=Fallbacks([(step[0], opener(step)) for step in steps]),
+                finished=self.finished,
+                fallback_finished=markers,
+            )
         return cast("AsyncGenerator[R, None]", guarded)
 
 

@@ -30,6 +30,7 @@ from collections.abc import (
     Iterable,
     Iterator,
     Mapping,
+    Sequence,
 )
 from dataclasses import replace
 from typing import Any, TypeVar, get_args
@@ -622,10 +623,10 @@ class CallPolicy:
         start: Callable[[], Iterable[C]],
         /,
         *,
-        fallback: Callable[[], Iterable[C]] | None = None,
+        fallback: Callable[[], Iterable[C]] | Fallbacks[Iterable[C]] | None = None,
         fallback_key: str | None = None,
         finished: Callable[[C], bool] | None = None,
-        fallback_finished: Callable[[C], bool] | None = None,
+        fallback_finished: Callable[[C], bool] | Sequence[Callable[[C], bool] | None] | None = None,
     ) -> Iterator[C]:
         """The stream ``start()`` opens, guarded as one call under ``key``'s breaker.
 
@@ -642,10 +643,20 @@ class CallPolicy:
         it comes. Nothing happens until the stream is iterated; the permit is held while
         it runs.
 
+        A :class:`Fallbacks` list of stream openers is tried in order, each under its own
+        circuit, as ``execute`` tries one (``fallback_key`` is then not used): a step
+        whose circuit is open is skipped without a call, a failure before a step's first
+        chunk hands over to the next per ``fallback_on``, and when every step fails
+        :class:`AllModelsFailedError` names each model tried. The first step to deliver a
+        chunk serves the stream, under the rules above. ``fallback_finished`` is then one
+        check for every step, or a sequence of checks (or None) aligned with the steps.
+
         >>> policy = CallPolicy()
         >>> list(policy.stream("acme::m1", lambda: iter(["Hel", "lo"])))
         ['Hel', 'lo']
         """
+        if fallback_finished is not None and not callable(fallback_finished):
+            _check_markers(fallback, fallback_finished)
         return guard_stream(self, key, start, fallback, fallback_key, finished, fallback_finished)
 
     def astream(
@@ -654,14 +665,18 @@ class CallPolicy:
         start: Callable[[], AsyncIterable[C] | Awaitable[AsyncIterable[C]]],
         /,
         *,
-        fallback: Callable[[], AsyncIterable[C] | Awaitable[AsyncIterable[C]]] | None = None,
+        fallback: Callable[[], AsyncIterable[C] | Awaitable[AsyncIterable[C]]]
+        | Fallbacks[AsyncIterable[C] | Awaitable[AsyncIterable[C]]]
+        | None = None,
         fallback_key: str | None = None,
         finished: Callable[[C], bool] | None = None,
-        fallback_finished: Callable[[C], bool] | None = None,
+        fallback_finished: Callable[[C], bool] | Sequence[Callable[[C], bool] | None] | None = None,
     ) -> AsyncIterator[C]:
         """Async :meth:`stream`: ``start`` returns an async iterable, or an awaitable of
         one; the result is an async generator (``aclose()`` closes the inner stream, and
         a cancelled consumer frees its slot like an early stop)."""
+        if fallback_finished is not None and not callable(fallback_finished):
+            _check_markers(fallback, fallback_finished)
         return aguard_stream(self, key, start, fallback, fallback_key, finished, fallback_finished)
 
     # -- the outer policies: cache, then budget ---------------------------------------
@@ -1132,3 +1147,25 @@ def policy_from_options(
             raise TypeError(f"policy: expected a CallPolicy, got {type(policy).__name__}")
         return policy
     return CallPolicy(**chosen)
+
+
+def _check_markers(fallback: object, markers: object) -> None:
+    """A ``fallback_finished`` that is not one check: one per step of a list of fallbacks."""
+    if not isinstance(fallback, Fallbacks):
+        raise TypeError(
+            "fallback_finished: expected a function of one chunk or None (a sequence of "
+            "them only with a Fallbacks list)"
+        )
+    if not isinstance(markers, Sequence) or isinstance(markers, str):
+        raise TypeError(
+            f"fallback_finished: expected a function of one chunk, None, or a sequence of "
+            f"them, got {type(markers).__name__}"
+        )
+    if len(markers) != len(fallback):
+        raise ValueError(
+            f"fallback_finished: {len(markers)} checks for {len(fallback)} fallbacks "
+            "(one per step, in order)"
+        )
+    for index, marker in enumerate(markers):
+        if marker is not None and not callable(marker):
+            raise TypeError(f"fallback_finished[{index}]: expected a function of one chunk or None")

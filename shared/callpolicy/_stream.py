@@ -41,12 +41,13 @@ from collections.abc import (
     Generator,
     Iterable,
     Iterator,
+    Sequence,
 )
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from ._classify import Classification
 from ._errors import CircuitOpenError, IncompleteStreamError, add_note
-from ._fallback import FallbackStart
+from ._fallback import Fallbacks, FallbackStart, _exhausted, _moves_on
 from ._fallback import _current as _current_fallback
 from ._types import CircuitState, Outcome
 
@@ -69,6 +70,12 @@ _IGNORED = Outcome.IGNORED
 _OPEN = CircuitState.OPEN
 
 Finished = Callable[[Any], bool]
+
+Markers = Finished | Sequence[Finished | None] | None
+"""``fallback_finished``: one check (every fallback's), or one per step of a list."""
+
+Opener = Callable[[], "AsyncIterable[C] | Awaitable[AsyncIterable[C]]"]
+"""What opens an async stream: an async iterable, or an awaitable of one."""
 
 
 class _Leg:
@@ -214,10 +221,10 @@ def guard_stream(
     policy: CallPolicy,
     key: str,
     start: Callable[[], Iterable[C]],
-    fallback: Callable[[], Iterable[C]] | None,
+    fallback: Callable[[], Iterable[C]] | Fallbacks[Iterable[C]] | None,
     fallback_key: str | None,
     finished: Finished | None,
-    fallback_finished: Finished | None,
+    fallback_finished: Markers,
 ) -> Generator[C, None, None]:
     """The guarded stream (see the module's rules); nothing happens until it is iterated."""
     # The retry bookkeeping (an _Opening) is built only when the way to the first chunk
@@ -275,9 +282,14 @@ def guard_stream(
         assert opening is not None
         token = _current_fallback.set(opening.hand_over())
         try:
-            leg, stream, chunks, first = _open_fallback(
-                policy, opening, fallback, fallback_key, fallback_finished
-            )
+            if isinstance(fallback, Fallbacks):
+                leg, stream, chunks, first = _open_chain(
+                    policy, opening, fallback, fallback_finished
+                )
+            else:
+                leg, stream, chunks, first = _open_fallback(
+                    policy, opening, fallback, fallback_key, cast("Finished", fallback_finished)
+                )
         finally:
             _current_fallback.reset(token)
     # The chunks, inline: no second generator to pass each one through.
@@ -373,6 +385,79 @@ def _open_fallback(
     return leg, stream, chunks, first
 
 
+def _step_marker(markers: Markers, index: int) -> Finished | None:
+    """The end-marker check of a list's step ``index``: its own, or the one for all."""
+    if markers is None or callable(markers):
+        return markers
+    return markers[index]
+
+
+def _step_leg(policy: CallPolicy, primary: str, key: str | None, finished: Finished | None) -> _Leg:
+    """A step of a list of fallbacks, under ``key``'s circuit (None: unguarded, named by
+    the primary's key in notes, as a single fallback without a key is)."""
+    return _Leg(key or primary, _fallback_tally(policy, key), None, finished)
+
+
+def _open_chain(
+    policy: CallPolicy,
+    opening: _Opening,
+    chain: Fallbacks[Iterable[C]],
+    markers: Markers,
+) -> tuple[_Leg, Iterable[C], Iterator[C], Any]:
+    """The first stream of ``chain`` to reach its first chunk, each step under its own
+    circuit, in order (the rules of :func:`callpolicy.run_chain`: an open circuit is
+    skipped without a call; a failure hands over per ``fallback_on``); raises
+    :class:`AllModelsFailedError` naming every model tried when none does."""
+    primary = opening.tally.circuit.key
+    assert opening.cause is not None
+    keys: list[str | None] = [primary]
+    errors: list[BaseException] = [opening.cause]
+    last = len(chain.steps) - 1
+    for index, (key, call) in enumerate(chain.steps):
+        leg = _step_leg(policy, primary, key, _step_marker(markers, index))
+        try:
+            return _open_step(policy, leg, call)
+        except Exception as exc:
+            keys.append(key)
+            errors.append(exc.with_traceback(None) if isinstance(exc, CircuitOpenError) else exc)
+            if index == last or not _moves_on(policy, key, exc):
+                break
+    raise _exhausted(keys, errors)
+
+
+def _open_step(
+    policy: CallPolicy, leg: _Leg, call: Callable[[], Iterable[C]]
+) -> tuple[_Leg, Iterable[C], Iterator[C], Any]:
+    """One step's stream, opened once under its circuit, up to its first chunk; a
+    failure before it is counted against the step and raised."""
+    tally = leg.tally
+    stream: Iterable[C] | None = None
+    try:
+        if tally is not None:
+            try:
+                leg.permit = tally.circuit.admit()
+            except CircuitOpenError as refusal:
+                policy._refused(tally.circuit, refusal)
+                raise
+        stream = call()
+        chunks = iter(stream)
+        first = next(chunks, _END)
+        if first is _END and leg.finished is not None:
+            raise IncompleteStreamError(leg.key, 0)
+    except Exception as exc:
+        if leg.permit is not None:
+            outcome = _leg_judge(policy, leg, exc)
+            assert outcome is not None
+            _record(leg, outcome)
+        _close_quietly(stream)
+        raise
+    except BaseException:
+        if leg.permit is not None and _stopped(policy, leg):
+            _record(leg, _IGNORED)
+        raise
+    return leg, stream, chunks, first
+
+
 def _record(leg: _Leg, outcome: Outcome) -> None:
     assert leg.tally is not None
     assert leg.permit is not None
@@ -431,10 +516,10 @@ async def aguard_stream(
     policy: CallPolicy,
     key: str,
     start: Callable[[], AsyncIterable[C] | Awaitable[AsyncIterable[C]]],
-    fallback: Callable[[], AsyncIterable[C] | Awaitable[AsyncIterable[C]]] | None,
+    fallback: Opener[C] | Fallbacks[AsyncIterable[C] | Awaitable[AsyncIterable[C]]] | None,
     fallback_key: str | None,
     finished: Finished | None,
-    fallback_finished: Finished | None,
+    fallback_finished: Markers,
 ) -> AsyncGenerator[C, None]:
     """Async :func:`guard_stream`."""
     # The retry bookkeeping (an _Opening) is built only when the way to the first chunk
@@ -500,9 +585,14 @@ async def aguard_stream(
         assert opening is not None
         token = _current_fallback.set(opening.hand_over())
         try:
-            leg, stream, chunks, first = await _aopen_fallback(
-                policy, opening, fallback, fallback_key, fallback_finished
-            )
+            if isinstance(fallback, Fallbacks):
+                leg, stream, chunks, first = await _aopen_chain(
+                    policy, opening, fallback, fallback_finished
+                )
+            else:
+                leg, stream, chunks, first = await _aopen_fallback(
+                    policy, opening, fallback, fallback_key, cast("Finished", fallback_finished)
+                )
         finally:
             _current_fallback.reset(token)
     # The chunks, inline (no second async generator to pass each one through).
@@ -590,6 +680,63 @@ async def _aopen_fallback(
             await _arecord(leg, outcome)
         await _aclose_quietly(stream)
         opening.fallback_failed(exc)
+        raise
+    except BaseException:
+        if leg.permit is not None and _stopped(policy, leg):
+            await _arecord_shielded(leg)
+        raise
+    return leg, stream, chunks, first
+
+
+async def _aopen_chain(
+    policy: CallPolicy,
+    opening: _Opening,
+    chain: Fallbacks[AsyncIterable[C] | Awaitable[AsyncIterable[C]]],
+    markers: Markers,
+) -> tuple[_Leg, AsyncIterable[C], AsyncIterator[C], Any]:
+    """Async :func:`_open_chain`."""
+    primary = opening.tally.circuit.key
+    assert opening.cause is not None
+    keys: list[str | None] = [primary]
+    errors: list[BaseException] = [opening.cause]
+    last = len(chain.steps) - 1
+    for index, (key, call) in enumerate(chain.steps):
+        leg = _step_leg(policy, primary, key, _step_marker(markers, index))
+        try:
+            return await _aopen_step(policy, leg, call)
+        except Exception as exc:
+            keys.append(key)
+            errors.append(exc.with_traceback(None) if isinstance(exc, CircuitOpenError) else exc)
+            if index == last or not _moves_on(policy, key, exc):
+                break
+    raise _exhausted(keys, errors)
+
+
+async def _aopen_step(
+    policy: CallPolicy, leg: _Leg, call: Opener[C]
+) -> tuple[_Leg, AsyncIterable[C], AsyncIterator[C], Any]:
+    """Async :func:`_open_step`."""
+    tally = leg.tally
+    stream: AsyncIterable[C] | None = None
+    try:
+        if tally is not None:
+            circuit = tally.circuit
+            try:
+                leg.permit = await circuit.aadmit() if circuit.is_async_native else circuit.admit()
+            except CircuitOpenError as refusal:
+                policy._refused(circuit, refusal)
+                raise
+        stream = await _opened(call)
+        chunks = aiter(stream)
+        first = await anext(chunks, _END)
+        if first is _END and leg.finished is not None:
+            raise IncompleteStreamError(leg.key, 0)
+    except Exception as exc:
+        if leg.permit is not None:
+            outcome = _leg_judge(policy, leg, exc)
+            assert outcome is not None
+            await _arecord(leg, outcome)
+        await _aclose_quietly(stream)
         raise
     except BaseException:
         if leg.permit is not None and _stopped(policy, leg):
