@@ -102,7 +102,7 @@ def test_cancelled_calls_leave_no_lease_reservation_or_flight_and_never_call_the
         for outcome in outcomes:
             assert outcome == "answer" or isinstance(outcome, asyncio.CancelledError), outcome
         # What a cancelled round trip took is given back when its reply is in.
-        await store._drain()
+        await store._link.drain()
         return sum(isinstance(o, asyncio.CancelledError) for o in outcomes)
 
     cancelled: list[int] = []
@@ -150,7 +150,7 @@ async def test_a_cancelled_admission_raises_and_does_not_refuse_the_next_probe(
             cancelled += 1
         else:  # done before the cancel: an ordinary probe, released as a caller would
             await circuit.arecord(admission.result(), Outcome.IGNORED)
-        await store._drain()  # the round trip of the cancelled call, and its release
+        await store._link.drain()  # the round trip of the cancelled call, and its release
         assert client.zcard(f"{circuit_key}:probes") == 0
     assert cancelled > 30
 

@@ -315,7 +315,7 @@ def test_sync_calls_use_a_connection_per_thread_per_primary_and_follow_a_moved_s
     policy = CallPolicy(store=store, failure_threshold=2)
     for key in KEYS:
         _trip(policy, key)
-    path = store._cluster_path
+    path = store._link._cluster_path
     assert path is not None
     assert len(path.connections) == 3  # this thread's, one to each primary
 

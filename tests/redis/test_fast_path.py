@@ -31,7 +31,7 @@ THREADS = 16
 
 def own_connection_id(store: RedisStore) -> int:
     """The server's id of the calling thread's own connection (``CLIENT ID`` on it)."""
-    connection = store._thread.connection.connection
+    connection = store._link._thread.connection.connection
     connection.send_command("CLIENT", "ID")
     return int(connection.read_response())
 
@@ -87,7 +87,7 @@ def test_each_thread_has_its_own_connection_and_close_closes_them_all(
     try:
         called.wait(timeout=10)
         assert count() == THREADS  # one each; the pool opened none (no call went through it)
-        assert len(store._thread_connections) == THREADS
+        assert len(store._link._thread_connections) == THREADS
         store.close()  # their threads are alive: close() closes them, not their ends
         assert settles_at(count, 0) == 0
     finally:
@@ -140,7 +140,7 @@ def test_a_thread_that_ends_releases_its_connection(
         worker.start()
         worker.join(10)
         assert settles_at(count, 1) == 1  # only the main thread's is left
-    assert len(store._thread_connections) == 1
+    assert len(store._link._thread_connections) == 1
     results = in_threads(lambda _: policy.execute(KEY, lambda: "together"))
     assert results == ["together"] * THREADS
     assert settles_at(count, 1) == 1
@@ -164,7 +164,7 @@ def test_noscript_after_script_flush_is_recovered_transparently(
     assert not store.health.down
     assert not caplog.records
     # Loaded again by the call that found it missing (admit's was flushed after its own).
-    admit, record = store._scripts["admit"].sha, store._scripts["record"].sha
+    admit, record = store._link._scripts["admit"].sha, store._link._scripts["record"].sha
     assert client.script_exists(admit, record) == [False, True]
 
 
@@ -220,7 +220,7 @@ def test_trips_and_probes_across_threads_are_the_same_on_either_path(
 ) -> None:
     store = make_store(url)
     if path == "pooled":  # what a store handed a client does
-        store._thread_connection_limit = 0
+        store._link._thread_connection_limit = 0
     policy = CallPolicy(store=store, failure_threshold=THREADS, half_open_max_calls=2)
     own_connections: list[bool] = []
 
@@ -232,7 +232,7 @@ def test_trips_and_probes_across_threads_are_the_same_on_either_path(
         except CircuitOpenError:
             return "refused"
         finally:
-            own_connections.append(store._thread.connection is not None)
+            own_connections.append(store._link._thread.connection is not None)
         return "called"
 
     assert in_threads(fail) == ["failed"] * THREADS  # admitted together, all recorded
@@ -274,14 +274,14 @@ def test_at_most_max_connections_threads_have_their_own_the_others_share_the_poo
     def work(_: int) -> tuple[str, bool]:
         answer = policy.execute(KEY, lambda: "ok")
         held.wait(timeout=10)  # all alive: none has released its own yet
-        return policy.execute(KEY, lambda: answer), store._thread.connection is not None
+        return policy.execute(KEY, lambda: answer), store._link._thread.connection is not None
 
     with caplog.at_level(logging.WARNING, logger="callpolicy.redis"):
         results = in_threads(work)
     assert [answer for answer, _ in results] == ["ok"] * THREADS
     assert sum(own for _, own in results) == 4  # the other 12 shared the pool (of 4)
     assert not caplog.records  # no pool exhaustion read as an outage
-    assert len(store._thread_connections) == 0  # their threads ended
+    assert len(store._link._thread_connections) == 0  # their threads ended
     pooled = len(store.client.connection_pool._connections)  # type: ignore[attr-defined]
     assert pooled >= 1  # the other 12 went through the pool
     assert settles_at(count, pooled) == pooled  # the 4 own ones closed as their threads ended
@@ -294,10 +294,10 @@ def test_a_store_handed_a_client_uses_only_that_clients_pool(
         store = RedisStore(mine, prefix=prefix)
         policy = CallPolicy(store=store)
         assert in_threads(lambda _: policy.execute(KEY, lambda: "ok"), 4) == ["ok"] * 4
-        assert len(store._thread_connections) == 0
-        assert not hasattr(store._thread, "connection")  # this thread made no call
+        assert len(store._link._thread_connections) == 0
+        assert not hasattr(store._link._thread, "connection")  # this thread made no call
         assert policy.execute(KEY, lambda: "main") == "main"
-        assert store._thread.connection is None  # decided once: the pool
+        assert store._link._thread.connection is None  # decided once: the pool
         pool: Any = mine.connection_pool
         # Every connection of this name on the server is one of mine's pool: none of the
         # store's own.
@@ -312,7 +312,7 @@ def test_redis_pys_own_packer_sends_the_same_bytes(
     store = make_store()
     policy = CallPolicy(store=store, failure_rate_threshold=0.5, cooldown_multiplier=1.5)
     policy.execute(KEY, lambda: "ok")
-    connection = store._thread.connection.connection
+    connection = store._link._thread.connection.connection
     python = PythonRespSerializer(connection._buffer_cutoff, connection.encoder.encode)
     parts = ("EVALSHA", "ab" * 20, 3, "k:{x}", "é", 1.5, 2.0, 2**40, -1, b"raw")
     assert _connection._pack(parts, connection) == [b"".join(python.pack(*parts))]
