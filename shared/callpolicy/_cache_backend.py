@@ -16,7 +16,14 @@ from typing import Annotated, Protocol, runtime_checkable
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_ENTRIES", "CacheBackend", "MemoryCacheBackend"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_ENTRIES",
+    "CacheBackend",
+    "MemoryCacheBackend",
+    "SyncBackend",
+    "backend_of",
+]
 
 DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -80,7 +87,45 @@ class CacheBackend(Protocol):
         """Async :meth:`delete`."""
 
 
-class MemoryCacheBackend:
+def backend_of(backend: object) -> CacheBackend:
+    """``backend`` if it is a :class:`CacheBackend`, else the one it hands out: a store of
+    several kinds of shared state (``RedisStore``) has a ``cache_backend()``. A
+    ``TypeError`` naming the argument otherwise."""
+    if isinstance(backend, CacheBackend):
+        return backend
+    as_backend = getattr(backend, "cache_backend", None)
+    if not callable(as_backend):
+        raise TypeError(f"backend: {type(backend).__name__} does not implement CacheBackend")
+    found: CacheBackend = as_backend()
+    return found
+
+
+class SyncBackend:
+    """The async side of a backend whose sync calls never block an event loop for long
+    (memory, one short loopback round trip): each ``a*`` method is its sync twin."""
+
+    is_async_native = False
+
+    def get(self, key: str) -> str | None:
+        raise NotImplementedError
+
+    def set(self, key: str, payload: str, *, ttl: float | None) -> None:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    async def aget(self, key: str) -> str | None:
+        return self.get(key)
+
+    async def aset(self, key: str, payload: str, *, ttl: float | None) -> None:
+        self.set(key, payload, ttl=ttl)
+
+    async def adelete(self, key: str) -> None:
+        self.delete(key)
+
+
+class MemoryCacheBackend(SyncBackend):
     """Entries in this process's memory: an ``OrderedDict`` in LRU order under one lock.
 
     Every operation is O(1) (eviction amortised) and holds the lock for about a
@@ -97,8 +142,6 @@ class MemoryCacheBackend:
     >>> sorted(backend.keys())
     ['b', 'c']
     """
-
-    is_async_native = False
 
     def __init__(
         self,
@@ -169,15 +212,6 @@ class MemoryCacheBackend:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    async def aget(self, key: str) -> str | None:
-        return self.get(key)
-
-    async def aset(self, key: str, payload: str, *, ttl: float | None) -> None:
-        self.set(key, payload, ttl=ttl)
-
-    async def adelete(self, key: str) -> None:
-        self.delete(key)
 
     def __repr__(self) -> str:
         return (

@@ -11,16 +11,35 @@ prefix; give apps their own prefix to spread them). On one server the keys are
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from typing import Any, Protocol
 
-from .._cache_backend import BackendBounds, entry_size
-from ._connection import REFUSED, UNREACHABLE, glob_escape, text
+from .._cache_backend import BackendBounds, SyncBackend, entry_size
+from ._connection import REFUSED, UNREACHABLE, Health, StoreAccessError, glob_escape, text
 from ._topology import one_slot
 
-if TYPE_CHECKING:
-    from ._store import RedisStore
+__all__ = ["CacheStore", "RedisCacheBackend"]
 
-__all__ = ["RedisCacheBackend"]
+
+class CacheStore(Protocol):
+    """What a :class:`RedisCacheBackend` needs of the store that hands it out (a
+    :class:`~callpolicy.redis.RedisStore`): the store imports the backend, never the
+    other way round."""
+
+    prefix: str
+    is_cluster: bool
+    client: Any
+
+    @property
+    def health(self) -> Health:
+        """Whether Redis is thought reachable (the store's, shared by all it hands out)."""
+
+    def _access_error(self, exc: BaseException) -> StoreAccessError:
+        """What a refusal of credentials or permissions raises."""
+
+    def _reaching(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """Around an inspection or control call: Redis's errors as the store's."""
+
 
 # KEYS: entry, lru, sizes, bytes, clock. ARGV: key -> payload or nil
 GET = """
@@ -82,7 +101,7 @@ return 1
 """
 
 
-class RedisCacheBackend:
+class RedisCacheBackend(SyncBackend):
     """A :class:`~callpolicy.CacheBackend` on Redis; get one from
     ``RedisStore.cache_backend()``. An unreachable Redis is a miss (and a skipped store),
     never an error: the cache is an optimisation. A refusal of credentials or
@@ -94,9 +113,7 @@ class RedisCacheBackend:
     It uses that store's connections: it has no ``close()`` of its own, and once the store
     is closed its calls raise :class:`~callpolicy.redis.StoreClosedError`."""
 
-    is_async_native = False  # one short loopback round trip on the sync client
-
-    def __init__(self, store: RedisStore, *, max_entries: int, max_bytes: int) -> None:
+    def __init__(self, store: CacheStore, *, max_entries: int, max_bytes: int) -> None:
         bounds = BackendBounds(max_entries=max_entries, max_bytes=max_bytes)
         self._store = store
         self.max_entries = bounds.max_entries
@@ -183,12 +200,3 @@ class RedisCacheBackend:
             f"RedisCacheBackend({self._store!r}, max_entries={self.max_entries}, "
             f"max_bytes={self.max_bytes})"
         )
-
-    async def aget(self, key: str) -> str | None:
-        return self.get(key)
-
-    async def aset(self, key: str, payload: str, *, ttl: float | None) -> None:
-        self.set(key, payload, ttl=ttl)
-
-    async def adelete(self, key: str) -> None:
-        self.delete(key)
