@@ -28,14 +28,13 @@ canonical JSON form, and the engine then calls the model without the cache.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
@@ -44,7 +43,9 @@ from ._cache_backend import (
     DEFAULT_MAX_ENTRIES,
     CacheBackend,
     MemoryCacheBackend,
+    backend_of,
 )
+from ._cache_entry import pack_entry, unpack_entry
 from ._cache_key import UncacheableRequestError, cache_key
 from ._errors import CircuitOpenError
 from ._flight import Flight, SingleFlight
@@ -66,8 +67,52 @@ CacheStatus = Literal["hit", "miss", "shared", "stale"]
 - ``"stale"``: an expired entry, served because the circuit is open.
 """
 
-_VERSION = 1
 _MISS: Any = object()
+
+# The steps of a plan (see ResponseCache._plan) that its driver runs, and what it sends
+# back: _READ (key) the stored text or None; _WAIT (flight) False if waiting would
+# deadlock; _WRITE ((key, text)) None; _COMPUTE (None) the answer, or _Failed.
+_READ, _WAIT, _WRITE, _COMPUTE = "read", "wait", "write", "compute"
+_Step = tuple[str, Any]
+_Steps = Generator[_Step, Any, tuple[Any, "CacheStatus | None"]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """``compute()`` raised ``error`` (an ``Exception``; anything else ends the plan)."""
+
+    error: Exception
+
+
+class _Plan(Generic[T]):
+    """One call of ``get_or_compute``: its steps, run one by one by a driver."""
+
+    __slots__ = ("_result", "_steps")
+
+    def __init__(self, steps: _Steps) -> None:
+        self._steps = steps
+        self._result: tuple[Any, CacheStatus | None] = (None, None)
+
+    def next(self, sent: Any) -> _Step | None:
+        """The next step, given what the last one gave; None when the plan is done."""
+        try:
+            return self._steps.send(sent)
+        except StopIteration as done:
+            self._result = done.value
+            return None
+
+    def close(self) -> None:
+        """End the plan; if it is not done (its driver raised), its flight is abandoned."""
+        self._steps.close()
+
+    def answer(self) -> tuple[T, CacheStatus]:
+        """What the plan ended with: the answer and its status, or the exception raised
+        (here, outside the generator: a StopIteration raised in one would become a
+        RuntimeError)."""
+        value, status = self._result
+        if status is None:
+            raise value
+        return value, status
 
 
 class _CacheOptions(BaseModel):
@@ -149,13 +194,15 @@ class ResponseCache:
         cache_fallback_answers: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        options = _CacheOptions(
-            ttl=ttl,
-            max_entries=max_entries,
-            max_bytes=max_bytes,
-            serve_stale_when_open=serve_stale_when_open,
-            stale_ttl=stale_ttl,
-            cache_fallback_answers=cache_fallback_answers,
+        options = _CacheOptions.model_validate(
+            {
+                "ttl": ttl,
+                "max_entries": max_entries,
+                "max_bytes": max_bytes,
+                "serve_stale_when_open": serve_stale_when_open,
+                "stale_ttl": stale_ttl,
+                "cache_fallback_answers": cache_fallback_answers,
+            }
         )
         if not callable(clock):
             raise TypeError("clock: expected a callable returning wall-clock seconds")
@@ -166,13 +213,7 @@ class ResponseCache:
                 clock=clock,
             )
         elif not isinstance(backend, CacheBackend):
-            # A shared store (RedisStore) hands out its cache backend.
-            as_backend = getattr(backend, "cache_backend", None)
-            if not callable(as_backend):
-                raise TypeError(
-                    f"backend: {type(backend).__name__} does not implement CacheBackend"
-                )
-            backend = as_backend()
+            backend = backend_of(backend)  # a shared store (RedisStore) hands out its own
         elif options.max_entries is not None or options.max_bytes is not None:
             raise TypeError(
                 "max_entries/max_bytes bound the default memory backend; "
@@ -279,7 +320,7 @@ class ResponseCache:
         """Async :meth:`get_stale`."""
         return self._open(key, await self._aread(key), stale_ok=True)
 
-    # -- the guarded call, sync ------------------------------------------------------
+    # -- the guarded call: one description, two drivers ---------------------------------
     def get_or_compute(
         self,
         key: str,
@@ -300,93 +341,15 @@ class ResponseCache:
         ``keep(answer)`` False: the answer is returned and shared with the callers waiting
         for it, but not stored (a fallback's answer, say).
         """
-        while True:
-            text = self._read(key)
-            if text is not None:
-                value = self._decoded(key, text, decode, stale_ok=False)
-                if value is not _MISS:
-                    self._count("hits")
-                    return value, "hit"
-            flight, leader = self._flights.join(key)
-            if leader:
-                return self._lead(key, flight, compute, encode, decode, keep)
-            if not self._flights.wait(flight) or flight.alone:
-                return self._compute_alone(key, compute, decode)
-            if flight.error is not None:
-                stale = self._stale(key, flight.error, decode)
-                if stale is not _MISS:
-                    return stale, "stale"
-                raise flight.error
-            served = self._shared(key, flight, decode)
-            if served is not _MISS:
-                return served, "shared"
-            # Abandoned, or its answer did not decode: look again, perhaps to lead.
-
-    def _lead(
-        self,
-        key: str,
-        flight: Flight,
-        compute: Callable[[], T],
-        encode: Callable[[T], Mapping[str, Any]],
-        decode: Callable[[dict[str, Any]], T],
-        keep: Callable[[T], bool] | None,
-    ) -> tuple[T, CacheStatus]:
-        text: str | None = None
-        error: BaseException | None = None
-        alone = False
+        plan: _Plan[T] = _Plan(self._plan(key, encode, decode, keep))
         try:
-            # Another leader may have stored the answer between our lookup and our lead.
-            found = self._read(key)
-            if found is not None:
-                value = self._decoded(key, found, decode, stale_ok=False)
-                if value is not _MISS:
-                    text = found
-                    self._count("hits")
-                    return value, "hit"
-            self._count("misses")
-            try:
-                value = compute()
-            except Exception as exc:
-                error = exc
-                self._count("errors")
-                stale = self._stale(key, exc, decode)
-                if stale is not _MISS:
-                    return stale, "stale"
-                raise
-            text = self._encoded(key, value, encode)
-            if text is not None and (keep is None or keep(value)):
-                self._write(key, text)
-            alone = text is None
-            return value, "miss"
+            step = plan.next(None)
+            while step is not None:
+                step = plan.next(self._do(step, compute))
         finally:
-            # Also on cancellation or an interrupt (neither text nor error: abandoned, and
-            # the waiters try again rather than wait forever).
-            self._flights.finish(key, flight, text=text, error=error, alone=alone)
+            plan.close()
+        return plan.answer()
 
-    def _compute_alone(
-        self, key: str, compute: Callable[[], T], decode: Callable[[dict[str, Any]], T]
-    ) -> tuple[T, CacheStatus]:
-        self._count("misses")
-        try:
-            return compute(), "miss"
-        except Exception as exc:
-            self._count("errors")
-            stale = self._stale(key, exc, decode)
-            if stale is not _MISS:
-                return stale, "stale"
-            raise
-
-    def _shared(self, key: str, flight: Flight, decode: Callable[[dict[str, Any]], T]) -> Any:
-        """A waiter's own copy of the leader's answer (``_MISS``: abandoned, or it did not
-        decode; look again)."""
-        if flight.text is None:
-            return _MISS
-        value = self._decoded(key, flight.text, decode, stale_ok=True, stored=False)
-        if value is not _MISS:
-            self._count("shared")
-        return value
-
-    # -- the guarded call, async -----------------------------------------------------
     async def aget_or_compute(
         self,
         key: str,
@@ -399,122 +362,146 @@ class ResponseCache:
         """Async :meth:`get_or_compute`: ``compute`` returns an awaitable. Collapses with
         sync callers of the same key too. No lock is held across an ``await``; a leader
         that is cancelled leaves its waiters to try again (one of them leads)."""
+        plan: _Plan[T] = _Plan(self._plan(key, encode, decode, keep))
+        try:
+            step = plan.next(None)
+            while step is not None:
+                step = plan.next(await self._ado(step, compute))
+        finally:
+            plan.close()  # cancelled or interrupted half way: the flight is abandoned
+        return plan.answer()
+
+    def _do(self, step: _Step, compute: Callable[[], T]) -> Any:
+        """One step of a plan, sync: what the plan is sent back."""
+        op, arg = step
+        if op is _READ:
+            return self._read(arg)
+        if op is _WAIT:
+            return self._flights.wait(arg)
+        if op is _WRITE:
+            return self._write(*arg)
+        try:
+            return compute()
+        except Exception as exc:
+            return _Failed(exc)
+
+    async def _ado(self, step: _Step, compute: Callable[[], Awaitable[T]]) -> Any:
+        """One step of a plan, async."""
+        op, arg = step
+        if op is _READ:
+            return await self._aread(arg)
+        if op is _WAIT:
+            return await self._flights.await_(arg)
+        if op is _WRITE:
+            return await self._awrite(*arg)
+        try:
+            return await compute()
+        except Exception as exc:
+            return _Failed(exc)
+
+    # Every decision of get_or_compute, once: generators that yield the steps that wait
+    # on something (read, write, compute, wait for a flight) to the driver, which sends
+    # back what each gave. They return (answer, status), or (exception, None) for the
+    # driver to raise.
+    def _plan(
+        self,
+        key: str,
+        encode: Callable[[Any], Mapping[str, Any]],
+        decode: Callable[[dict[str, Any]], Any],
+        keep: Callable[[Any], bool] | None,
+    ) -> _Steps:
         while True:
-            text = await self._aread(key)
-            if text is not None:
-                value = self._decoded(key, text, decode, stale_ok=False)
-                if value is not _MISS:
-                    self._count("hits")
-                    return value, "hit"
+            value = self._fresh(key, (yield _READ, key), decode)
+            if value is not _MISS:
+                return value, "hit"
             flight, leader = self._flights.join(key)
             if leader:
-                return await self._alead(key, flight, compute, encode, decode, keep)
-            if not await self._flights.await_(flight) or flight.alone:
-                return await self._acompute_alone(key, compute, decode)
+                return (yield from self._lead(key, flight, encode, decode, keep))
+            if not (yield _WAIT, flight) or flight.alone:
+                return (yield from self._alone(key, decode))
             if flight.error is not None:
-                stale = await self._astale(key, flight.error, decode)
-                if stale is not _MISS:
-                    return stale, "stale"
-                raise flight.error
+                return (yield from self._failed(key, flight.error, decode))
             served = self._shared(key, flight, decode)
             if served is not _MISS:
                 return served, "shared"
+            # Abandoned, or its answer did not decode: look again, perhaps to lead.
 
-    async def _alead(
+    def _lead(
         self,
         key: str,
         flight: Flight,
-        compute: Callable[[], Awaitable[T]],
-        encode: Callable[[T], Mapping[str, Any]],
-        decode: Callable[[dict[str, Any]], T],
-        keep: Callable[[T], bool] | None,
-    ) -> tuple[T, CacheStatus]:
+        encode: Callable[[Any], Mapping[str, Any]],
+        decode: Callable[[dict[str, Any]], Any],
+        keep: Callable[[Any], bool] | None,
+    ) -> _Steps:
         text: str | None = None
         error: BaseException | None = None
         alone = False
         try:
-            found = await self._aread(key)
-            if found is not None:
-                value = self._decoded(key, found, decode, stale_ok=False)
-                if value is not _MISS:
-                    text = found
-                    self._count("hits")
-                    return value, "hit"
+            # Another leader may have stored the answer between our lookup and our lead.
+            found = yield _READ, key
+            value = self._fresh(key, found, decode)
+            if value is not _MISS:
+                text = found
+                return value, "hit"
             self._count("misses")
-            try:
-                value = await compute()
-            except Exception as exc:
-                error = exc
+            value = yield _COMPUTE, None
+            if isinstance(value, _Failed):
+                error = value.error
                 self._count("errors")
-                stale = await self._astale(key, exc, decode)
-                if stale is not _MISS:
-                    return stale, "stale"
-                raise
+                return (yield from self._failed(key, error, decode))
             text = self._encoded(key, value, encode)
             alone = text is None
             if text is not None and (keep is None or keep(value)):
-                await self._awrite(key, text)
+                yield _WRITE, (key, text)
             return value, "miss"
         finally:
+            # Also on cancellation or an interrupt (neither text nor error: abandoned, and
+            # the waiters try again rather than wait forever).
             self._flights.finish(key, flight, text=text, error=error, alone=alone)
 
-    async def _acompute_alone(
-        self,
-        key: str,
-        compute: Callable[[], Awaitable[T]],
-        decode: Callable[[dict[str, Any]], T],
-    ) -> tuple[T, CacheStatus]:
+    def _alone(self, key: str, decode: Callable[[dict[str, Any]], Any]) -> _Steps:
+        """A call of its own: the leader's answer could not be shared, or waiting for it
+        would deadlock."""
         self._count("misses")
-        try:
-            return await compute(), "miss"
-        except Exception as exc:
+        value = yield _COMPUTE, None
+        if isinstance(value, _Failed):
             self._count("errors")
-            stale = await self._astale(key, exc, decode)
+            return (yield from self._failed(key, value.error, decode))
+        return value, "miss"
+
+    def _failed(
+        self, key: str, error: BaseException, decode: Callable[[dict[str, Any]], Any]
+    ) -> _Steps:
+        """A call that raised ``error``: a stale answer if one may serve, else the error."""
+        if self.serve_stale_when_open and isinstance(error, CircuitOpenError):
+            stale = self._decoded(key, (yield _READ, key), decode, stale_ok=True)
             if stale is not _MISS:
+                self._count("stale")
+                logger.info("callpolicy cache: serving a stale answer for %s (%s)", key, error)
                 return stale, "stale"
-            raise
+        return error, None
 
-    # -- stale answers ------------------------------------------------------------------
-    def _stale(self, key: str, exc: BaseException, decode: Callable[[dict[str, Any]], T]) -> Any:
-        if not (self.serve_stale_when_open and isinstance(exc, CircuitOpenError)):
-            return _MISS
-        return self._stale_from(key, self._read(key), exc, decode)
-
-    async def _astale(
-        self, key: str, exc: BaseException, decode: Callable[[dict[str, Any]], T]
-    ) -> Any:
-        if not (self.serve_stale_when_open and isinstance(exc, CircuitOpenError)):
-            return _MISS
-        return self._stale_from(key, await self._aread(key), exc, decode)
-
-    def _stale_from(
-        self,
-        key: str,
-        text: str | None,
-        exc: BaseException,
-        decode: Callable[[dict[str, Any]], T],
-    ) -> Any:
-        if text is None:
-            return _MISS
-        value = self._decoded(key, text, decode, stale_ok=True)
+    def _fresh(self, key: str, text: str | None, decode: Callable[[dict[str, Any]], T]) -> Any:
+        """A hit: the decoded answer of a fresh entry (``_MISS``: none)."""
+        value = self._decoded(key, text, decode, stale_ok=False)
         if value is not _MISS:
-            self._count("stale")
-            logger.info("callpolicy cache: serving a stale answer for %s (%s)", key, exc)
+            self._count("hits")
+        return value
+
+    def _shared(self, key: str, flight: Flight, decode: Callable[[dict[str, Any]], T]) -> Any:
+        """A waiter's own copy of the leader's answer (``_MISS``: abandoned, or it did not
+        decode; look again)."""
+        value = self._decoded(key, flight.text, decode, stale_ok=True, stored=False)
+        if value is not _MISS:
+            self._count("shared")
         return value
 
     # -- encoding ----------------------------------------------------------------------
     def _envelope(self, key: str, payload: Mapping[str, Any]) -> str | None:
         now = self._clock()
-        envelope = {
-            "v": _VERSION,
-            "created": now,
-            "expires": None if self.ttl is None else now + self.ttl,
-            "payload": payload,
-        }
         try:
-            if not isinstance(payload, Mapping):
-                raise TypeError(f"expected a dict, got {type(payload).__name__}")
-            return json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
+            return pack_entry(payload, now=now, ttl=self.ttl)
         except (TypeError, ValueError) as exc:
             logger.warning("callpolicy cache: answer for %s not cached, not JSON: %s", key, exc)
             return None
@@ -535,15 +522,7 @@ class ResponseCache:
         if text is None:
             return None
         try:
-            envelope = json.loads(text)
-            if not isinstance(envelope, dict) or envelope.get("v") != _VERSION:
-                raise ValueError("not a callpolicy cache entry")
-            payload = envelope["payload"]
-            expires = envelope["expires"]
-            if not isinstance(payload, dict) or not (
-                expires is None or isinstance(expires, (int, float))
-            ):
-                raise ValueError("malformed cache entry")
+            payload, expires = unpack_entry(text)
         except (ValueError, KeyError, TypeError) as exc:
             self._unreadable(key, exc)
             return None
@@ -554,7 +533,7 @@ class ResponseCache:
     def _decoded(
         self,
         key: str,
-        text: str,
+        text: str | None,
         decode: Callable[[dict[str, Any]], T],
         *,
         stale_ok: bool,
