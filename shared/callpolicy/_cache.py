@@ -74,7 +74,7 @@ _MISS: Any = object()
 # deadlock; _WRITE ((key, text)) None; _COMPUTE (None) the answer, or _Failed.
 _READ, _WAIT, _WRITE, _COMPUTE = "read", "wait", "write", "compute"
 _Step = tuple[str, Any]
-_Steps = Generator[_Step, Any, tuple[Any, "CacheStatus | None"]]
+_Steps = Generator[_Step, Any, tuple[Any, CacheStatus | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,21 +85,24 @@ class _Failed:
 
 
 class _Plan(Generic[T]):
-    """One call of ``get_or_compute``: its steps, run one by one by a driver."""
+    """One call of ``get_or_compute`` past its first lookup: its steps, run one by one by
+    a driver. ``step`` is the one to run now (None: the plan is done)."""
 
-    __slots__ = ("_result", "_steps")
+    __slots__ = ("_result", "_steps", "step")
 
     def __init__(self, steps: _Steps) -> None:
         self._steps = steps
         self._result: tuple[Any, CacheStatus | None] = (None, None)
+        self.step: _Step | None = None
+        self.send(None)
 
-    def next(self, sent: Any) -> _Step | None:
-        """The next step, given what the last one gave; None when the plan is done."""
+    def send(self, sent: Any) -> None:
+        """Hand the plan what its step gave; ``step`` becomes the next one."""
         try:
-            return self._steps.send(sent)
+            self.step = self._steps.send(sent)
         except StopIteration as done:
+            self.step = None
             self._result = done.value
-            return None
 
     def close(self) -> None:
         """End the plan; if it is not done (its driver raised), its flight is abandoned."""
@@ -341,11 +344,13 @@ class ResponseCache:
         ``keep(answer)`` False: the answer is returned and shared with the callers waiting
         for it, but not stored (a fallback's answer, say).
         """
+        value = self._fresh(key, self._read(key), decode)
+        if value is not _MISS:
+            return value, "hit"
         plan: _Plan[T] = _Plan(self._plan(key, encode, decode, keep))
         try:
-            step = plan.next(None)
-            while step is not None:
-                step = plan.next(self._do(step, compute))
+            while plan.step is not None:
+                plan.send(self._do(plan.step, compute))
         finally:
             plan.close()
         return plan.answer()
@@ -362,11 +367,13 @@ class ResponseCache:
         """Async :meth:`get_or_compute`: ``compute`` returns an awaitable. Collapses with
         sync callers of the same key too. No lock is held across an ``await``; a leader
         that is cancelled leaves its waiters to try again (one of them leads)."""
+        value = self._fresh(key, await self._aread(key), decode)
+        if value is not _MISS:
+            return value, "hit"
         plan: _Plan[T] = _Plan(self._plan(key, encode, decode, keep))
         try:
-            step = plan.next(None)
-            while step is not None:
-                step = plan.next(await self._ado(step, compute))
+            while plan.step is not None:
+                plan.send(await self._ado(plan.step, compute))
         finally:
             plan.close()  # cancelled or interrupted half way: the flight is abandoned
         return plan.answer()
@@ -399,10 +406,11 @@ class ResponseCache:
         except Exception as exc:
             return _Failed(exc)
 
-    # Every decision of get_or_compute, once: generators that yield the steps that wait
-    # on something (read, write, compute, wait for a flight) to the driver, which sends
-    # back what each gave. They return (answer, status), or (exception, None) for the
-    # driver to raise.
+    # Every decision of get_or_compute past a first lookup that found nothing fresh
+    # (a hit costs no plan), once: generators that yield the steps that wait on
+    # something (read, write, compute, wait for a flight) to the driver, which sends back
+    # what each gave. They return (answer, status), or (exception, None) for the driver
+    # to raise.
     def _plan(
         self,
         key: str,
@@ -411,9 +419,6 @@ class ResponseCache:
         keep: Callable[[Any], bool] | None,
     ) -> _Steps:
         while True:
-            value = self._fresh(key, (yield _READ, key), decode)
-            if value is not _MISS:
-                return value, "hit"
             flight, leader = self._flights.join(key)
             if leader:
                 return (yield from self._lead(key, flight, encode, decode, keep))
@@ -425,6 +430,9 @@ class ResponseCache:
             if served is not _MISS:
                 return served, "shared"
             # Abandoned, or its answer did not decode: look again, perhaps to lead.
+            value = self._fresh(key, (yield _READ, key), decode)
+            if value is not _MISS:
+                return value, "hit"
 
     def _lead(
         self,
