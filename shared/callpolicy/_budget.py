@@ -19,7 +19,7 @@ supports a rolling window, and prices usage from a table the user supplies.
 
 The pieces, one job each: :class:`Usage` and the token estimate in ``_usage``, prices in
 ``_prices``, the store seam in ``_budget_store`` (the memory store in ``_budget_memory``),
-stream metering in ``_meter``. Each sync method and its async twin share one body that
+stream metering in ``_meter``, the report in ``_budget_usage``. Each sync method and its async twin share one body that
 works out the store call; they differ only in calling or awaiting it.
 """
 
@@ -34,7 +34,6 @@ from collections.abc import (
     Iterable,
     Mapping,
 )
-from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -54,8 +53,8 @@ from ._budget_store import (
     BudgetLimits,
     BudgetStore,
     Reservation,
-    Tally,
 )
+from ._budget_usage import BudgetUsage
 from ._meter import StreamMeter, ameter_stream, meter_stream
 from ._numbers import MAX_COST_USD, Count, Number, Seconds, to_units
 from ._prices import MissingPriceError, Price, Pricing
@@ -81,47 +80,6 @@ SHARED_SCOPE = "*"
 
 _RELEASED = Usage()
 """What :meth:`Budget.release` settles: nothing used, and nothing to price."""
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetUsage:
-    """What a budget has used, as :meth:`Budget.usage` reports it.
-
-    Totals are lifetime totals (since creation or :meth:`Budget.reset`) and include the
-    estimates held by calls still in flight. With a window, the ``window_*`` fields give
-    what was spent in the last ``window`` seconds, and the limits and ``remaining_*`` apply
-    to those; without one they apply to the totals. ``None`` limits are unbounded.
-    """
-
-    key: str | None
-    """The key these counters belong to (per-key budgets), or None for a shared budget."""
-    calls: int
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-    estimated_calls: int
-    """Calls whose usage the model did not report, counted by their estimate."""
-    in_flight: int
-    window: float | None
-    window_calls: int | None
-    window_tokens: int | None
-    window_cost_usd: float | None
-    max_calls: int | None
-    max_tokens: int | None
-    max_cost_usd: float | None
-    remaining_calls: int | None
-    remaining_tokens: int | None
-    remaining_cost_usd: float | None
-
-    @property
-    def tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able fields (``tokens`` included)."""
-        data = asdict(self)
-        data["tokens"] = self.tokens
-        return data
 
 
 class _BudgetOptions(BaseModel):
@@ -539,47 +497,8 @@ class Budget:
         self._store.reset(None if key is None or not self.per_key else key)
 
     def _usage(self, scope: str, key: str | None) -> BudgetUsage:
-        window = self.window
-        tally: Tally = self._store.tally(scope, window=window)
-        limits = self._limits
-        if window is None:
-            used_calls = tally.calls
-            used_tokens = tally.input_tokens + tally.output_tokens
-            used_cost = tally.cost_units
-        else:
-            used_calls = tally.window_calls or 0
-            used_tokens = tally.window_tokens or 0
-            used_cost = tally.window_cost_units or 0
-
-        def left(limit: int | None, used: int) -> int | None:
-            return None if limit is None else max(limit - used, 0)
-
-        remaining_cost = left(limits.max_cost_units, used_cost)
-        return BudgetUsage(
-            key=key,
-            calls=tally.calls,
-            input_tokens=tally.input_tokens,
-            output_tokens=tally.output_tokens,
-            cost_usd=tally.cost_units / COST_UNITS_PER_USD,
-            estimated_calls=tally.estimated_calls,
-            in_flight=tally.in_flight,
-            window=window,
-            window_calls=tally.window_calls,
-            window_tokens=tally.window_tokens,
-            window_cost_usd=(
-                None
-                if tally.window_cost_units is None
-                else tally.window_cost_units / COST_UNITS_PER_USD
-            ),
-            max_calls=self.max_calls,
-            max_tokens=self.max_tokens,
-            max_cost_usd=self.max_cost_usd,
-            remaining_calls=left(limits.max_calls, used_calls),
-            remaining_tokens=left(limits.max_tokens, used_tokens),
-            remaining_cost_usd=(
-                None if remaining_cost is None else remaining_cost / COST_UNITS_PER_USD
-            ),
-        )
+        tally = self._store.tally(scope, window=self.window)
+        return BudgetUsage.of(key, tally, self._limits, max_cost_usd=self.max_cost_usd)
 
     def __copy__(self) -> Budget:
         # Shared state: a copied model (model_copy, deepcopy of a chain) keeps sharing it.
