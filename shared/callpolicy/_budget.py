@@ -19,8 +19,9 @@ supports a rolling window, and prices usage from a table the user supplies.
 
 The pieces, one job each: :class:`Usage` and the token estimate in ``_usage``, prices in
 ``_prices``, the store seam in ``_budget_store`` (the memory store in ``_budget_memory``),
-stream metering in ``_meter``, the report in ``_budget_usage``. Each sync method and its async twin share one body that
-works out the store call; they differ only in calling or awaiting it.
+stream metering in ``_meter``, the report in ``_budget_usage``. Each sync method and its
+async twin share one body that works out the store call; they differ only in calling or
+awaiting it.
 """
 
 from __future__ import annotations
@@ -347,13 +348,19 @@ class Budget:
         """``reserve`` (the store's, sync or async) called for this budget's estimate."""
         if tokens_in < 0 or tokens_out < 0:
             raise ValueError("estimated tokens must be >= 0")
+        cost = 0
         pricing = self._pricing
+        if pricing is not None:
+            # The key's price, resolved (or refused: MissingPriceError) on its first call.
+            units = pricing.resolved.get(key) or pricing.units(key)
+            if units is not None:
+                cost = tokens_in * units[0] + tokens_out * units[1]
         return reserve(
             key,
             key if self.per_key else SHARED_SCOPE,
             input_tokens=tokens_in,
             output_tokens=tokens_out,
-            cost_units=0 if pricing is None else pricing.hold(key, tokens_in, tokens_out),
+            cost_units=cost,
             limits=self._limits,
         )
 
@@ -372,12 +379,15 @@ class Budget:
             cost, estimated = reservation.cost_units, True
         else:
             tokens_in, tokens_out = usage.input_tokens, usage.output_tokens
-            estimated = usage.estimated
+            estimated, cost = usage.estimated, 0
             pricing = self._pricing
-            if pricing is None or usage is _RELEASED:
-                cost = 0
-            else:
-                cost = pricing.cost(key or reservation.key, reservation.key, usage)
+            if pricing is not None and usage is not _RELEASED:
+                answered = key or reservation.key
+                units = pricing.resolved.get(answered)
+                if units is not None:
+                    cost = tokens_in * units[0] + tokens_out * units[1]
+                else:  # not resolved yet, or no price: priced as the reserved key, or not
+                    cost = pricing.cost(answered, reservation.key, usage)
         return settle(
             reservation,
             input_tokens=tokens_in,

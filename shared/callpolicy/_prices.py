@@ -92,12 +92,14 @@ class Pricing:
     :class:`MissingPriceError` before its call, since its cost could not be counted.
     """
 
-    __slots__ = ("_lock", "_units", "_warned", "prices", "required")
+    __slots__ = ("_lock", "_warned", "prices", "required", "resolved")
 
     def __init__(self, prices: Mapping[str, Price], *, required: bool) -> None:
         self.prices = prices
         self.required = required
-        self._units: dict[str, tuple[int, int] | None] = {}
+        self.resolved: dict[str, tuple[int, int] | None] = {}
+        """Cost units per input and output token by key, once looked up (None: no price).
+        A budget reads it on every call, and calls :meth:`units` only on a miss."""
         self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
@@ -119,7 +121,7 @@ class Pricing:
     def units(self, key: str) -> tuple[int, int] | None:
         """Cost units per input and output token of ``key`` (None: unpriced); raises as
         :meth:`require`."""
-        units = self._units.get(key, _UNRESOLVED)
+        units = self.resolved.get(key, _UNRESOLVED)
         if units is not _UNRESOLVED:
             return units
         price = self.require(key)
@@ -130,25 +132,15 @@ class Pricing:
             )
         else:
             units = None
-        self._units[key] = units
+        self.resolved[key] = units
         return units
-
-    def hold(self, key: str, input_tokens: int, output_tokens: int) -> int:
-        """The cost of an estimate, before the call: raises :class:`MissingPriceError` as
-        :meth:`require`."""
-        units = self._units.get(key, _UNRESOLVED)
-        if units is _UNRESOLVED:
-            units = self.units(key)
-        if units is None:
-            return 0
-        return input_tokens * units[0] + output_tokens * units[1]
 
     def cost(self, key: str, stand_in: str | None, usage: Usage) -> int:
         """The cost of what a call used, after it: never raises for pricing, because the
         answer is already paid for. A key with no price is priced as ``stand_in`` (the
         key reserved for, when a fallback answered), with a warning; with neither
         priced, its cost is not counted (a warning too, when the table is not empty)."""
-        units = self._units.get(key, _UNRESOLVED)
+        units = self.resolved.get(key, _UNRESOLVED)
         if units is _UNRESOLVED:
             units = self._lenient_units(key)
         if units is None:
