@@ -20,9 +20,13 @@ __all__ = ["MemoryBudgetStore"]
 class _Entry:
     """One call (or one recorded usage) in a rolling window."""
 
-    __slots__ = ("at", "calls", "cost_units", "live", "tokens")
+    __slots__ = ("at", "calls", "cost_units", "counters", "live", "tokens")
 
-    def __init__(self, at: float, calls: int, tokens: int, cost_units: int) -> None:
+    def __init__(
+        self, counters: _Counters, at: float, calls: int, tokens: int, cost_units: int
+    ) -> None:
+        self.counters = counters
+        """The counters whose window it is in (a reservation's entry leads to them)."""
         self.at = at
         self.calls = calls
         self.tokens = tokens
@@ -64,7 +68,7 @@ class _Counters:
             self.w_cost_units -= entry.cost_units
 
     def add_entry(self, now: float, calls: int, tokens: int, cost_units: int) -> _Entry:
-        entry = _Entry(now, calls, tokens, cost_units)
+        entry = _Entry(self, now, calls, tokens, cost_units)
         self.entries.append(entry)
         self.w_calls += calls
         self.w_tokens += tokens
@@ -77,15 +81,6 @@ class _Counters:
             return Tally(*totals, self.estimated_calls, self.in_flight)
         sums = (self.w_calls, self.w_tokens, self.w_cost_units)
         return Tally(*totals, self.estimated_calls, self.in_flight, *sums)
-
-
-class _MemoryReservation(Reservation):
-    """A reservation that knows its counters and window entry (one object a call)."""
-
-    __slots__ = ("counters", "entry")
-
-    counters: _Counters
-    entry: _Entry | None
 
 
 class MemoryBudgetStore(BudgetStoreBase):
@@ -151,18 +146,21 @@ class MemoryBudgetStore(BudgetStoreBase):
             counters.output_tokens += tout
             counters.cost_units += cost
             counters.in_flight += 1
-            entry = None if window is None else counters.add_entry(now, 1, tokens, cost)
-        held = _MemoryReservation(key, scope, tin, tout, cost)
-        held.counters = counters
-        held.entry = entry
-        return held
+            # What settle() needs, in the reservation's store-private handle: its window
+            # entry (which knows its counters), or its counters when there is no window.
+            handle = counters if window is None else counters.add_entry(now, 1, tokens, cost)
+        return Reservation(key, scope, tin, tout, cost, handle)
 
     def _settle(
         self, reservation: Reservation, tin: int, tout: int, cost: int, est: bool, refund: bool
     ) -> bool:
-        if not isinstance(reservation, _MemoryReservation):
+        handle = reservation.handle
+        if type(handle) is _Counters:
+            counters, entry = handle, None
+        elif type(handle) is _Entry:
+            counters, entry = handle.counters, handle
+        else:
             raise TypeError("reservation: not one handed out by this kind of store")
-        counters, entry = reservation.counters, reservation.entry
         with self._lock:
             if reservation.settled:
                 return False
