@@ -17,7 +17,8 @@ and fallback, for LLM calls. Framework-free; the LangChain and LlamaIndex wrappe
 """
 
 from ._budget import Budget, BudgetUsage, MissingPriceError, Price, Usage
-from ._budget_store import BudgetExceededError, BudgetStore, MemoryBudgetStore, Reservation
+from ._budget_memory import MemoryBudgetStore
+from ._budget_store import BudgetExceededError, BudgetStore, Reservation
 from ._cache import CacheStats, CacheStatus, ResponseCache
 from ._cache_backend import CacheBackend, MemoryCacheBackend
 from ._cache_key import (

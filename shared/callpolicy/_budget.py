@@ -16,12 +16,16 @@ The check and the reservation are one atomic step in the budget's store (see
 Where the reference crate checked and counted in two steps (so concurrent callers
 overspent), had no window, and counted cost only by hand, this one reserves atomically,
 supports a rolling window, and prices usage from a table the user supplies.
+
+The pieces, one job each: :class:`Usage` and the token estimate in ``_usage``, prices in
+``_prices``, the store seam in ``_budget_store`` (the memory store in ``_budget_memory``),
+stream metering in ``_meter``, the report in ``_budget_usage``. Each sync method and its
+async twin share one body that works out the store call; they differ only in calling or
+awaiting it.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -31,7 +35,6 @@ from collections.abc import (
     Iterable,
     Mapping,
 )
-from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -44,25 +47,19 @@ from pydantic import (
     model_validator,
 )
 
+from ._budget_memory import MemoryBudgetStore
 from ._budget_store import (
     COST_UNITS_PER_USD,
     BudgetExceededError,
     BudgetLimits,
     BudgetStore,
-    MemoryBudgetStore,
     Reservation,
-    Tally,
 )
-from ._errors import CallPolicyError
-from ._numbers import (
-    MAX_COST_USD,
-    MAX_PRICE_PER_MILLION,
-    Count,
-    Number,
-    Seconds,
-    to_units,
-)
-from ._types import split_key
+from ._budget_usage import BudgetUsage
+from ._meter import StreamMeter, ameter_stream, meter_stream
+from ._numbers import MAX_COST_USD, Count, Number, Seconds, to_units
+from ._prices import MissingPriceError, Price, Pricing
+from ._usage import Usage, approx_tokens
 
 __all__ = [
     "SHARED_SCOPE",
@@ -76,214 +73,14 @@ __all__ = [
     "approx_tokens",
 ]
 
-logger = logging.getLogger("callpolicy")
-
 T = TypeVar("T")
+R = TypeVar("R")
 
 SHARED_SCOPE = "*"
 """The store scope of a budget shared across keys (``per_key=False``)."""
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
-
-
-def approx_tokens(text: str) -> int:
-    """The reference crate's token estimate: UTF-8 bytes / 4, rounded down.
-
-    >>> approx_tokens("Hello, world!")
-    3
-    """
-    if text.isascii():  # one byte a character: skip the encode
-        return len(text) // 4
-    return len(text.encode("utf-8")) // 4
-
-
-class MissingPriceError(CallPolicyError, LookupError):
-    """A budget with ``max_cost_usd`` was asked to meter a model missing from its price table.
-
-    Raised by :meth:`Budget.require_price` (call it when a wrapper is built) and by
-    :meth:`Budget.reserve`, always before the model is called.
-    """
-
-    def __init__(self, key: str, known: tuple[str, ...] = ()) -> None:
-        self.key = key
-        self.model = split_key(key)[1] or key
-        listed = ", ".join(repr(name) for name in known[:10]) or "none"
-        super().__init__(
-            f"no price for model {self.model!r} (key {key!r}); max_cost_usd needs one for every "
-            f"model it meters: add {self.model!r} or {key!r} to Budget(prices=...) "
-            f"(priced: {listed})"
-        )
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.key,))
-
-
-class Price(BaseModel):
-    """A model's price in US dollars per million tokens.
-
-    >>> Price(input_per_million=2.5, output_per_million=10).cost_usd(1000, 500)
-    0.0075
-    """
-
-    model_config = _FROZEN
-
-    input_per_million: Number = Field(ge=0, le=MAX_PRICE_PER_MILLION)
-    """USD per million input (prompt) tokens (0 for a free model; else at least 0.000001,
-    one pico-dollar a token, the smallest price counted)."""
-    output_per_million: Number = Field(ge=0, le=MAX_PRICE_PER_MILLION)
-    """USD per million output (completion) tokens (same range)."""
-
-    @field_validator("input_per_million", "output_per_million")
-    @classmethod
-    def _countable(cls, value: float) -> float:
-        to_units(value, _UNITS_PER_TOKEN_PER_MILLION)  # refuses a price that would count as 0
-        return value
-
-    def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
-        """The cost of a call that used these tokens."""
-        units = input_tokens * _per_token_units(self.input_per_million)
-        units += output_tokens * _per_token_units(self.output_per_million)
-        return units / COST_UNITS_PER_USD
-
-
-# USD per million tokens -> pico-dollars per token: x / 1e6 * 1e12.
-_UNITS_PER_TOKEN_PER_MILLION = COST_UNITS_PER_USD // 1_000_000
-
-
-def _per_token_units(per_million: float) -> int:
-    return to_units(per_million, _UNITS_PER_TOKEN_PER_MILLION)
-
-
-_USAGE_SECTIONS = ("usage_metadata", "usage", "token_usage", "usageMetadata")
-_INPUT_NAMES = ("input_tokens", "prompt_tokens", "prompt_token_count", "promptTokenCount")
-_OUTPUT_NAMES = (
-    "output_tokens",
-    "completion_tokens",
-    "candidates_token_count",
-    "candidatesTokenCount",
-)
-# Anthropic's raw usage counts cached prompt tokens apart from input_tokens (LangChain's
-# usage_metadata already folds them in, under input_token_details, which is not read).
-_EXTRA_INPUT_NAMES = ("cache_creation_input_tokens", "cache_read_input_tokens")
-
-
-def _field(source: object, name: str) -> object:
-    if isinstance(source, Mapping):
-        return source.get(name)
-    return getattr(source, name, None)
-
-
-def _count(source: object, names: tuple[str, ...]) -> int | None:
-    for name in names:
-        value = _field(source, name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Tokens one call used, as the model reported them (or estimated: ``estimated=True``).
-
-    >>> Usage(input_tokens=12, output_tokens=30).total_tokens
-    42
-    >>> Usage.from_report({"usage": {"prompt_tokens": 12, "completion_tokens": 30}})
-    Usage(input_tokens=12, output_tokens=30, estimated=False)
-    """
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    estimated: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("input_tokens", "output_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}: expected a count >= 0, got {value!r}")
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-    def __add__(self, other: Usage) -> Usage:
-        if not isinstance(other, Usage):
-            return NotImplemented
-        return Usage(
-            self.input_tokens + other.input_tokens,
-            self.output_tokens + other.output_tokens,
-            self.estimated or other.estimated,
-        )
-
-    @classmethod
-    def from_report(cls, report: object) -> Usage | None:
-        """Read usage from what a provider or framework reports, or None if it says nothing.
-
-        Understands a mapping or an object (attributes) with ``input_tokens`` /
-        ``output_tokens`` (LangChain ``usage_metadata``, Anthropic), ``prompt_tokens`` /
-        ``completion_tokens`` (OpenAI; LlamaIndex's raw response), or Gemini's
-        ``prompt_token_count`` / ``candidates_token_count``; also one or two levels down
-        under ``usage_metadata``, ``usage``, ``token_usage`` or ``usageMetadata``.
-        """
-        return cls._read(report, depth=0)
-
-    @classmethod
-    def _read(cls, report: object, depth: int) -> Usage | None:
-        if report is None or isinstance(report, (str, bytes, int, float)):
-            return None
-        found_in = _count(report, _INPUT_NAMES)
-        found_out = _count(report, _OUTPUT_NAMES)
-        if found_in is not None or found_out is not None:
-            extra = sum(_count(report, (name,)) or 0 for name in _EXTRA_INPUT_NAMES)
-            return cls((found_in or 0) + extra, found_out or 0)
-        if depth < 2:
-            for section in _USAGE_SECTIONS:
-                inner = _field(report, section)
-                if inner is not None:
-                    found = cls._read(inner, depth + 1)
-                    if found is not None:
-                        return found
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetUsage:
-    """What a budget has used, as :meth:`Budget.usage` reports it.
-
-    Totals are lifetime totals (since creation or :meth:`Budget.reset`) and include the
-    estimates held by calls still in flight. With a window, the ``window_*`` fields give
-    what was spent in the last ``window`` seconds, and the limits and ``remaining_*`` apply
-    to those; without one they apply to the totals. ``None`` limits are unbounded.
-    """
-
-    key: str | None
-    """The key these counters belong to (per-key budgets), or None for a shared budget."""
-    calls: int
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-    estimated_calls: int
-    """Calls whose usage the model did not report, counted by their estimate."""
-    in_flight: int
-    window: float | None
-    window_calls: int | None
-    window_tokens: int | None
-    window_cost_usd: float | None
-    max_calls: int | None
-    max_tokens: int | None
-    max_cost_usd: float | None
-    remaining_calls: int | None
-    remaining_tokens: int | None
-    remaining_cost_usd: float | None
-
-    @property
-    def tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able fields (``tokens`` included)."""
-        data = asdict(self)
-        data["tokens"] = self.tokens
-        return data
+_RELEASED = Usage()
+"""What :meth:`Budget.release` settles: nothing used, and nothing to price."""
 
 
 class _BudgetOptions(BaseModel):
@@ -335,23 +132,6 @@ class _BudgetOptions(BaseModel):
                 "e.g. prices={'gpt-4o-mini': (0.15, 0.60)} (USD per million input, output tokens)"
             )
         return self
-
-
-def _check_meter_options(
-    key: object, usage_of: object, estimate: object, cumulative: object, key_of: object
-) -> None:
-    # Checked when the stream is wrapped, not at its first chunk: a mistake shows where
-    # it was made, and never in the middle of a stream the caller is reading.
-    if not isinstance(key, str):
-        raise TypeError(f"key: expected a breaker key (str), got {key!r}")
-    if not callable(usage_of):
-        raise TypeError("usage_of: expected a callable taking a chunk")
-    if estimate is not None and not callable(estimate):
-        raise TypeError("estimate: expected None or a callable returning input tokens")
-    if not isinstance(cumulative, bool):
-        raise TypeError(f"cumulative: expected a bool, got {cumulative!r}")
-    if key_of is not None and not callable(key_of):
-        raise TypeError("key_of: expected None or a callable taking a chunk")
 
 
 class Budget:
@@ -443,10 +223,10 @@ class Budget:
         )
         self._store: BudgetStore = store if store is not None else MemoryBudgetStore(clock=clock)
         self._estimate = estimate_tokens
-        # Per-token prices in cost units, resolved once per key (None: unpriced).
-        self._unit_prices: dict[str, tuple[int, int] | None] = {}
-        self._warned_unpriced: set[tuple[str, str]] = set()
-        self._warn_lock = threading.Lock()
+        # None without a table: nothing to price, so a call skips pricing altogether.
+        self._pricing: Pricing | None = (
+            Pricing(self.prices, required=options.max_cost_usd is not None) if self.prices else None
+        )
 
     # -- configuration -------------------------------------------------------------
     @property
@@ -465,41 +245,17 @@ class Budget:
     def price_for(self, key: str) -> Price | None:
         """The price of ``key`` (``provider::model``): the entry for the key, else for the
         model name; None when the table has neither."""
-        found = self.prices.get(key)
-        if found is None:
-            found = self.prices.get(split_key(key)[1])
-        return found
+        return None if self._pricing is None else self._pricing.price_for(key)
 
     def require_price(self, key: str) -> Price | None:
         """Check, when a wrapper is built, that ``key`` can be metered: with
         ``max_cost_usd`` set, a model missing from the price table raises
         :class:`MissingPriceError` (naming the model) now rather than at its first call."""
-        price = self.price_for(key)
-        if price is None and self.max_cost_usd is not None:
-            raise MissingPriceError(key, tuple(self.prices))
-        return price
-
-    def _units(self, key: str) -> tuple[int, int] | None:
-        try:
-            return self._unit_prices[key]
-        except KeyError:
-            pass
-        price = self.require_price(key)
-        units = (
-            None
-            if price is None
-            else (
-                _per_token_units(price.input_per_million),
-                _per_token_units(price.output_per_million),
-            )
-        )
-        self._unit_prices[key] = units
-        return units
-
-    def _scope(self, key: str) -> str:
-        return key if self.per_key else SHARED_SCOPE
+        return None if self._pricing is None else self._pricing.require(key)
 
     # -- the call's lifecycle ------------------------------------------------------
+    # Each sync method and its async twin hand the store's method (sync or async) to
+    # one body that works out its arguments: the async twin awaits what it returns.
     def reserve(
         self, key: str, estimated_input_tokens: int = 0, *, estimated_output_tokens: int = 0
     ) -> Reservation:
@@ -514,19 +270,8 @@ class Budget:
         Raises :class:`MissingPriceError` when ``max_cost_usd`` is set and ``key`` has no
         price.
         """
-        if estimated_input_tokens < 0 or estimated_output_tokens < 0:
-            raise ValueError("estimated tokens must be >= 0")
-        units = self._units(key)
-        cost = 0
-        if units is not None:
-            cost = estimated_input_tokens * units[0] + estimated_output_tokens * units[1]
-        return self._store.reserve(
-            key,
-            self._scope(key),
-            input_tokens=estimated_input_tokens,
-            output_tokens=estimated_output_tokens,
-            cost_units=cost,
-            limits=self._limits,
+        return self._reserve(
+            self._store.reserve, key, estimated_input_tokens, estimated_output_tokens
         )
 
     def commit(
@@ -541,37 +286,14 @@ class Budget:
         key's price, with a warning, because the answer is already paid for.
         Returns False (and changes nothing) if the reservation was already settled.
         """
-        if usage is None:
-            return self._store.settle(
-                reservation,
-                input_tokens=reservation.input_tokens,
-                output_tokens=reservation.output_tokens,
-                cost_units=reservation.cost_units,
-                estimated=True,
-                refund_call=False,
-            )
-        return self._store.settle(
-            reservation,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cost_units=self._cost(key or reservation.key, reservation.key, usage),
-            estimated=usage.estimated,
-            refund_call=False,
-        )
+        return self._settle(self._store.settle, reservation, usage, key, False)
 
     def release(self, reservation: Reservation, *, refund_call: bool = False) -> bool:
         """Settle a failed call: its held tokens and dollars are freed. The call itself
         still counts (a failed call used a round, as in the reference crate) unless
         ``refund_call=True`` — meant for a call that never reached any model, such as one
         refused by an open circuit with no fallback. Returns False if already settled."""
-        return self._store.settle(
-            reservation,
-            input_tokens=0,
-            output_tokens=0,
-            cost_units=0,
-            estimated=False,
-            refund_call=refund_call,
-        )
+        return self._settle(self._store.settle, reservation, _RELEASED, None, refund_call)
 
     def record(self, key: str, usage: Usage, *, calls: int = 0) -> None:
         """Count usage without a reservation and without a check: the hook for a stream's
@@ -581,14 +303,112 @@ class Budget:
         counts one call among ``estimated_calls``. A stream recorded this way is never
         refused; to refuse one before its first chunk, :meth:`reserve`
         at its start and :meth:`commit` the summed usage at its end instead."""
+        self._record(self._store.record, key, usage, calls)
+
+    async def areserve(
+        self, key: str, estimated_input_tokens: int = 0, *, estimated_output_tokens: int = 0
+    ) -> Reservation:
+        """Async :meth:`reserve` (for a network store; the memory store never blocks)."""
+        store = self._store
+        if not store.is_async_native:
+            return self.reserve(
+                key, estimated_input_tokens, estimated_output_tokens=estimated_output_tokens
+            )
+        return await self._reserve(
+            store.areserve, key, estimated_input_tokens, estimated_output_tokens
+        )
+
+    async def acommit(
+        self, reservation: Reservation, usage: Usage | None, *, key: str | None = None
+    ) -> bool:
+        """Async :meth:`commit`."""
+        if not self._store.is_async_native:
+            return self.commit(reservation, usage, key=key)
+        return await self._settle(self._store.asettle, reservation, usage, key, False)
+
+    async def arelease(self, reservation: Reservation, *, refund_call: bool = False) -> bool:
+        """Async :meth:`release`."""
+        if not self._store.is_async_native:
+            return self.release(reservation, refund_call=refund_call)
+        return await self._settle(self._store.asettle, reservation, _RELEASED, None, refund_call)
+
+    async def arecord(self, key: str, usage: Usage, *, calls: int = 0) -> None:
+        """Async :meth:`record`. :class:`BudgetStore` has no async record, so this awaits
+        the store's ``arecord`` (``record``'s arguments) only when the store is
+        async-native and has one; otherwise it is :meth:`record` (the memory and Redis
+        stores: a lock, or one short round trip, as their ``areserve``)."""
+        store = self._store
+        native = getattr(store, "arecord", None) if store.is_async_native else None
+        if native is None:
+            self.record(key, usage, calls=calls)
+            return
+        await self._record(native, key, usage, calls)
+
+    def _reserve(self, reserve: Callable[..., R], key: str, tokens_in: int, tokens_out: int) -> R:
+        """``reserve`` (the store's, sync or async) called for this budget's estimate."""
+        if tokens_in < 0 or tokens_out < 0:
+            raise ValueError("estimated tokens must be >= 0")
+        cost = 0
+        pricing = self._pricing
+        if pricing is not None:
+            # The key's price, resolved (or refused: MissingPriceError) on its first call.
+            units = pricing.resolved.get(key) or pricing.units(key)
+            if units is not None:
+                cost = tokens_in * units[0] + tokens_out * units[1]
+        return reserve(
+            key,
+            key if self.per_key else SHARED_SCOPE,
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost_units=cost,
+            limits=self._limits,
+        )
+
+    def _settle(
+        self,
+        settle: Callable[..., R],
+        reservation: Reservation,
+        usage: Usage | None,
+        key: str | None,
+        refund_call: bool,
+    ) -> R:
+        """``settle`` (the store's, sync or async) called for a commit of ``usage`` (None:
+        unknown, so the estimate stays and counts as one) or a release (``_RELEASED``)."""
+        if usage is None:
+            tokens_in, tokens_out = reservation.input_tokens, reservation.output_tokens
+            cost, estimated = reservation.cost_units, True
+        else:
+            tokens_in, tokens_out = usage.input_tokens, usage.output_tokens
+            estimated, cost = usage.estimated, 0
+            pricing = self._pricing
+            if pricing is not None and usage is not _RELEASED:
+                answered = key or reservation.key
+                units = pricing.resolved.get(answered)
+                if units is not None:
+                    cost = tokens_in * units[0] + tokens_out * units[1]
+                else:  # not resolved yet, or no price: priced as the reserved key, or not
+                    cost = pricing.cost(answered, reservation.key, usage)
+        return settle(
+            reservation,
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost_units=cost,
+            estimated=estimated,
+            refund_call=refund_call,
+        )
+
+    def _record(self, record: Callable[..., R], key: str, usage: Usage, calls: int) -> R:
+        """``record`` (the store's, or an async-native store's ``arecord``) called for
+        ``usage`` of ``key``, unchecked."""
         if calls < 0:
             raise ValueError(f"calls: expected a count >= 0, got {calls}")
-        self._store.record(
-            self._scope(key),
+        pricing = self._pricing
+        return record(
+            key if self.per_key else SHARED_SCOPE,
             calls=calls,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
-            cost_units=self._cost(key, None, usage),
+            cost_units=0 if pricing is None else pricing.cost(key, None, usage),
             window=self.window,
             estimated=usage.estimated,
         )
@@ -634,18 +454,8 @@ class Budget:
         >>> budget.usage().calls, budget.usage().tokens
         (2, 19)
         """
-        from ._meter import meter_stream  # not at the top: _meter imports this module
-
-        _check_meter_options(key, usage_of, estimate, cumulative, key_of)
-        return meter_stream(
-            self,
-            chunks,
-            key=key,
-            usage_of=usage_of,
-            estimate=estimate,
-            cumulative=cumulative,
-            key_of=key_of,
-        )
+        meter = StreamMeter(self, key, usage_of, estimate, cumulative, key_of)
+        return meter_stream(meter, chunks)
 
     def ametered(
         self,
@@ -669,141 +479,8 @@ class Budget:
         >>> asyncio.run(consume(budget)), budget.usage().tokens
         (['hi'], 4)
         """
-        from ._meter import ameter_stream  # not at the top: _meter imports this module
-
-        _check_meter_options(key, usage_of, estimate, cumulative, key_of)
-        return ameter_stream(
-            self,
-            chunks,
-            key=key,
-            usage_of=usage_of,
-            estimate=estimate,
-            cumulative=cumulative,
-            key_of=key_of,
-        )
-
-    def _cost(self, key: str, stand_in: str | None, usage: Usage) -> int:
-        try:
-            units = self._units(key)
-        except MissingPriceError:
-            units = None
-        if units is None:
-            if stand_in is not None and stand_in != key:
-                try:
-                    units = self._units(stand_in)
-                except MissingPriceError:
-                    units = None
-            if units is not None:
-                assert stand_in is not None
-                self._warn_unpriced(key, f"priced as {self._priced_as(stand_in)}")
-            elif self.prices:
-                self._warn_unpriced(key, "its cost is not counted")
-        if units is None:
-            return 0
-        return usage.input_tokens * units[0] + usage.output_tokens * units[1]
-
-    def _priced_as(self, key: str) -> str:
-        """The model whose price ``key`` is charged at, named by its price-table entry."""
-        entry = key if key in self.prices else split_key(key)[1]
-        price = self.prices[entry]
-        return (
-            f"{entry!r} ({price.input_per_million:g} / {price.output_per_million:g} USD "
-            "per million input / output tokens)"
-        )
-
-    def _warn_unpriced(self, key: str, consequence: str) -> None:
-        # Once per key and consequence: a fallback that answers for two primaries is
-        # priced as each in turn, and each warning names the model really priced.
-        with self._warn_lock:
-            if (key, consequence) in self._warned_unpriced:
-                return
-            self._warned_unpriced.add((key, consequence))
-        logger.warning(
-            "callpolicy budget: no price for %r in the price table; %s", key, consequence
-        )
-
-    # -- async variants (await them only when is_async_native) --------------------
-    async def areserve(
-        self, key: str, estimated_input_tokens: int = 0, *, estimated_output_tokens: int = 0
-    ) -> Reservation:
-        """Async :meth:`reserve` (for a network store; the memory store never blocks)."""
-        if not self._store.is_async_native:
-            return self.reserve(
-                key, estimated_input_tokens, estimated_output_tokens=estimated_output_tokens
-            )
-        if estimated_input_tokens < 0 or estimated_output_tokens < 0:
-            raise ValueError("estimated tokens must be >= 0")
-        units = self._units(key)
-        cost = 0
-        if units is not None:
-            cost = estimated_input_tokens * units[0] + estimated_output_tokens * units[1]
-        return await self._store.areserve(
-            key,
-            self._scope(key),
-            input_tokens=estimated_input_tokens,
-            output_tokens=estimated_output_tokens,
-            cost_units=cost,
-            limits=self._limits,
-        )
-
-    async def acommit(
-        self, reservation: Reservation, usage: Usage | None, *, key: str | None = None
-    ) -> bool:
-        """Async :meth:`commit`."""
-        if not self._store.is_async_native:
-            return self.commit(reservation, usage, key=key)
-        if usage is None:
-            return await self._store.asettle(
-                reservation,
-                input_tokens=reservation.input_tokens,
-                output_tokens=reservation.output_tokens,
-                cost_units=reservation.cost_units,
-                estimated=True,
-                refund_call=False,
-            )
-        return await self._store.asettle(
-            reservation,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cost_units=self._cost(key or reservation.key, reservation.key, usage),
-            estimated=usage.estimated,
-            refund_call=False,
-        )
-
-    async def arecord(self, key: str, usage: Usage, *, calls: int = 0) -> None:
-        """Async :meth:`record`. :class:`BudgetStore` has no async record, so this awaits
-        the store's ``arecord`` (``record``'s arguments) only when the store is
-        async-native and has one; otherwise it is :meth:`record` (the memory and Redis
-        stores: a lock, or one short round trip, as their ``areserve``)."""
-        store = self._store
-        native = getattr(store, "arecord", None) if store.is_async_native else None
-        if native is None:
-            self.record(key, usage, calls=calls)
-            return
-        if calls < 0:
-            raise ValueError(f"calls: expected a count >= 0, got {calls}")
-        await native(
-            self._scope(key),
-            calls=calls,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cost_units=self._cost(key, None, usage),
-            window=self.window,
-            estimated=usage.estimated,
-        )
-
-    async def arelease(self, reservation: Reservation, *, refund_call: bool = False) -> bool:
-        """Async :meth:`release`."""
-        if not self._store.is_async_native:
-            return self.release(reservation, refund_call=refund_call)
-        return await self._store.asettle(
-            reservation,
-            input_tokens=0,
-            output_tokens=0,
-            cost_units=0,
-            estimated=False,
-            refund_call=refund_call,
-        )
+        meter = StreamMeter(self, key, usage_of, estimate, cumulative, key_of)
+        return ameter_stream(meter, chunks)
 
     # -- inspection ----------------------------------------------------------------
     def usage(self, key: str | None = None) -> BudgetUsage:
@@ -830,47 +507,8 @@ class Budget:
         self._store.reset(None if key is None or not self.per_key else key)
 
     def _usage(self, scope: str, key: str | None) -> BudgetUsage:
-        window = self.window
-        tally: Tally = self._store.tally(scope, window=window)
-        limits = self._limits
-        if window is None:
-            used_calls = tally.calls
-            used_tokens = tally.input_tokens + tally.output_tokens
-            used_cost = tally.cost_units
-        else:
-            used_calls = tally.window_calls or 0
-            used_tokens = tally.window_tokens or 0
-            used_cost = tally.window_cost_units or 0
-
-        def left(limit: int | None, used: int) -> int | None:
-            return None if limit is None else max(limit - used, 0)
-
-        remaining_cost = left(limits.max_cost_units, used_cost)
-        return BudgetUsage(
-            key=key,
-            calls=tally.calls,
-            input_tokens=tally.input_tokens,
-            output_tokens=tally.output_tokens,
-            cost_usd=tally.cost_units / COST_UNITS_PER_USD,
-            estimated_calls=tally.estimated_calls,
-            in_flight=tally.in_flight,
-            window=window,
-            window_calls=tally.window_calls,
-            window_tokens=tally.window_tokens,
-            window_cost_usd=(
-                None
-                if tally.window_cost_units is None
-                else tally.window_cost_units / COST_UNITS_PER_USD
-            ),
-            max_calls=self.max_calls,
-            max_tokens=self.max_tokens,
-            max_cost_usd=self.max_cost_usd,
-            remaining_calls=left(limits.max_calls, used_calls),
-            remaining_tokens=left(limits.max_tokens, used_tokens),
-            remaining_cost_usd=(
-                None if remaining_cost is None else remaining_cost / COST_UNITS_PER_USD
-            ),
-        )
+        tally = self._store.tally(scope, window=self.window)
+        return BudgetUsage.of(key, tally, self._limits, max_cost_usd=self.max_cost_usd)
 
     def __copy__(self) -> Budget:
         # Shared state: a copied model (model_copy, deepcopy of a chain) keeps sharing it.

@@ -3,18 +3,17 @@
 A :class:`BudgetStore` makes each decision in one atomic step: :meth:`~BudgetStore.reserve`
 checks every limit and, if none would be exceeded, counts the call and holds its estimate;
 :meth:`~BudgetStore.settle` swaps the held estimate for what the call really used. A store
-backed by a server (Redis, in its own issue) does each in one round trip. Amounts are
+backed by a server (``callpolicy.redis``) does each in one round trip. Amounts are
 integers — tokens, and cost in :data:`COST_UNITS_PER_USD` units (pico-dollars) — so sums are
 exact under any interleaving, with no float drift, and a server can add them atomically.
 
-:class:`BudgetExceededError` lives here because the store is what refuses.
+:class:`BudgetExceededError` lives here because the store is what refuses; :func:`refusal`
+builds it from the amounts a store counts, so every store words a refusal alike. The
+in-process store is in ``_budget_memory``, the Redis one in ``callpolicy.redis``.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -27,9 +26,11 @@ __all__ = [
     "BudgetKind",
     "BudgetLimits",
     "BudgetStore",
-    "MemoryBudgetStore",
+    "BudgetStoreBase",
     "Reservation",
     "Tally",
+    "Window",
+    "refusal",
 ]
 
 COST_UNITS_PER_USD = 10**12
@@ -38,9 +39,8 @@ token, still an exact integer."""
 
 BudgetKind = Literal["calls", "tokens", "cost"]
 
-
-def _usd(units: int) -> float:
-    return units / COST_UNITS_PER_USD
+Window = float | None
+"""A rolling window in seconds, or None: the limits apply to lifetime totals."""
 
 
 class BudgetExceededError(CallPolicyError):
@@ -110,6 +110,27 @@ def _rebuild_budget_error(
     return BudgetExceededError(kind, consumed, limit, key=key, requested=requested, window=window)
 
 
+def refusal(
+    kind: str, consumed: int, limit: int, requested: int | None, key: str, window: float | None
+) -> BudgetExceededError:
+    """The refusal of a store that counted ``consumed`` of ``limit`` (cost in units) and was
+    asked for ``requested`` more (None: the limit was already used up)."""
+    if kind == "cost":
+        per_usd = COST_UNITS_PER_USD
+        return BudgetExceededError(
+            "cost",
+            consumed / per_usd,
+            limit / per_usd,
+            key=key,
+            requested=None if requested is None else requested / per_usd,
+            window=window,
+        )
+    counted: BudgetKind = "calls" if kind == "calls" else "tokens"
+    return BudgetExceededError(
+        counted, consumed, limit, key=key, requested=requested, window=window
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetLimits:
     """The limits a store checks, handed to every :meth:`BudgetStore.reserve`.
@@ -159,6 +180,7 @@ class Reservation:
         self.handle = handle
         """Store-private bookkeeping (a server store's reservation id, say)."""
         self.settled = False
+        """Set, under the store's guard, by the settlement that counts."""
 
     def __repr__(self) -> str:
         return (
@@ -187,7 +209,10 @@ class Tally:
 @runtime_checkable
 class BudgetStore(Protocol):
     """Where a budget's counters live: in this process (:class:`MemoryBudgetStore`) or on a
-    server. Every method is safe from any thread; ``reserve`` and ``settle`` are atomic."""
+    server. Every method is safe from any thread; ``reserve`` and ``settle`` are atomic.
+
+    A store whose sync methods never block can subclass :class:`BudgetStoreBase` and
+    write only positional ``_reserve``, ``_settle`` and ``_record``."""
 
     is_async_native: bool
     """True when the ``a*`` methods must be awaited to avoid blocking (a network store);
@@ -271,112 +296,13 @@ class BudgetStore(Protocol):
         """Async :meth:`settle`."""
 
 
-class _Entry:
-    """One call (or one recorded usage) in a rolling window."""
-
-    __slots__ = ("at", "calls", "cost_units", "live", "tokens")
-
-    def __init__(self, at: float, calls: int, tokens: int, cost_units: int) -> None:
-        self.at = at
-        self.calls = calls
-        self.tokens = tokens
-        self.cost_units = cost_units
-        self.live = True
-        """False once it fell out of the window (its amounts no longer in the sums)."""
-
-
-class _Counters:
-    __slots__ = (
-        "calls",
-        "cost_units",
-        "entries",
-        "estimated_calls",
-        "in_flight",
-        "input_tokens",
-        "output_tokens",
-        "w_calls",
-        "w_cost_units",
-        "w_tokens",
-    )
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.input_tokens = 0
-        self.output_tokens = 0
-        self.cost_units = 0
-        self.estimated_calls = 0
-        self.in_flight = 0
-        self.entries: deque[_Entry] = deque()
-        self.w_calls = 0
-        self.w_tokens = 0
-        self.w_cost_units = 0
-
-    def expire(self, now: float, window: float) -> None:
-        entries = self.entries
-        horizon = now - window
-        while entries and entries[0].at <= horizon:
-            entry = entries.popleft()
-            entry.live = False
-            self.w_calls -= entry.calls
-            self.w_tokens -= entry.tokens
-            self.w_cost_units -= entry.cost_units
-
-    def add_entry(self, now: float, calls: int, tokens: int, cost_units: int) -> _Entry:
-        entry = _Entry(now, calls, tokens, cost_units)
-        self.entries.append(entry)
-        self.w_calls += calls
-        self.w_tokens += tokens
-        self.w_cost_units += cost_units
-        return entry
-
-
-class _MemoryReservation(Reservation):
-    """A reservation that knows its counters and window entry (one object a call)."""
-
-    __slots__ = ("counters", "entry")
-
-    def __init__(
-        self,
-        key: str,
-        scope: str,
-        input_tokens: int,
-        output_tokens: int,
-        cost_units: int,
-        counters: _Counters,
-        entry: _Entry | None,
-    ) -> None:
-        super().__init__(key, scope, input_tokens, output_tokens, cost_units)
-        self.counters = counters
-        self.entry = entry
-
-
-class MemoryBudgetStore:
-    """Budget counters in this process's memory (the default store).
-
-    One lock guards every scope: a reservation is a handful of integer additions, so the
-    lock is held for well under a microsecond and a finer grain would cost more than it
-    saves. Window entries are kept in a deque per scope and fall out as time passes
-    (amortised O(1) a call).
-
-    Args:
-        clock: monotonic seconds for the rolling window; inject a fake one in tests.
-
-    >>> store = MemoryBudgetStore()
-    >>> limits = BudgetLimits(max_calls=1)
-    >>> r = store.reserve("a::m", "*", input_tokens=0, output_tokens=0, cost_units=0,
-    ...                   limits=limits)
-    >>> store.tally("*").calls
-    1
-    """
+class BudgetStoreBase(BudgetStore):
+    """The keyword face of a store whose sync methods never block (``is_async_native``
+    False): the ``a*`` methods are the sync ones, and every method hands its amounts on
+    positionally to the store's ``_reserve``, ``_settle`` and ``_record``, written once.
+    The memory store and the Redis store (one short round trip) are such stores."""
 
     is_async_native = False
-
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if not callable(clock):
-            raise TypeError("clock: expected a callable returning seconds")
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._scopes: dict[str, _Counters] = {}
 
     def reserve(
         self,
@@ -388,60 +314,7 @@ class MemoryBudgetStore:
         cost_units: int,
         limits: BudgetLimits,
     ) -> Reservation:
-        tokens = input_tokens + output_tokens
-        window = limits.window
-        with self._lock:
-            counters = self._scopes.get(scope)
-            if counters is None:
-                counters = self._scopes[scope] = _Counters()
-            now = 0.0
-            if window is None:
-                used_calls = counters.calls
-                used_tokens = counters.input_tokens + counters.output_tokens
-                used_cost = counters.cost_units
-            else:
-                now = self._clock()
-                counters.expire(now, window)
-                used_calls = counters.w_calls
-                used_tokens = counters.w_tokens
-                used_cost = counters.w_cost_units
-            # The reference's rules: a used-up limit refuses; so does a call whose
-            # estimate would carry it past the limit.
-            if limits.max_calls is not None and used_calls + 1 > limits.max_calls:
-                raise BudgetExceededError(
-                    "calls", used_calls, limits.max_calls, key=key, window=window
-                )
-            if limits.max_tokens is not None and (
-                used_tokens >= limits.max_tokens or used_tokens + tokens > limits.max_tokens
-            ):
-                raise BudgetExceededError(
-                    "tokens",
-                    used_tokens,
-                    limits.max_tokens,
-                    key=key,
-                    requested=tokens if used_tokens < limits.max_tokens else None,
-                    window=window,
-                )
-            if limits.max_cost_units is not None and (
-                used_cost >= limits.max_cost_units or used_cost + cost_units > limits.max_cost_units
-            ):
-                raise BudgetExceededError(
-                    "cost",
-                    _usd(used_cost),
-                    _usd(limits.max_cost_units),
-                    key=key,
-                    requested=_usd(cost_units) if used_cost < limits.max_cost_units else None,
-                    window=window,
-                )
-            counters.calls += 1
-            counters.input_tokens += input_tokens
-            counters.output_tokens += output_tokens
-            counters.cost_units += cost_units
-            counters.in_flight += 1
-            entry = None if window is None else counters.add_entry(now, 1, tokens, cost_units)
-        return _MemoryReservation(
-            key, scope, input_tokens, output_tokens, cost_units, counters, entry
-        )
+        return self._reserve(key, scope, input_tokens, output_tokens, cost_units, limits)
 
     def settle(
         self,
@@ -453,40 +326,9 @@ class MemoryBudgetStore:
         estimated: bool,
         refund_call: bool,
     ) -> bool:
-        if not isinstance(reservation, _MemoryReservation):
-            raise TypeError("reservation: not one handed out by this kind of store")
-        counters, entry = reservation.counters, reservation.entry
-        with self._lock:
-            if reservation.settled:
-                return False
-            reservation.settled = True
-            d_input = input_tokens - reservation.input_tokens
-            d_output = output_tokens - reservation.output_tokens
-            d_cost = cost_units - reservation.cost_units
-            # The counters object is the one the call was reserved in; after a reset() it
-            # is orphaned, and settling it changes nothing anyone reads.
-            counters.input_tokens += d_input
-            counters.output_tokens += d_output
-            counters.cost_units += d_cost
-            counters.in_flight -= 1
-            if estimated:
-                counters.estimated_calls += 1
-            if refund_call:
-                counters.calls -= 1
-            if entry is not None:
-                if entry.live:  # still in the window: correct it in place
-                    entry.tokens += d_input + d_output
-                    entry.cost_units += d_cost
-                    counters.w_tokens += d_input + d_output
-                    counters.w_cost_units += d_cost
-                    if refund_call:
-                        entry.calls -= 1
-                        counters.w_calls -= 1
-                elif input_tokens + output_tokens or cost_units:
-                    # The call outlived the window its start fell in: what it used is
-                    # known now, so it counts now.
-                    counters.add_entry(self._clock(), 0, input_tokens + output_tokens, cost_units)
-        return True
+        return self._settle(
+            reservation, input_tokens, output_tokens, cost_units, estimated, refund_call
+        )
 
     def record(
         self,
@@ -499,50 +341,7 @@ class MemoryBudgetStore:
         window: float | None,
         estimated: bool = False,
     ) -> None:
-        with self._lock:
-            counters = self._scopes.get(scope)
-            if counters is None:
-                counters = self._scopes[scope] = _Counters()
-            counters.calls += calls
-            if estimated:
-                counters.estimated_calls += 1
-            counters.input_tokens += input_tokens
-            counters.output_tokens += output_tokens
-            counters.cost_units += cost_units
-            if window is not None:
-                counters.expire(now := self._clock(), window)
-                counters.add_entry(now, calls, input_tokens + output_tokens, cost_units)
-
-    def tally(self, scope: str, *, window: float | None = None) -> Tally:
-        """The counters of ``scope``; with ``window``, also what fell in the last
-        ``window`` seconds."""
-        with self._lock:
-            counters = self._scopes.get(scope)
-            if counters is None:
-                counters = _Counters()
-            if window is not None:
-                counters.expire(self._clock(), window)
-            return Tally(
-                calls=counters.calls,
-                input_tokens=counters.input_tokens,
-                output_tokens=counters.output_tokens,
-                cost_units=counters.cost_units,
-                estimated_calls=counters.estimated_calls,
-                in_flight=counters.in_flight,
-                window_calls=None if window is None else counters.w_calls,
-                window_tokens=None if window is None else counters.w_tokens,
-                window_cost_units=None if window is None else counters.w_cost_units,
-            )
-
-    def scopes(self) -> list[str]:
-        return list(self._scopes)
-
-    def reset(self, scope: str | None) -> None:
-        with self._lock:
-            if scope is None:
-                self._scopes.clear()
-            else:
-                self._scopes.pop(scope, None)
+        self._record(scope, calls, input_tokens, output_tokens, cost_units, window, estimated)
 
     async def areserve(
         self,
@@ -554,14 +353,7 @@ class MemoryBudgetStore:
         cost_units: int,
         limits: BudgetLimits,
     ) -> Reservation:
-        return self.reserve(
-            key,
-            scope,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_units=cost_units,
-            limits=limits,
-        )
+        return self._reserve(key, scope, input_tokens, output_tokens, cost_units, limits)
 
     async def asettle(
         self,
@@ -573,11 +365,13 @@ class MemoryBudgetStore:
         estimated: bool,
         refund_call: bool,
     ) -> bool:
-        return self.settle(
-            reservation,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_units=cost_units,
-            estimated=estimated,
-            refund_call=refund_call,
+        return self._settle(
+            reservation, input_tokens, output_tokens, cost_units, estimated, refund_call
         )
+
+    # What a subclass writes: the same arguments, positionally (tin, tout: input and
+    # output tokens; cost in units; est: estimated), so the keyword face above is
+    # written once for every store.
+    _reserve: Callable[[str, str, int, int, int, BudgetLimits], Reservation]
+    _settle: Callable[[Reservation, int, int, int, bool, bool], bool]
+    _record: Callable[[str, int, int, int, int, Window, bool], None]

@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Iterable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from ._budget import Usage
+from ._usage import Usage
 
-if TYPE_CHECKING:
-    from ._budget import Budget
-
-__all__ = ["ameter_stream", "meter_stream"]
+__all__ = ["StreamMeter", "UsageRecorder", "ameter_stream", "meter_stream"]
 
 logger = logging.getLogger("callpolicy")
 
@@ -46,13 +43,26 @@ _Entry = tuple[str, Usage, int]
 _NO_TOKENS = Usage()
 
 
-class _StreamMeter(Generic[T]):
+class UsageRecorder(Protocol):
+    """What a meter records into (a :class:`~callpolicy.Budget`): this module needs only
+    these two, so it does not import the budget that imports it."""
+
+    def record(self, key: str, usage: Usage, *, calls: int = 0) -> None: ...
+
+    async def arecord(self, key: str, usage: Usage, *, calls: int = 0) -> None: ...
+
+
+class StreamMeter(Generic[T]):
     """The counting of one stream, apart from its iteration (see the module's rules).
 
     :meth:`see` and :meth:`end` only decide what to record, and advance the meter's
     state as they do; :meth:`record` (or :meth:`arecord`) records it. Kept apart so the
     sync and the async stream share one decision. A record that fails is not made again:
     it may have reached the store, and the call must never count twice.
+
+    Its options are checked when it is built, that is when the stream is wrapped, not at
+    its first chunk: a mistake shows where it was made, and never in the middle of a
+    stream the caller is reading.
     """
 
     __slots__ = (
@@ -72,14 +82,23 @@ class _StreamMeter(Generic[T]):
 
     def __init__(
         self,
-        budget: Budget,
-        *,
-        key: str,
+        budget: UsageRecorder,
+        key: object,
         usage_of: Callable[[T], Usage | None],
         estimate: Callable[[], int] | None,
         cumulative: bool,
         key_of: Callable[[T], str | None] | None,
     ) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"key: expected a breaker key (str), got {key!r}")
+        if not callable(usage_of):
+            raise TypeError("usage_of: expected a callable taking a chunk")
+        if estimate is not None and not callable(estimate):
+            raise TypeError("estimate: expected None or a callable returning input tokens")
+        if not isinstance(cumulative, bool):
+            raise TypeError(f"cumulative: expected a bool, got {cumulative!r}")
+        if key_of is not None and not callable(key_of):
+            raise TypeError("key_of: expected None or a callable taking a chunk")
         self.budget = budget
         self.key = key
         self.usage_of = usage_of
@@ -181,91 +200,61 @@ class _StreamMeter(Generic[T]):
         )
 
 
-def meter_stream(
-    budget: Budget,
-    chunks: Iterable[T],
-    *,
-    key: str,
-    usage_of: Callable[[T], Usage | None],
-    estimate: Callable[[], int] | None,
-    cumulative: bool,
-    key_of: Callable[[T], str | None] | None,
-) -> Generator[T, None, None]:
-    """``chunks``, each the very same object, counted in ``budget`` as they pass (see
+def meter_stream(meter: StreamMeter[T], chunks: Iterable[T]) -> Generator[T, None, None]:
+    """``chunks``, each the very same object, counted by ``meter`` as they pass (see
     :meth:`Budget.metered <callpolicy.Budget.metered>`)."""
-    meter = _StreamMeter(
-        budget,
-        key=key,
-        usage_of=usage_of,
-        estimate=estimate,
-        cumulative=cumulative,
-        key_of=key_of,
-    )
     iterator = iter(chunks)
-    failed = False
-    try:
+    with _Ending(meter, chunks, iterator):
         for chunk in iterator:
             meter.record(meter.see(chunk))
             yield chunk
-    except Exception:
-        failed = True
-        raise
-    finally:
-        # Closed also when the consumer stops early (GeneratorExit lands on the yield):
-        # the model's stream is released, as it would be unwrapped. The end is counted
-        # even if closing it raises.
-        try:
-            _close(iterator)
-            if chunks is not iterator:  # an SDK stream object owns what its iterator reads
-                _close(chunks)
-        finally:
-            meter.record(meter.end(failed))
 
 
-async def ameter_stream(
-    budget: Budget,
-    chunks: AsyncIterable[T],
-    *,
-    key: str,
-    usage_of: Callable[[T], Usage | None],
-    estimate: Callable[[], int] | None,
-    cumulative: bool,
-    key_of: Callable[[T], str | None] | None,
-) -> AsyncGenerator[T, None]:
+async def ameter_stream(meter: StreamMeter[T], chunks: AsyncIterable[T]) -> AsyncGenerator[T, None]:
     """Async :func:`meter_stream`."""
-    meter = _StreamMeter(
-        budget,
-        key=key,
-        usage_of=usage_of,
-        estimate=estimate,
-        cumulative=cumulative,
-        key_of=key_of,
-    )
     iterator = aiter(chunks)
-    failed = False
-    try:
+    async with _Ending(meter, chunks, iterator):
         async for chunk in iterator:
             await meter.arecord(meter.see(chunk))
             yield chunk
-    except Exception:
-        failed = True
-        raise
-    finally:
+
+
+class _Ending:
+    """The end of a metered stream, however it ends: the model's stream is closed (also
+    when the consumer stops early: GeneratorExit lands on the yield), as it would be
+    unwrapped, and the end is counted, even if closing raises. A stream ended by an
+    ``Exception`` failed (its estimate is not counted); one closed early did not."""
+
+    __slots__ = ("meter", "streams")
+
+    def __init__(self, meter: StreamMeter[Any], chunks: object, iterator: object) -> None:
+        self.meter = meter
+        # An SDK stream object owns what its iterator reads: both are closed.
+        self.streams = (iterator,) if chunks is iterator else (iterator, chunks)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
         try:
-            await _aclose(iterator)
-            if chunks is not iterator:
-                await _aclose(chunks)
+            for close in _closers(self.streams, "close"):
+                close()
         finally:
-            await meter.arecord(meter.end(failed))
+            self.meter.record(self.meter.end(isinstance(error, Exception)))
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: object, error: object, trace: object) -> None:
+        try:
+            for aclose in _closers(self.streams, "aclose"):
+                await aclose()
+        finally:
+            await self.meter.arecord(self.meter.end(isinstance(error, Exception)))
 
 
-def _close(stream: object) -> None:
-    close = getattr(stream, "close", None)
-    if callable(close):
-        close()
-
-
-async def _aclose(stream: object) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if callable(aclose):
-        await aclose()
+def _closers(streams: tuple[object, ...], name: str) -> list[Callable[[], Any]]:
+    """The ``close`` (or ``aclose``) of each stream that has one (a list's iterator has
+    none)."""
+    found = (getattr(stream, name, None) for stream in streams)
+    return [close for close in found if callable(close)]

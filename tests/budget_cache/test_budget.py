@@ -21,7 +21,8 @@ from callpolicy._budget import (
     Usage,
     approx_tokens,
 )
-from callpolicy._budget_store import MemoryBudgetStore, Reservation
+from callpolicy._budget_memory import MemoryBudgetStore
+from callpolicy._budget_store import Reservation
 from callpolicy._errors import CallPolicyError
 from tests.support.clock import FakeClock
 

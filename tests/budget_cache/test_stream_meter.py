@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from callpolicy._budget import Budget, Usage
-from callpolicy._budget_store import MemoryBudgetStore
+from callpolicy._budget_memory import MemoryBudgetStore
 
 KEY = "acme::m1"
 FALLBACK = "other::m2"
