@@ -20,7 +20,10 @@ and purgatory (its sync factory). Each is used the cheapest way its documentatio
 
 Each figure is a ratio ours / theirs per repeat (below 1.00: ours is ahead), with the
 absolute medians beside it. Every circuit trips by failures (five), with a cooldown
-far longer than the run.
+far longer than the run. The refusal, fallback and healthy figures are counted again in
+instructions under callgrind when valgrind is there (not in ``--quick``), as on a loaded
+machine the clock swings by more than the gaps measured. Info rows split our refusal,
+fallback and memory figures into the store's part and the policy's.
 """
 
 from __future__ import annotations
@@ -28,10 +31,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import aiobreaker
@@ -483,6 +493,106 @@ def _vs(figure: str, timings: dict[str, list[float]], peer: str, *, added: bool 
     return Result(f"peers: {figure} / {peer}", ratios, "<= 1.00", middle <= 1.00, detail)
 
 
+# -- the same, counted in instructions ---------------------------------------------------
+# On a loaded machine the wall-clock figures above swing by tens of percent; a count of
+# instructions under callgrind does not (see benchmarks/instructions.py). Each process
+# builds every candidate of its group, warms each up, then calls one of them CALLS times;
+# a process that calls none gives the group's baseline.
+_COUNT_PROGRAM = """
+import sys
+from benchmarks import peers
+group, name, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
+candidates = {"refusal": peers._refusals, "fallback": peers._fallbacks,
+              "healthy": peers._healthy}[group]()
+for candidate in candidates.values():
+    for _ in range(100):
+        candidate()
+if calls:
+    call = candidates[name]
+    for _ in range(calls):
+        call()
+"""
+_COUNTED = {
+    "refusal": ("callpolicy", "pybreaker", "circuitbreaker", "purgatory", "store"),
+    "fallback": ("bare", "callpolicy", "pybreaker", "circuitbreaker", "purgatory"),
+    "healthy": ("bare", "callpolicy", "pybreaker", "circuitbreaker", "purgatory"),
+}
+_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+def _count(group: str, name: str, calls: int, *, valgrind: bool) -> int:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-c", _COUNT_PROGRAM, group, name, str(calls)]
+    with tempfile.TemporaryDirectory() as folder:
+        if valgrind:
+            out = os.path.join(folder, "callgrind.out")
+            command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command]
+        done = subprocess.run(
+            command,
+            cwd=root,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=1800,
+        )
+    found = _COLLECTED.search(done.stderr)
+    if done.returncode != 0 or (valgrind and found is None):
+        raise RuntimeError(f"count {group}/{name} failed:\n{done.stderr[-2000:]}")
+    return int(found.group(1)) if found else 0
+
+
+def _instruction_figures(*, quick: bool) -> list[Result]:
+    jobs = [(group, name) for group, names in _COUNTED.items() for name in names]
+    if quick or shutil.which("valgrind") is None:
+        for group, name in jobs:  # the program runs (a broken one shows here, not later)
+            _count(group, name, 10, valgrind=False)
+        return []
+    calls = 2_000
+    with ThreadPoolExecutor(2) as pool:
+        zero_runs = pool.map(lambda group: _count(group, "", 0, valgrind=True), _COUNTED)
+        zeros = dict(zip(_COUNTED, zero_runs, strict=True))
+        runs = pool.map(lambda job: _count(*job, calls, valgrind=True), jobs)
+        counts = dict(zip(jobs, runs, strict=True))
+    per = {job: (count - zeros[job[0]]) / calls for job, count in counts.items()}
+    results = []
+    for group, figure, added in (
+        ("refusal", "refusal while open, instructions per call", False),
+        ("fallback", "open + fallback, added instructions", True),
+        ("healthy", "healthy call, added instructions", True),
+    ):
+        base = per[group, "bare"] if added else 0.0
+        ours = per[group, "callpolicy"] - base
+        for peer in _SYNC_PEERS:
+            theirs = per[group, peer] - base
+            ratio = ours / theirs
+            sign = "+" if added else ""
+            results.append(
+                Result(
+                    f"peers: {figure} / {peer}",
+                    [ratio],
+                    "<= 1.00",
+                    ratio <= 1.00,
+                    f"{sign}{ours:,.0f} vs {sign}{theirs:,.0f} instructions",
+                )
+            )
+    store = per["refusal", "store"]
+    results.append(
+        Result(
+            "peers: ours, store's part: circuit.admit() refusing / whole refusal, instructions",
+            [store / per["refusal", "callpolicy"]],
+            "-",
+            True,
+            f"{store:,.0f} of {per['refusal', 'callpolicy']:,.0f} instructions (the policy: "
+            f"{per['refusal', 'callpolicy'] - store:,.0f}); of the fallback's "
+            f"+{per['fallback', 'callpolicy'] - per['fallback', 'bare']:,.0f}: the same "
+            f"{store:,.0f}",
+            info=True,
+        )
+    )
+    return results
+
+
 def run(*, quick: bool) -> list[Result]:
     # Blocks of 2,000 calls (a few ms each): the ~400-call blocks of the per-call figures
     # elsewhere are too short for a call of ~1 us, whose timer and loop overhead would
@@ -529,7 +639,7 @@ def run(*, quick: bool) -> list[Result]:
     results.append(
         _vs("healthy call (async), added us", async_timings["healthy"], "aiobreaker", added=True)
     )
-    return results + _shares(refusals, fallbacks, memory)
+    return results + _shares(refusals, fallbacks, memory) + _instruction_figures(quick=quick)
 
 
 def _shares(
