@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 
@@ -152,8 +153,10 @@ def test_threads_see_only_refusals_the_locked_path_would_give(
     # The clock stands still, so no cooldown ends: nothing may ever be admitted as a probe.
     store = MemoryStore(clock=clock)
     circuit = _circuit(store)
-    rounds, readers = 300, 6
+    rounds, readers, enough = 300, 6, 500
+    started = threading.Barrier(readers + 1)  # no writer round before every reader runs
     stop = threading.Event()
+    refused = [0]  # refusals so far (a rare lost increment only makes the writer go on)
     seen: list[tuple[str | None, int, str]] = []
     errors: list[BaseException] = []
     seen_lock = threading.Lock()
@@ -161,6 +164,7 @@ def test_threads_see_only_refusals_the_locked_path_would_give(
     def read() -> None:
         mine: list[tuple[str | None, int, str]] = []
         try:
+            started.wait(HANG_GUARD)
             while not stop.is_set():
                 try:
                     permit = circuit.admit()
@@ -173,6 +177,7 @@ def test_threads_see_only_refusals_the_locked_path_would_give(
                     else:
                         kind = f"bad retry_in {wait!r}"
                     mine.append((refusal.reason, refusal.failures, kind))
+                    refused[0] += 1
                 else:
                     assert not permit.probe, "a probe admitted while the cooldown runs"
         except BaseException as exc:
@@ -181,12 +186,16 @@ def test_threads_see_only_refusals_the_locked_path_would_give(
             seen.extend(mine)
 
     def write() -> None:
-        for _ in range(rounds):
+        started.wait(HANG_GUARD)
+        deadline = time.monotonic() + HANG_GUARD / 2  # a guard against a starved reader
+        done = 0
+        while (done < rounds or refused[0] < enough) and time.monotonic() < deadline:
             circuit.force(CircuitState.OPEN, hold=False)  # manual, 0 failures, cooling
             circuit.force(CircuitState.OPEN, hold=True)  # manual, 0 failures, held
             circuit.force(None, hold=False)
             _trip(circuit)  # threshold, THRESHOLD failures, cooling
             circuit.force(None, hold=False)
+            done += 1
 
     threads = [threading.Thread(target=read, daemon=True) for _ in range(readers)]
     for thread in threads:
