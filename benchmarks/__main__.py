@@ -16,6 +16,7 @@ SUITES = [
     "langchain",
     "llamaindex",
     "memory",
+    "peers",
     "outage",
     "redis_store",
     "redis_fleet",

@@ -53,3 +53,25 @@ def test_the_instruction_count_program_runs_each_variant() -> None:
             check=False,
         )
         assert done.returncode == 0, done.stderr
+
+
+# Four peer libraries imported, and one process per figure group: slow on a loaded machine.
+@pytest.mark.timeout(600)
+def test_peers_benchmark_prints_every_peer() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "peers"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode in (0, 1), done.stderr  # 1: a target missed on a noisy machine
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| peers:")]
+    for peer in ("pybreaker", "circuitbreaker", "aiobreaker", "purgatory"):
+        named = [row for row in rows if row.split("|")[1].strip().endswith(f"/ {peer}")]
+        assert named, f"no row beside {peer}"
+        for row in named:
+            cells = [cell.strip() for cell in row.strip("|").split("|")]
+            low, median, high = (float(cell) for cell in cells[1:4])
+            assert 0 < low <= median <= high

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 __all__ = ["AllModelsFailedError", "CallPolicyError", "CircuitOpenError", "IncompleteStreamError"]
 
 
@@ -26,6 +29,11 @@ class CircuitOpenError(CallPolicyError):
             same words as the reason of the :class:`~callpolicy.Transition` to open.
     """
 
+    # A refused call builds one of these, often thousands a second during an outage: the
+    # fields go in slots and the message is written only when someone reads it (``str``,
+    # ``repr``, ``args``), never on the refusal itself.
+    __slots__ = ("_args_given", "failures", "model", "provider", "reason", "retry_in")
+
     def __init__(
         self,
         provider: str,
@@ -35,18 +43,33 @@ class CircuitOpenError(CallPolicyError):
         *,
         reason: str | None = None,
     ) -> None:
-        self.provider = provider
-        self.model = model
-        self.failures = failures
-        self.retry_in = retry_in
-        self.reason = reason
-        if retry_in is None:
-            when = "held until reset" if reason == "manual" else "forced open until reset"
-        elif retry_in > 0:
-            when = f"next probe in {retry_in:.2f}s"
-        else:
-            when = "half-open, probe in flight"
-        super().__init__(f"circuit open for {provider}/{model}: {_why(reason, failures)}; {when}")
+        # No super().__init__: ``args`` below answers with the message instead.
+        self.provider, self.model, self.reason = provider, model, reason
+        self.failures, self.retry_in = failures, retry_in
+
+    def __str__(self) -> str:
+        if _given_args(self) is not None:  # set by hand: str follows them, as on any error
+            return BaseException.__str__(self)
+        return (
+            f"circuit open for {self.provider}/{self.model}: "
+            f"{_why(self.reason, self.failures)}; {_when(self.retry_in, self.reason)}"
+        )
+
+    def __repr__(self) -> str:
+        if _given_args(self) is not None:
+            return BaseException.__repr__(self)
+        return f"{type(self).__name__}({str(self)!r})"
+
+    @property
+    def args(self) -> tuple[object, ...]:
+        """``(message,)``, as the exception's constructor would have stored it."""
+        given = _given_args(self)
+        return (str(self),) if given is None else given
+
+    @args.setter
+    def args(self, value: Iterable[object]) -> None:
+        _ARGS.__set__(self, value)  # where BaseException's own str and repr read them
+        self._args_given = _ARGS.__get__(self)
 
     def __reduce__(self) -> tuple[object, ...]:
         # Keep the exception copyable (copy, multiprocessing) with its fields.
@@ -54,6 +77,28 @@ class CircuitOpenError(CallPolicyError):
         if self.reason is None:
             return (type(self), fields)
         return (_rebuild_circuit_open, (type(self), *fields, self.reason))
+
+
+_ARGS: Any = BaseException.__dict__["args"]  # BaseException's own field, under the property
+_new_error = BaseException.__new__
+
+
+def refusal(
+    provider: str, model: str, failures: int, retry_in: float | None, reason: str | None
+) -> CircuitOpenError:
+    """``CircuitOpenError(provider, model, failures, retry_in, reason=reason)``, built the
+    way a store refuses: without the keyword call, which costs as much as the rest."""
+    error: CircuitOpenError = _new_error(CircuitOpenError)
+    error.provider, error.model, error.reason = provider, model, reason
+    error.failures, error.retry_in = failures, retry_in
+    return error
+
+
+def _given_args(error: CircuitOpenError) -> tuple[object, ...] | None:
+    """The ``args`` assigned to ``error`` by hand (rare), if any: then they, not its
+    fields, make its message."""
+    given: tuple[object, ...] | None = getattr(error, "_args_given", None)
+    return given
 
 
 class IncompleteStreamError(CallPolicyError):
@@ -116,6 +161,15 @@ def _described(error: BaseException) -> str:
     if isinstance(error, CircuitOpenError):
         return "circuit open (not called)"
     return type(error).__name__
+
+
+def _when(retry_in: float | None, reason: str | None) -> str:
+    """When a probe may go, in plain words (``CircuitOpenError``'s message)."""
+    if retry_in is None:
+        return "held until reset" if reason == "manual" else "forced open until reset"
+    if retry_in > 0:
+        return f"next probe in {retry_in:.2f}s"
+    return "half-open, probe in flight"
 
 
 def _why(reason: str | None, failures: int) -> str:

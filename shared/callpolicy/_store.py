@@ -8,14 +8,22 @@ module) does each in one round trip. The in-memory store is the default.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from ._config import BreakerConfig
 from ._types import CircuitSnapshot, CircuitState, Outcome
 
-__all__ = ["Circuit", "CircuitStore", "Permit", "Transition", "TransitionListener"]
+__all__ = [
+    "Circuit",
+    "CircuitStore",
+    "CircuitTable",
+    "Permit",
+    "Transition",
+    "TransitionListener",
+]
 
 
 class Permit:
@@ -61,8 +69,14 @@ class Circuit(Protocol):
     """One key's breaker state and rules. Every method is safe from any thread."""
 
     key: str
-    provider: str
-    model: str
+
+    @property
+    def provider(self) -> str:
+        """The provider part of the key (``Transition.provider``, ``CircuitOpenError.provider``)."""
+
+    @property
+    def model(self) -> str:
+        """The model part of the key."""
 
     is_async_native: bool
     """True when :meth:`aadmit`/:meth:`arecord` must be awaited to avoid blocking (a network
@@ -89,20 +103,51 @@ class Circuit(Protocol):
         ``hold=True`` keeps the state until the next reset (no probes, no trips)."""
 
 
+_Notify = TransitionListener  # a short name: the signatures below fit on one line
+
+
 @runtime_checkable
 class CircuitStore(Protocol):
     """Where circuits live: in this process (:class:`MemoryStore`) or on a server."""
 
     def circuit(
-        self,
-        key: str,
-        *,
-        provider: str,
-        model: str,
-        config: BreakerConfig,
-        on_transition: TransitionListener,
+        self, key: str, *, provider: str, model: str, config: BreakerConfig, on_transition: _Notify
     ) -> Circuit:
         """The circuit of ``key``, created on first use. Repeated calls return one object."""
 
     def circuits(self) -> Iterable[Circuit]:
         """Every circuit this store holds."""
+
+
+C = TypeVar("C", bound=Circuit)
+
+
+class CircuitTable(Generic[C]):
+    """A store's table of circuits, one per key: :meth:`circuit` makes a key's circuit
+    on first use (with :meth:`_make`), once even when threads race for it, and hands
+    out the same object ever after. A store subclasses it and writes ``_make``."""
+
+    def __init__(self) -> None:
+        self._circuits: dict[str, C] = {}
+        self._lock = threading.Lock()
+
+    def circuit(
+        self, key: str, *, provider: str, model: str, config: BreakerConfig, on_transition: _Notify
+    ) -> C:
+        found = self._circuits.get(key)
+        if found is None:
+            with self._lock:
+                found = self._circuits.get(key)
+                if found is None:
+                    found = self._make(key, provider, model, config, on_transition)
+                    self._circuits[key] = found
+        return found
+
+    def _make(
+        self, key: str, provider: str, model: str, config: BreakerConfig, notify: _Notify
+    ) -> C:
+        """A new circuit for ``key`` (called under the table's lock, once per key)."""
+        raise NotImplementedError
+
+    def circuits(self) -> Iterable[C]:
+        return list(self._circuits.values())

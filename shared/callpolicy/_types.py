@@ -35,7 +35,15 @@ def split_key(key: str) -> tuple[str, str]:
     return provider, model
 
 
-class CircuitState(str, enum.Enum):
+class TextEnum(str, enum.Enum):
+    """An enum of strings that prints as its value (``str(CircuitState.OPEN) == "open"``),
+    so logs, tables and JSON show the word, not ``CircuitState.OPEN``."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class CircuitState(TextEnum):
     """State of one circuit (one provider and model)."""
 
     CLOSED = "closed"
@@ -45,11 +53,8 @@ class CircuitState(str, enum.Enum):
     HALF_OPEN = "half_open"
     """Cooldown over: up to ``half_open_max_calls`` probes are in flight; the others are refused."""
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ErrorClass(str, enum.Enum):
+class ErrorClass(TextEnum):
     """What kind of failure an exception represents, as :func:`classify_error` sees it."""
 
     RATE_LIMITED = "rate_limited"
@@ -65,9 +70,6 @@ class ErrorClass(str, enum.Enum):
     ``ValueError``, pydantic's ``ValidationError``, ...) raised before any request left
     the process. Never counted, retried or handed to the fallback."""
     UNKNOWN = "unknown"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class Outcome(enum.Enum):

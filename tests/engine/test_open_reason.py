@@ -299,3 +299,42 @@ async def test_the_snapshot_says_what_opened_the_circuit_until_it_closes(clock, 
     assert policy.circuit(KEY).snapshot().opened_by is None
     policy.force_open(KEY)
     assert policy.circuit(KEY).snapshot().opened_by == "manual"
+
+
+def test_the_repr_and_args_are_those_of_the_message() -> None:
+    error = CircuitOpenError("p", "m", 2, 1.5, reason="failure_rate")
+    message = "circuit open for p/m: failure rate over the window reached; next probe in 1.50s"
+    assert error.args == (message,)
+    assert repr(error) == f"CircuitOpenError({message!r})"
+
+
+def test_args_set_by_hand_make_the_message_as_on_any_error() -> None:
+    error = CircuitOpenError("p", "m", 2, 1.5)
+    error.args = ("replaced",)
+    assert (str(error), repr(error), error.args) == (
+        "replaced",
+        "CircuitOpenError('replaced')",
+        ("replaced",),
+    )
+    assert (error.provider, error.failures) == ("p", 2)  # the fields stay
+
+
+@pytest.mark.parametrize("retry_in", [3.25, 0.0, None])
+@pytest.mark.parametrize("reason", ["threshold", "manual", None])
+def test_a_store_built_refusal_is_the_same_error(
+    retry_in: float | None, reason: str | None
+) -> None:
+    from callpolicy._errors import refusal
+
+    built = refusal("p", "m", 7, retry_in, reason)
+    made = CircuitOpenError("p", "m", 7, retry_in, reason=reason)
+    assert type(built) is CircuitOpenError
+    assert (built.provider, built.model, built.failures, built.retry_in, built.reason) == (
+        "p",
+        "m",
+        7,
+        retry_in,
+        reason,
+    )
+    assert (str(built), repr(built), built.args) == (str(made), repr(made), made.args)
+    assert str(copy.deepcopy(built)) == str(made)
