@@ -56,7 +56,9 @@ class BudgetHost(Protocol):
     client: Any
     prefix: str
     is_cluster: bool
-    health: Health
+
+    @property
+    def health(self) -> Health: ...
 
     @property
     def key_ttl_ms(self) -> int: ...
