@@ -35,7 +35,7 @@ from callpolicy import (
     RetryPolicy,
     circuit_key,
 )
-from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
+from callpolicy._options import ENGINE_OPTIONS, policy_from_options
 
 from ._keys import model_identity
 from ._served import mark_served, served_mark
