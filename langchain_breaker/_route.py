@@ -237,8 +237,7 @@ class Route:
         try:
             return self._guarded(method, input, cfg, kwargs, key, relay)
         finally:
-            relay.flush()
-            relay.close()
+            relay.finish()
 
     async def _arelayed_call(
         self, input: Any, cfg: RunnableConfig, kwargs: dict[str, Any], key: str
@@ -247,8 +246,7 @@ class Route:
         try:
             return await self._guarded("ainvoke", input, cfg, kwargs, key, relay)
         finally:
-            await relay.aflush()
-            relay.close()
+            await relay.afinish()
 
     def _guarded(
         self,
@@ -483,10 +481,7 @@ def _relayed(relay: EventRelay, chunks: Iterator[Any]) -> Iterator[Any]:
     try:
         first = next(chunks, _NOTHING)
     finally:
-        try:
-            relay.flush()
-        finally:
-            relay.close()
+        relay.finish()
     if first is _NOTHING:
         return
     try:
@@ -505,10 +500,7 @@ async def _arelayed(relay: EventRelay, chunks: AsyncIterator[Any]) -> AsyncItera
     try:
         first = await anext(chunks, _NOTHING)
     finally:
-        try:
-            await relay.aflush()
-        finally:
-            relay.close()
+        await relay.afinish()
     if first is _NOTHING:
         return
     try:

@@ -104,12 +104,11 @@ class VectorCache:
         vectors: Sequence[Sequence[float]],
     ) -> None:
         """Store each text's vector (``texts`` and ``vectors`` in the same order)."""
-        for text, vector in zip(texts, vectors, strict=True):
-            key = self.key(model, kind, text)
+        for key, payload in self._entries(model, kind, texts, vectors):
             try:
-                self.backend.set(key, _dumps(vector), ttl=self.ttl)
+                self.backend.set(key, payload, ttl=self.ttl)
             except Exception as exc:  # a cache that cannot store is not a failed call
-                logger.warning("callpolicy: vector cache write failed: %s", type(exc).__name__)
+                _failed("write", exc)
 
     # -- async -----------------------------------------------------------------------------
     async def aget(
@@ -124,7 +123,7 @@ class VectorCache:
             try:
                 payload = await self.backend.aget(key)
             except Exception as exc:
-                logger.warning("callpolicy: vector cache read failed: %s", type(exc).__name__)
+                _failed("read", exc)
                 payload = None
             found.append(await self._aparsed(key, payload))
         return found
@@ -140,11 +139,24 @@ class VectorCache:
         if not self.backend.is_async_native:
             self.put(model, kind, texts, vectors)
             return
-        for text, vector in zip(texts, vectors, strict=True):
+        for key, payload in self._entries(model, kind, texts, vectors):
             try:
-                await self.backend.aset(self.key(model, kind, text), _dumps(vector), ttl=self.ttl)
+                await self.backend.aset(key, payload, ttl=self.ttl)
             except Exception as exc:
-                logger.warning("callpolicy: vector cache write failed: %s", type(exc).__name__)
+                _failed("write", exc)
+
+    def _entries(
+        self,
+        model: str,
+        kind: EmbedKind,
+        texts: Sequence[str],
+        vectors: Sequence[Sequence[float]],
+    ) -> list[tuple[str, str]]:
+        """The backend key and JSON payload of each text's vector."""
+        return [
+            (self.key(model, kind, text), _dumps(vector))
+            for text, vector in zip(texts, vectors, strict=True)
+        ]
 
     def clear(self) -> None:
         """Remove every entry of the backend (the backend may hold other entries too)."""
@@ -161,7 +173,7 @@ class VectorCache:
         try:
             payload = self.backend.get(key)
         except Exception as exc:
-            logger.warning("callpolicy: vector cache read failed: %s", type(exc).__name__)
+            _failed("read", exc)
             return None
         vector = _loads(payload)
         if vector is None and payload is not None:
@@ -203,3 +215,9 @@ def _loads(payload: str | None) -> list[float] | None:
         return None
     vector = [float(x) for x in data]
     return vector if all(math.isfinite(x) or math.isinf(x) for x in vector) else None
+
+
+def _failed(action: str, exc: Exception) -> None:
+    """A backend that failed is a miss (or an entry not stored), said at WARNING; never a
+    failed call. Names the error's class only (its message may quote the backend's URL)."""
+    logger.warning("callpolicy: vector cache %s failed: %s", action, type(exc).__name__)
