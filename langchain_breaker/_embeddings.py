@@ -104,12 +104,12 @@ class CircuitBreakerEmbeddings(Embeddings):
             identity=embeddings_identity,
             key=key,
             fallback_keys=fallback_keys,
+            owner=type(self).__name__,
             compatible=compatible,
             policy=policy,
             options=options,
             budget=budget,
             cache=cache,
-            owner=type(self).__name__,
         )
         self.inner = inner
         self.fallbacks: tuple[Embeddings, ...] = tuple(fallbacks)

@@ -27,6 +27,8 @@ __all__ = ["EmbedKind", "VectorCache"]
 logger = logging.getLogger("callpolicy")
 
 EmbedKind = Literal["document", "query"]
+Texts = Sequence[str]
+Vectors = Sequence[Sequence[float]]
 
 _PREFIX = "callpolicy:embed:v1:"
 
@@ -96,13 +98,7 @@ class VectorCache:
         """The cached vector of each text, or None where there is none."""
         return [self._read(self.key(model, kind, text)) for text in texts]
 
-    def put(
-        self,
-        model: str,
-        kind: EmbedKind,
-        texts: Sequence[str],
-        vectors: Sequence[Sequence[float]],
-    ) -> None:
+    def put(self, model: str, kind: EmbedKind, texts: Texts, vectors: Vectors) -> None:
         """Store each text's vector (``texts`` and ``vectors`` in the same order)."""
         for key, payload in self._entries(model, kind, texts, vectors):
             try:
@@ -128,13 +124,7 @@ class VectorCache:
             found.append(await self._aparsed(key, payload))
         return found
 
-    async def aput(
-        self,
-        model: str,
-        kind: EmbedKind,
-        texts: Sequence[str],
-        vectors: Sequence[Sequence[float]],
-    ) -> None:
+    async def aput(self, model: str, kind: EmbedKind, texts: Texts, vectors: Vectors) -> None:
         """Async :meth:`put`."""
         if not self.backend.is_async_native:
             self.put(model, kind, texts, vectors)
@@ -146,11 +136,7 @@ class VectorCache:
                 _failed("write", exc)
 
     def _entries(
-        self,
-        model: str,
-        kind: EmbedKind,
-        texts: Sequence[str],
-        vectors: Sequence[Sequence[float]],
+        self, model: str, kind: EmbedKind, texts: Texts, vectors: Vectors
     ) -> list[tuple[str, str]]:
         """The backend key and JSON payload of each text's vector."""
         return [
