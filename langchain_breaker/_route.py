@@ -24,7 +24,7 @@ from langchain_core.runnables.config import (
     var_child_runnable_config,
 )
 
-from callpolicy import CallPolicy, ModelGuard, fallback_start, split_key
+from callpolicy import ModelGuard, fallback_start, split_key
 
 from ._events import EventRelay
 from ._outer import Outer, chunk_usage, unbind
@@ -104,10 +104,6 @@ class Route:
         self._markers: dict[tuple[Any, Any], tuple[Any, Any]] = {}
         """The end-marker checks of a stream called without kwargs, by the two options
         (looked up once per route: the first chunk's time is measured)."""
-
-    @property
-    def policy(self) -> CallPolicy:
-        return self.guard.policy
 
     def with_runnables(
         self,
