@@ -38,16 +38,19 @@ import uuid
 from collections.abc import Callable, Mapping
 from pathlib import PurePath
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 __all__ = [
+    "ENDPOINT_ARGUMENTS",
     "SCHEMA_ARGUMENTS",
     "UncacheableRequestError",
     "by_type",
     "cache_key",
     "canonical_json",
+    "describe_arguments",
     "is_secret_name",
     "key_data",
     "key_text",
@@ -77,6 +80,21 @@ SCHEMA_ARGUMENTS: Final = frozenset(
 for both adapters: they go into a request as :func:`key_text`, so that the secret-name
 filter never drops a part of them (a changed schema of a tool parameter called
 ``password`` or ``token`` would otherwise be a false hit). Schemas hold no credentials."""
+
+ENDPOINT_ARGUMENTS: Final = frozenset(
+    {
+        "anthropic_api_url",
+        "api_base",
+        "azure_endpoint",
+        "base_url",
+        "endpoint",
+        "endpoint_url",
+        "openai_api_base",
+    }
+)
+"""Model settings naming where a request goes: kept in a request (another server may
+answer another model under the same name), as URLs without their credentials (user info,
+query string, fragment)."""
 
 _SECRET_NAMES = frozenset(
     {
@@ -235,6 +253,56 @@ def key_text(value: Any, *, convert: Convert | None = None, opaque: Convert | No
         return _dumps(walked(value))
 
 
+def describe_arguments(
+    arguments: Mapping[Any, Any],
+    *,
+    convert: Convert | None = None,
+    schema_convert: Convert | None = None,
+    opaque: Convert | None = None,
+    where: str = "kwargs",
+) -> dict[str, Any]:
+    """Call arguments or model settings as a part of a request, the one way both adapters
+    describe them: those carrying schemas (:data:`SCHEMA_ARGUMENTS`) as :func:`key_text`
+    (whole: the secret-name filter must not drop a tool parameter called ``password``;
+    ``schema_convert``, else ``convert``, knows the framework's tools), endpoints
+    (:data:`ENDPOINT_ARGUMENTS`) without credentials, the rest as :func:`key_data`. A value
+    with no JSON form raises :class:`UncacheableRequestError` naming
+    ``request[where][name]``.
+
+    >>> describe_arguments({"temperature": 0.2, "tools": [{"name": "f"}]})
+    {'temperature': 0.2, 'tools': '[{"name":"f"}]'}
+    >>> describe_arguments({"base_url": "https://user:pw@api.acme.test/v1?k=1"})
+    {'base_url': 'https://api.acme.test/v1'}
+    """
+    described: dict[str, Any] = {}
+    for name, value in arguments.items():
+        label = name if isinstance(name, str) else key_text(name)
+        try:
+            if name in SCHEMA_ARGUMENTS and value is not None:
+                described[label] = key_text(value, convert=schema_convert or convert)
+            elif name in ENDPOINT_ARGUMENTS and isinstance(value, str):
+                described[label] = _endpoint(value)
+            else:
+                described[label] = key_data(value, convert=convert, opaque=opaque)
+        except UncacheableRequestError as exc:
+            exc.path.append(f"[{label!r}]")
+            exc.path.append(f"[{where!r}]")
+            raise
+    return described
+
+
+def _endpoint(url: str) -> str:
+    """``url`` without its user info, query string and fragment."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<unparsable endpoint>"
+    netloc = host if port is None else f"{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def by_type(value: Any) -> dict[str, str]:
     """An ``opaque`` hook for :func:`key_data`: a value counted by its class only (for
     settings that stay the same across calls, such as a client object)."""
@@ -254,11 +322,7 @@ def _walk(value: Any, convert: Convert | None, opaque: Convert | None, secrets: 
             name = raw_name if type(raw_name) is str else _plain_name(raw_name)
             if secrets and is_secret_name(name):
                 continue
-            try:
-                plain = _walk(item, convert, opaque, secrets)
-            except UncacheableRequestError as exc:
-                exc.path.append(f"[{name!r}]")
-                raise
+            plain = _walk_at(name, item, convert, opaque, secrets)
             if plain is not _DROP:
                 out[name] = plain
         return out
@@ -313,14 +377,22 @@ def _walk_items(
 ) -> list[Any]:
     out = []
     for index, item in enumerate(values):
-        try:
-            plain = _walk(item, convert, opaque, secrets)
-        except UncacheableRequestError as exc:
-            exc.path.append(f"[{index}]")
-            raise
+        plain = _walk_at(index, item, convert, opaque, secrets)
         if plain is not _DROP:
             out.append(plain)
     return out
+
+
+def _walk_at(
+    where: str | int, item: Any, convert: Convert | None, opaque: Convert | None, secrets: bool
+) -> Any:
+    """:func:`_walk` of the entry ``where`` (a name or an index) of a mapping or list: an
+    error names it."""
+    try:
+        return _walk(item, convert, opaque, secrets)
+    except UncacheableRequestError as exc:
+        exc.path.append(f"[{where!r}]")
+        raise
 
 
 @functools.lru_cache(maxsize=256)

@@ -15,20 +15,32 @@ here, once:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from ._budget import Budget
 from ._embed_cache import EmbedKind, VectorCache
 from ._fallback import Fallbacks
+from ._options import EngineOptions, policy_from_options
 from ._policy import CallPolicy
 from ._request import CallRequest
+from ._types import circuit_key
 
-__all__ = ["EmbeddingGuard", "Embedder", "equivalent_fallbacks", "fallback_circuits"]
+__all__ = [
+    "EmbedIdentity",
+    "Embedder",
+    "EmbeddingGuard",
+    "equivalent_fallbacks",
+    "fallback_circuits",
+]
 
 Embedder = Callable[[list[str]], Sequence[Sequence[float]]]
 """Embeds a list of texts: one vector per text, in order."""
 AsyncEmbedder = Callable[[list[str]], Awaitable[Sequence[Sequence[float]]]]
+EmbedIdentity = Callable[[Any], tuple[str, str, int | None]]
+"""How an adapter reads an embedding model's ``(provider, model name, dimensions or
+None)``."""
+_NO_OPTIONS: Mapping[str, Any] = {}
 
 
 class EmbeddingGuard:
@@ -75,7 +87,74 @@ class EmbeddingGuard:
                 if model_key is not None:
                     budget.require_price(model_key)
 
-    # -- sync ------------------------------------------------------------------------------
+    @classmethod
+    def of(
+        cls,
+        inner: object,
+        fallbacks: Sequence[object] = (),
+        *,
+        identity: EmbedIdentity,
+        key: str | None = None,
+        fallback_keys: Sequence[str] | None = None,
+        compatible: bool = False,
+        policy: CallPolicy | None = None,
+        options: EngineOptions | Mapping[str, Any] = _NO_OPTIONS,
+        budget: Budget | None = None,
+        cache: VectorCache | None = None,
+        owner: str = "EmbeddingGuard",
+    ) -> EmbeddingGuard:
+        """The guard of an embedding model and its fallbacks, as both adapters build it:
+        keys derived with ``identity`` (or given), fallbacks that could not share an index
+        refused unless ``compatible`` (see :func:`equivalent_fallbacks`), a fallback with
+        a derived key already taken unguarded (see :func:`fallback_circuits`), the policy
+        given or built from the engine ``options``."""
+        fallbacks = list(fallbacks)
+        if any(model is inner for model in fallbacks):
+            raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
+        if not isinstance(compatible, bool):
+            raise TypeError(f"compatible: expected a bool, got {type(compatible).__name__}")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise TypeError(f"key: expected a non-empty string, got {key!r}")
+        provider, name, size = identity(inner)
+        key = key or circuit_key(provider, name)
+        identities = [identity(model) for model in fallbacks]
+        equivalent_fallbacks(
+            (name, size), [(n, s) for _, n, s in identities], compatible=compatible
+        )
+        keys = fallback_circuits(key, [circuit_key(p, n) for p, n, _ in identities], fallback_keys)
+        chosen = policy_from_options(policy, options, owner=owner)
+        return cls(chosen, key, fallback_keys=keys, budget=budget, cache=cache)
+
+    @staticmethod
+    def identity_of(
+        model: object, *, names: Sequence[str], sizes: Sequence[str]
+    ) -> tuple[str, str, int | None]:
+        """``(provider, model name, dimensions or None)`` of an embedding model, read as
+        both adapters read it: its class name lowercased without an ``Embedding(s)``
+        suffix (``OpenAIEmbeddings`` -> ``openai``), the first of its ``names``
+        attributes holding a string (else its class name), and the first of its ``sizes``
+        attributes holding a positive int.
+
+        >>> class AcmeEmbeddings:
+        ...     model, dimensions = "embed-1", 256
+        >>> EmbeddingGuard.identity_of(AcmeEmbeddings(), names=["model"], sizes=["dimensions"])
+        ('acme', 'embed-1', 256)
+        """
+        cls = type(model).__name__
+        provider = cls.lower().removesuffix("embeddings").removesuffix("embedding") or cls.lower()
+        found = (getattr(model, attribute, None) for attribute in names)
+        name = next((value for value in found if isinstance(value, str) and value), cls)
+        size = next(
+            (
+                value
+                for value in (getattr(model, attribute, None) for attribute in sizes)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0
+            ),
+            None,
+        )
+        return provider, name, size
+
+    # -- embedding: one body of decisions, two drivers (the cache's reads awaited) ----------
     def embed(
         self,
         kind: EmbedKind,
@@ -84,42 +163,17 @@ class EmbeddingGuard:
         fallbacks: Sequence[Embedder],
     ) -> list[list[float]]:
         """Each text's vector: from the cache, or from one guarded call for the misses."""
-        texts = _texts(texts)
-        if not texts:
-            return []
-        cache = self.cache
-        found: list[list[float] | None] = (
-            cache.get(self.key, kind, texts) if cache is not None else [None] * len(texts)
-        )
+        texts, cache = _texts(texts), self.cache
+        found = _unknown(texts) if cache is None or not texts else cache.get(self.key, kind, texts)
         misses = _misses(texts, found)
-        if not misses:
-            return _filled(texts, found, {})
-        vectors = self._run(misses, call, fallbacks)
-        if cache is not None:
-            cache.put(self.key, kind, misses, vectors)
-        return _filled(texts, found, dict(zip(misses, vectors, strict=True)))
+        computed: dict[str, list[float]] = {}
+        if misses:
+            vectors = self._guarded(self.policy.execute, misses, call, fallbacks, False)
+            if cache is not None:
+                cache.put(self.key, kind, misses, vectors)
+            computed = dict(zip(misses, vectors, strict=True))
+        return _filled(texts, found, computed)
 
-    def _run(
-        self, misses: list[str], call: Embedder, fallbacks: Sequence[Embedder]
-    ) -> list[list[float]]:
-        def checked(embedder: Embedder) -> Callable[[], list[list[float]]]:
-            return lambda: self._checked(misses, embedder(list(misses)))
-
-        plan, plan_key = self._plan([checked(fallback) for fallback in fallbacks])
-        if self.budget is None:
-            return self.policy.execute(
-                self.key, checked(call), fallback=plan, fallback_key=plan_key
-            )
-        return self.policy.execute(
-            self.key,
-            checked(call),
-            fallback=plan,
-            fallback_key=plan_key,
-            budget=self.budget,
-            request=_request(misses),
-        )
-
-    # -- async -----------------------------------------------------------------------------
     async def aembed(
         self,
         kind: EmbedKind,
@@ -128,18 +182,34 @@ class EmbeddingGuard:
         fallbacks: Sequence[AsyncEmbedder],
     ) -> list[list[float]]:
         """Async :meth:`embed`."""
-        texts = _texts(texts)
-        if not texts:
-            return []
-        cache = self.cache
-        found: list[list[float] | None] = [None] * len(texts)
-        if cache is not None:
+        texts, cache = _texts(texts), self.cache
+        found = _unknown(texts)
+        if cache is not None and texts:
             found = await cache.aget(self.key, kind, texts)
         misses = _misses(texts, found)
         if not misses:
             return _filled(texts, found, {})
+        vectors = await self._guarded(self.policy.aexecute, misses, call, fallbacks, True)
+        if cache is not None:
+            await cache.aput(self.key, kind, misses, vectors)
+        return _filled(texts, found, dict(zip(misses, vectors, strict=True)))
 
-        def checked(embedder: AsyncEmbedder) -> Callable[[], Awaitable[list[list[float]]]]:
+    def _guarded(
+        self,
+        execute: Callable[..., Any],
+        misses: list[str],
+        call: Callable[[list[str]], Any],
+        fallbacks: Sequence[Callable[[list[str]], Any]],
+        asynchronous: bool,
+    ) -> Any:
+        """One guarded call for the ``misses``, through ``execute`` (the policy's execute,
+        or aexecute: then the embedders return awaitables, and so does this): the inner
+        model, the fallbacks per the policy, the budget; each answer checked."""
+
+        def checked(embedder: Callable[[list[str]], Any]) -> Callable[[], Any]:
+            if not asynchronous:
+                return lambda: self._checked(misses, embedder(list(misses)))
+
             async def run() -> list[list[float]]:
                 return self._checked(misses, await embedder(list(misses)))
 
@@ -147,21 +217,15 @@ class EmbeddingGuard:
 
         plan, plan_key = self._plan([checked(fallback) for fallback in fallbacks])
         if self.budget is None:
-            vectors = await self.policy.aexecute(
-                self.key, checked(call), fallback=plan, fallback_key=plan_key
-            )
-        else:
-            vectors = await self.policy.aexecute(
-                self.key,
-                checked(call),
-                fallback=plan,
-                fallback_key=plan_key,
-                budget=self.budget,
-                request=_request(misses),
-            )
-        if cache is not None:
-            await cache.aput(self.key, kind, misses, vectors)
-        return _filled(texts, found, dict(zip(misses, vectors, strict=True)))
+            return execute(self.key, checked(call), fallback=plan, fallback_key=plan_key)
+        return execute(
+            self.key,
+            checked(call),
+            fallback=plan,
+            fallback_key=plan_key,
+            budget=self.budget,
+            request=_request(misses),
+        )
 
     # -- shared ----------------------------------------------------------------------------
     def _plan(self, calls: list[Any]) -> tuple[Any, str | None]:
@@ -267,6 +331,11 @@ def _texts(texts: Sequence[str]) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}]: expected a string, got {type(text).__name__}")
     return found
+
+
+def _unknown(texts: list[str]) -> list[list[float] | None]:
+    """No text's vector known (no cache, or nothing to look up)."""
+    return [None] * len(texts)
 
 
 def _misses(texts: list[str], found: list[list[float] | None]) -> list[str]:
