@@ -32,7 +32,7 @@ from typing import Any
 from ._store import Transition
 from ._types import CircuitState, ErrorClass
 
-__all__ = ["DEFAULT_LISTENER_TIMEOUT", "Event", "EventKind", "Listener", "logger"]
+__all__ = ["DEFAULT_LISTENER_TIMEOUT", "Announcer", "Event", "EventKind", "Listener", "logger"]
 
 DEFAULT_LISTENER_TIMEOUT = 5.0
 """Seconds an async listener may run before it is cancelled."""
@@ -234,3 +234,24 @@ async def _awaited(awaitable: Awaitable[object]) -> None:
 
 
 EventSink = Callable[[Event], None]
+
+
+class Announcer:
+    """Where one policy's events go: its listeners (changed by replacing the tuple, so
+    a dispatch in flight keeps the one it started with) and the ``callpolicy`` logger."""
+
+    __slots__ = ("listeners", "pending", "timeout")
+
+    def __init__(self, listeners: tuple[Listener, ...], timeout: float) -> None:
+        self.listeners = listeners
+        self.timeout = timeout
+        self.pending: set[asyncio.Task[None]] = set()
+        """Tasks of async listeners still running (``flush_listeners`` waits for them)."""
+
+    def heard(self, level: int) -> bool:
+        """Would an event logged at ``level`` reach anyone? Lets a cold path that fires
+        often (an open circuit's refusals) skip building events nobody reads."""
+        return bool(self.listeners) or logger.isEnabledFor(level)
+
+    def emit(self, event: Event) -> None:
+        dispatch(event, self.listeners, timeout=self.timeout, pending=self.pending)

@@ -1,0 +1,132 @@
+"""One description of a strategy's steps, run by a sync driver or an async one.
+
+The cold paths of a guarded call (a failure and its retries, the hand-over to a fallback,
+a guarded fallback, a list of fallbacks, the budget's reservation, the cache's lookup) are
+written once, as generator functions ("bodies") that make every decision themselves and
+``yield`` each step that touches the world as an :class:`Op`: call the model, admit to
+a circuit or record in it, sleep, reserve from a budget. The sync driver (:func:`run`)
+performs an op by calling its sync side, the async driver (:func:`arun`) by awaiting its
+async side, and each hands back the op's result (or throws its exception in at the
+``yield``). A body therefore reads as the plain sync code it is, and serves async callers
+unchanged: no second, hand-kept async copy of any decision.
+
+The healthy call never comes here: ``CallPolicy.execute``/``aexecute`` admit, call,
+record and count inline, and hand a body to a driver only once something went wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Generator
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from ._types import Outcome
+
+if TYPE_CHECKING:
+    from ._store import Circuit, Permit
+
+__all__ = ["Body", "Op", "admit_op", "arun", "call_op", "record_op", "release_op", "run"]
+
+T = TypeVar("T")
+
+_IGNORED = Outcome.IGNORED
+
+
+class Op:
+    """One step a body asks its driver to take: ``sync(*args, **kwargs)`` for the sync
+    driver; for the async one ``await asynchronous(...)``, or ``sync(...)`` when there is
+    no async side (a circuit whose sync methods never block)."""
+
+    __slots__ = ("args", "asynchronous", "kwargs", "sync")
+
+    def __init__(
+        self,
+        sync: Callable[..., Any],
+        asynchronous: Callable[..., Awaitable[Any]] | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        self.sync = sync
+        self.asynchronous = asynchronous
+        self.args = args
+        self.kwargs = kwargs
+
+
+Body = Generator[Op, Any, T]
+"""A strategy's steps: yields :class:`Op` s, returns the call's answer (or raises)."""
+
+
+def run(body: Body[T]) -> T:
+    """Run ``body`` in this thread, performing each op with its sync side."""
+    step: Callable[[Any], Op] = body.send
+    reply: Any = None
+    while True:
+        try:
+            op = step(reply)
+        except StopIteration as done:
+            return cast("T", done.value)
+        except BaseException:
+            reply = None  # the error's traceback holds this frame: no cycle through it
+            raise
+        try:
+            reply = op.sync(*op.args, **op.kwargs)
+            step = body.send
+        except BaseException as exc:
+            reply, step = exc, body.throw
+
+
+async def arun(body: Body[T]) -> T:
+    """Run ``body`` in this task, awaiting each op's async side."""
+    step: Callable[[Any], Op] = body.send
+    reply: Any = None
+    while True:
+        try:
+            op = step(reply)
+        except StopIteration as done:
+            return cast("T", done.value)
+        except BaseException:
+            reply = None
+            raise
+        try:
+            if op.asynchronous is None:
+                reply = op.sync(*op.args, **op.kwargs)
+            else:
+                reply = await op.asynchronous(*op.args, **op.kwargs)
+            step = body.send
+        except BaseException as exc:
+            reply, step = exc, body.throw
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+async def _acall(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return await fn()
+
+
+def call_op(fn: Callable[[], Any]) -> Op:
+    """Call ``fn`` (a model, a fallback); the async driver awaits what it returns."""
+    return Op(_call, _acall, fn)
+
+
+def admit_op(circuit: Circuit) -> Op:
+    return Op(circuit.admit, circuit.aadmit if circuit.is_async_native else None)
+
+
+def record_op(circuit: Circuit, permit: Permit, outcome: Outcome) -> Op:
+    return Op(circuit.record, circuit.arecord if circuit.is_async_native else None, permit, outcome)
+
+
+def _release(circuit: Circuit, permit: Permit) -> None:
+    circuit.record(permit, _IGNORED)
+
+
+async def _arelease(circuit: Circuit, permit: Permit) -> None:
+    # Shielded: the slot is freed even when the task was cancelled (the usual reason).
+    await asyncio.shield(circuit.arecord(permit, _IGNORED))
+
+
+def release_op(circuit: Circuit, permit: Permit) -> Op:
+    """Free the slot of an attempt that ended without an outcome (cancelled, interrupted)."""
+    return Op(_release, _arelease if circuit.is_async_native else None, circuit, permit)

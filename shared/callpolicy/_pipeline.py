@@ -1,0 +1,151 @@
+"""The pipeline: the strategies of one policy, composed once, in their order.
+
+Outermost first (docs/how-it-works.md draws it and says why each stands where it does)::
+
+    cache -> budget -> fallback -> retry -> breaker -> the model call
+
+The last three are the policy's own and are composed here, once, at construction, from
+what the policy was configured with: without a ``RetryPolicy`` there is no retry loop at
+all (a failure is settled by the breaker at once). The cache and the budget are handed to
+each call, so :meth:`Core.outer` wraps them around the policy's call, per call, and only
+for a call that has one.
+
+Each strategy is a module of its own, which owns its decisions, counts and events:
+``_caching``, ``_budgeting``, ``_fallback``, ``_retrying``, ``_breaking``. Its steps are
+written once and run by the sync or the async driver (``_drive``). A new strategy takes
+its place in the order the same way: an attempt timeout and hedging wrap the model call
+(between retry and breaker: every attempt is bounded, and each counts in the breaker);
+a rate limit and a concurrency limit stand after the budget and before the fallback
+(a call waits for capacity once, however many attempts it makes, and a refusal to wait
+longer is an error the fallback may serve).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ._breaking import Breaker, Verdict
+from ._budget import Budget
+from ._budgeting import Budgeting
+from ._cache import ResponseCache
+from ._caching import Caching, Fallback
+from ._classify import Classification
+from ._config import FallbackOn, RetryPolicy
+from ._drive import Body, Op
+from ._events import Announcer
+from ._fallback import Fallbacks, FallingBack
+from ._request import CallRequest
+from ._retrying import Retrying
+from ._store import Permit
+from ._tally import Tallies, _Tally
+from ._types import ErrorClass
+
+__all__ = ["Core"]
+
+
+class Core:
+    """What a :class:`~callpolicy.CallPolicy` is built of, behind its public face."""
+
+    __slots__ = (
+        "attempts",
+        "breaker",
+        "budgeting",
+        "caching",
+        "falling_back",
+        "retrying",
+        "tallies",
+    )
+
+    def __init__(
+        self,
+        *,
+        tallies: Tallies,
+        announcer: Announcer,
+        counted: frozenset[ErrorClass],
+        classify: Callable[[BaseException], Classification],
+        retry: RetryPolicy | None,
+        fallback_on: FallbackOn,
+        clock: Callable[[], float],
+        sleep: Callable[[float], object],
+        async_sleep: Callable[[float], Awaitable[object]],
+        rng: random.Random,
+    ) -> None:
+        self.tallies = tallies
+        breaker = Breaker(counted=counted, classify=classify, tallies=tallies, announcer=announcer)
+        self.breaker = breaker
+        self.retrying: Retrying | None = None
+        if retry is not None:
+            self.retrying = Retrying(
+                retry, breaker=breaker, clock=clock, sleep=sleep, async_sleep=async_sleep, rng=rng
+            )
+        self.attempts = breaker.settle if self.retrying is None else self.retrying.attempts
+        """After a first attempt failed: retry (if configured), then the verdict."""
+        self.falling_back = FallingBack(fallback_on, breaker=breaker)
+        self.budgeting = Budgeting(breaker=breaker)
+        self.caching = Caching(breaker=breaker)
+
+    def recover(
+        self,
+        tally: _Tally,
+        permit: Permit,
+        error: Exception,
+        call: Callable[[], Any],
+        fallback: Fallback,
+        fallback_key: str | None,
+        started: float,
+    ) -> Body[Any]:
+        """The first attempt failed with ``error``: the rest of the policy's pipeline (retry,
+        then the fallback), ending with an answer or the error to raise."""
+        verdict = yield from self.attempts(tally, permit, error, call, started)
+        if type(verdict) is not Verdict:
+            return verdict  # a retry answered
+        falling_back = self.falling_back
+        if fallback is not None and (
+            verdict.refused or falling_back.wants(verdict.classification, verdict.outcome)
+        ):
+            return (
+                yield from falling_back.serve(
+                    tally,
+                    fallback,
+                    fallback_key,
+                    verdict.error,
+                    verdict.classification,
+                    verdict.state,
+                )
+            )
+        raise verdict.error
+
+    def outer(
+        self,
+        key: str,
+        call: Callable[[], Any],
+        fallback: Fallback,
+        fallback_key: str | None,
+        budget: Budget | None,
+        cache: ResponseCache | None,
+        request: CallRequest[Any] | None,
+        execute: Callable[..., Any],
+        aexecute: Callable[..., Awaitable[Any]],
+    ) -> Body[Any]:
+        """The cache, then the budget, around the policy's own call (``execute`` or
+        ``aexecute``, whichever driver runs this), for a call that has either."""
+        if request is None:
+            raise TypeError("request: a CallRequest is needed when a budget or cache is given")
+
+        def route(routed: Fallback) -> Op:
+            return Op(execute, aexecute, key, call, fallback=routed, fallback_key=fallback_key)
+
+        def inner(routed: Fallback) -> Body[Any]:
+            if budget is None:
+                return (yield route(routed))
+            return (yield from self.budgeting.body(budget, request, key, routed, fallback_key, route))
+
+        if cache is None:
+            return (yield from inner(fallback))
+        return (yield from self.caching.body(cache, request, key, fallback, inner))
+
+
+def is_list(fallback: object) -> bool:
+    return isinstance(fallback, Fallbacks)
