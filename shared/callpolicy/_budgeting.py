@@ -99,7 +99,9 @@ class Budgeting:
         except BaseException:
             yield Op(budget.release, budget.arelease, reservation)
             raise
-        yield Op(budget.commit, budget.acommit, reservation, _usage(request, result), key=answered[0])
+        yield Op(
+            budget.commit, budget.acommit, reservation, _usage(request, result), key=answered[0]
+        )
         return result
 
 

@@ -177,8 +177,8 @@ class FallingBack:
         )
 
     def serve_now(
-        self, tally: _Tally, fallback: Callable[[], Any], cause: BaseException, state: CircuitState
-    ) -> Any:
+        self, tally: _Tally, fallback: Callable[[], T], cause: BaseException, state: CircuitState
+    ) -> T:
         """A plain fallback (no circuit of its own) after a refusal, called at once: the
         sync path an outage takes on every call, kept short."""
         self.handed_over(tally, cause, None)
@@ -242,7 +242,9 @@ class FallingBack:
                 return (yield from step(index, key, call))
             except Exception as exc:
                 keys.append(key)
-                errors.append(exc.with_traceback(None) if isinstance(exc, CircuitOpenError) else exc)
+                errors.append(
+                    exc.with_traceback(None) if isinstance(exc, CircuitOpenError) else exc
+                )
                 if index == last or not self.moves_on(key, exc):
                     break
         error = AllModelsFailedError(tuple(keys), tuple(errors))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ._breaking import Breaker, Verdict
 from ._budget import Budget
@@ -35,7 +35,7 @@ from ._classify import Classification
 from ._config import FallbackOn, RetryPolicy
 from ._drive import Body, Op
 from ._events import Announcer
-from ._fallback import Fallbacks, FallingBack
+from ._fallback import FallingBack
 from ._request import CallRequest
 from ._retrying import Retrying
 from ._store import Permit
@@ -43,6 +43,16 @@ from ._tally import Tallies, _Tally
 from ._types import ErrorClass
 
 __all__ = ["Core"]
+
+
+class Guarded(Protocol):
+    """The policy's own call, as the outer strategies (cache, budget) make it."""
+
+    @property
+    def execute(self) -> Callable[..., Any]: ...
+
+    @property
+    def aexecute(self) -> Callable[..., Awaitable[Any]]: ...
 
 
 class Core:
@@ -119,6 +129,7 @@ class Core:
 
     def outer(
         self,
+        policy: Guarded,
         key: str,
         call: Callable[[], Any],
         fallback: Fallback,
@@ -126,8 +137,6 @@ class Core:
         budget: Budget | None,
         cache: ResponseCache | None,
         request: CallRequest[Any] | None,
-        execute: Callable[..., Any],
-        aexecute: Callable[..., Awaitable[Any]],
     ) -> Body[Any]:
         """The cache, then the budget, around the policy's own call (``execute`` or
         ``aexecute``, whichever driver runs this), for a call that has either."""
@@ -135,17 +144,22 @@ class Core:
             raise TypeError("request: a CallRequest is needed when a budget or cache is given")
 
         def route(routed: Fallback) -> Op:
-            return Op(execute, aexecute, key, call, fallback=routed, fallback_key=fallback_key)
+            return Op(
+                policy.execute,
+                policy.aexecute,
+                key,
+                call,
+                fallback=routed,
+                fallback_key=fallback_key,
+            )
 
         def inner(routed: Fallback) -> Body[Any]:
             if budget is None:
                 return (yield route(routed))
-            return (yield from self.budgeting.body(budget, request, key, routed, fallback_key, route))
+            return (
+                yield from self.budgeting.body(budget, request, key, routed, fallback_key, route)
+            )
 
         if cache is None:
             return (yield from inner(fallback))
         return (yield from self.caching.body(cache, request, key, fallback, inner))
-
-
-def is_list(fallback: object) -> bool:
-    return isinstance(fallback, Fallbacks)

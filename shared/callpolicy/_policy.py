@@ -18,7 +18,6 @@ once for sync and async callers (``_drive``).
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from collections.abc import (
@@ -317,11 +316,11 @@ class CallPolicy:
         and a call the budget refuses (:class:`BudgetExceededError`) reaches no model.
         """
         if budget is not None or cache is not None:
-            core = self._core
-            outer = core.outer(
-                key, call, fallback, fallback_key, budget, cache, request, self.execute, self.aexecute
+            outer = self._core.outer(
+                self, key, call, fallback, fallback_key, budget, cache, request
             )
-            return run(outer)
+            answer: T = run(outer)
+            return answer
         tally = self._tallies.get(key) or self._tally(key)
         circuit = tally.circuit
         refused: CircuitOpenError | None = None
@@ -336,10 +335,14 @@ class CallPolicy:
             # the block: a model called while an exception is being handled runs slower.
             refused = refusal.with_traceback(None)
         if refused is not None:
+            assert fallback is not None
             state = _HALF_OPEN if refused.retry_in == 0.0 else _OPEN
             if fallback_key is None and not isinstance(fallback, Fallbacks):
                 return self._falling_back.serve_now(tally, fallback, refused, state)
-            return run(self._falling_back.serve(tally, fallback, fallback_key, refused, None, state))
+            answer = run(
+                self._falling_back.serve(tally, fallback, fallback_key, refused, None, state)
+            )
+            return answer
         started = self._clock() if self._timed else 0.0
         try:
             result = call()
@@ -354,7 +357,8 @@ class CallPolicy:
             tally.successes += 1
             return result
         # Outside the except block, as above: retries and the fallback run from here.
-        return run(recovery)
+        answer = run(recovery)
+        return answer
 
     async def aexecute(
         self,
@@ -374,9 +378,10 @@ class CallPolicy:
         """
         if budget is not None or cache is not None:
             outer = self._core.outer(
-                key, call, fallback, fallback_key, budget, cache, request, self.execute, self.aexecute
+                self, key, call, fallback, fallback_key, budget, cache, request
             )
-            return await arun(outer)
+            answer: T = await arun(outer)
+            return answer
         tally = self._tallies.get(key) or self._tally(key)
         circuit = tally.circuit
         native = circuit.is_async_native
@@ -389,9 +394,11 @@ class CallPolicy:
                 raise
             refused = refusal.with_traceback(None)  # served outside the block, as in execute
         if refused is not None:
+            assert fallback is not None
             state = _HALF_OPEN if refused.retry_in == 0.0 else _OPEN
             serving = self._falling_back.serve(tally, fallback, fallback_key, refused, None, state)
-            return await arun(serving)
+            answer = await arun(serving)
+            return answer
         started = self._clock() if self._timed else 0.0
         try:
             result = await call()
@@ -414,7 +421,8 @@ class CallPolicy:
                 circuit.record(permit, _SUCCESS)
             tally.successes += 1
             return result
-        return await arun(recovery)
+        answer = await arun(recovery)
+        return answer
 
     # -- the guarded stream (callpolicy/_stream.py) ---------------------------------------
     def stream(
@@ -457,7 +465,9 @@ class CallPolicy:
         """
         if fallback_finished is not None and not callable(fallback_finished):
             _check_markers(fallback, fallback_finished)
-        return guard_stream(self._core, key, start, fallback, fallback_key, finished, fallback_finished)
+        return guard_stream(
+            self._core, key, start, fallback, fallback_key, finished, fallback_finished
+        )
 
     def astream(
         self,
@@ -477,7 +487,9 @@ class CallPolicy:
         a cancelled consumer frees its slot like an early stop)."""
         if fallback_finished is not None and not callable(fallback_finished):
             _check_markers(fallback, fallback_finished)
-        return aguard_stream(self._core, key, start, fallback, fallback_key, finished, fallback_finished)
+        return aguard_stream(
+            self._core, key, start, fallback, fallback_key, finished, fallback_finished
+        )
 
 
 ENGINE_OPTIONS: tuple[str, ...] = (

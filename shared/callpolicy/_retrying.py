@@ -99,11 +99,18 @@ class Retrying:
         return delay
 
     def readmitted(
-        self, tally: _Tally, refusal: CircuitOpenError, last_error: Exception, attempts: int, started: float
+        self,
+        tally: _Tally,
+        refusal: CircuitOpenError,
+        last_error: Exception,
+        attempts: int,
+        started: float,
     ) -> None:
         """The circuit refused a retry: count the refusal, note on the error why we stopped."""
         self.breaker.refused(tally, refusal)
-        note_gave_up(last_error, tally.circuit, attempts, self.clock() - started, "the circuit opened")
+        note_gave_up(
+            last_error, tally.circuit, attempts, self.clock() - started, "the circuit opened"
+        )
 
     def attempts(
         self,

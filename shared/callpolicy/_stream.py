@@ -35,12 +35,10 @@ import logging
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
-    AsyncIterator,
     Awaitable,
     Callable,
     Generator,
     Iterable,
-    Iterator,
     Sequence,
 )
 from itertools import chain
@@ -171,9 +169,11 @@ def _opening(
     while permit is not None:
         classification, outcome = breaker.failed(tally, failure)
         state = yield record_op(circuit, permit, outcome)
-        if retrying is None or (
-            delay := retrying.delay(circuit, failure, classification, state, attempt, started)
-        ) is None:
+        if (
+            retrying is None
+            or (delay := retrying.delay(circuit, failure, classification, state, attempt, started))
+            is None
+        ):
             if fallback is None or not falling_back.wants(classification, outcome):
                 raise failure
             break
@@ -198,14 +198,14 @@ def _opening(
             breaker.cancelled(tally)
             yield release_op(circuit, permit)
             raise
-        return (_Leg(key, tally, permit, finished), *opened)
+        healed: Opened = (_Leg(key, tally, permit, finished), *opened)
+        return healed
     assert fallback is not None
     step = functools.partial(_open_step, core, key, markers)
-    return (
-        yield from falling_back.serve(
-            tally, fallback, fallback_key, failure, classification, state, step
-        )
+    served: Opened = yield from falling_back.serve(
+        tally, fallback, fallback_key, failure, classification, state, step
     )
+    return served
 
 
 def _open_step(
@@ -234,7 +234,8 @@ def _open_step(
             breaker.cancelled(tally)
             yield release_op(tally.circuit, leg.permit)  # type: ignore[arg-type]
         raise
-    return (leg, *opened)
+    found: Opened = (leg, *opened)
+    return found
 
 
 def _open(start: Callable[[], Iterable[C]], key: str, finished: Finished | None) -> tuple[Any, ...]:
