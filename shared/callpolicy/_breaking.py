@@ -17,20 +17,17 @@ from collections.abc import Callable
 from typing import Any
 
 from ._classify import Classification
-from ._drive import Body, admit_op, call_op, record_op, release_op
+from ._drive import Body, Held, Op, admit_op, record_op, release_op
 from ._errors import CircuitOpenError
 from ._events import Announcer, Event, EventKind, logger
 from ._store import Circuit, Permit
 from ._tally import Tallies, _Tally
 from ._types import CircuitState, ErrorClass, Outcome
 
-__all__ = ["Breaker", "Verdict"]
+__all__ = ["Breaker", "Verdict", "refused_state"]
 
-_SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
 _IGNORED = Outcome.IGNORED
-_OPEN = CircuitState.OPEN
-_HALF_OPEN = CircuitState.HALF_OPEN
 _AUTH = ErrorClass.AUTH
 
 
@@ -104,45 +101,56 @@ class Breaker:
                 circuit.key,
                 circuit.provider,
                 circuit.model,
-                state=_OPEN if refusal.retry_in != 0.0 else _HALF_OPEN,
+                state=refused_state(refusal),
                 failures=refusal.failures,
                 delay=refusal.retry_in,
             )
         )
 
     def settle(
-        self, tally: _Tally, permit: Permit, error: Exception, call: Any, started: float
-    ) -> Body[Any]:
+        self, tally: _Tally, permit: Permit, error: Exception, attempt: Op, started: float
+    ) -> Body[Verdict]:
         """The first attempt failed and nothing retries: record it; the verdict."""
         classification, outcome = self.failed(tally, error)
         state = yield record_op(tally.circuit, permit, outcome)
         return Verdict(error, classification, outcome, state)
 
-    def attempt(self, tally: _Tally, permit: Permit, call: Callable[[], Any]) -> Body[Any]:
-        """One admitted call: recorded, counted; its error is raised after recording."""
+    def abandon(self, tally: _Tally, permit: Permit) -> Body[None]:
+        """An attempt ended by a cancellation, an interrupt or another BaseException:
+        neither success nor failure; its slot is freed."""
+        self.tallies.add(tally, "cancelled")
+        yield release_op(tally.circuit, permit)
+
+    def guarded(self, tally: _Tally, attempt: Op, hold: bool = False) -> Body[Any]:
+        """``attempt`` once under ``tally``'s circuit (refused with CircuitOpenError when
+        open): its result, recorded and counted; or, with ``hold``, :class:`Held` with
+        the permit still to record (a stream's first chunk). Its error is raised after
+        it is recorded."""
         circuit = tally.circuit
         try:
-            result = yield call_op(call)
-        except Exception as exc:
-            _, outcome = self.failed(tally, exc)
-            yield record_op(circuit, permit, outcome)
-            raise
-        except BaseException:
-            self.cancelled(tally)
-            yield release_op(circuit, permit)
-            raise
-        yield record_op(circuit, permit, _SUCCESS)
-        tally.successes += 1
-        return result
-
-    def guarded(self, tally: _Tally, call: Callable[[], Any]) -> Body[Any]:
-        """``call`` once under ``tally``'s circuit: refused (CircuitOpenError) when open."""
-        try:
-            permit = yield admit_op(tally.circuit)
+            permit = yield admit_op(circuit)
         except CircuitOpenError as refusal:
             self.refused(tally, refusal)
             raise
-        return (yield from self.attempt(tally, permit, call))
+        try:
+            result = yield attempt
+        except Exception as exc:
+            yield record_op(circuit, permit, self.failed(tally, exc)[1])
+            raise
+        except BaseException:
+            yield from self.abandon(tally, permit)
+            raise
+        if hold:
+            return Held(permit, result)
+        yield record_op(circuit, permit, Outcome.SUCCESS)
+        tally.successes += 1
+        return result
+
+
+def refused_state(refusal: CircuitOpenError) -> CircuitState:
+    """The state a refusal comes from: half-open with its probe slots taken (no wait),
+    or open (cooling down, or held)."""
+    return CircuitState.HALF_OPEN if refusal.retry_in == 0.0 else CircuitState.OPEN
 
 
 def _warn_auth(circuit: Circuit, classification: Classification) -> None:

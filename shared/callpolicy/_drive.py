@@ -25,7 +25,18 @@ from ._types import Outcome
 if TYPE_CHECKING:
     from ._store import Circuit, Permit
 
-__all__ = ["Body", "Op", "admit_op", "arun", "call_op", "record_op", "release_op", "run"]
+__all__ = [
+    "Body",
+    "Held",
+    "Op",
+    "admit_op",
+    "arun",
+    "call_op",
+    "perform",
+    "record_op",
+    "release_op",
+    "run",
+]
 
 T = TypeVar("T")
 
@@ -56,45 +67,73 @@ Body = Generator[Op, Any, T]
 """A strategy's steps: yields :class:`Op` s, returns the call's answer (or raises)."""
 
 
+class Held:
+    """An attempt's result whose permit is still held: a stream that reached its first
+    chunk keeps its circuit's slot until it ends, and its outcome is recorded then."""
+
+    __slots__ = ("permit", "result")
+
+    def __init__(self, permit: Permit, result: Any) -> None:
+        self.permit = permit
+        self.result = result
+
+
+class _Steps:
+    """A body's progress, between its driver's steps: what to hand it next (an op's
+    result, or its error to throw in), and at the end the body's answer."""
+
+    __slots__ = ("body", "failed", "reply")
+
+    def __init__(self, body: Body[Any]) -> None:
+        self.body = body
+        self.reply: Any = None
+        self.failed = False
+
+    def next(self) -> Op | None:
+        """The body's next op, or None when it has answered (the answer is ``reply``)."""
+        reply, self.reply = self.reply, None
+        try:
+            if self.failed:
+                self.failed = False
+                return self.body.throw(reply)
+            return self.body.send(reply)
+        except StopIteration as done:
+            self.reply = done.value
+            return None
+        finally:
+            reply = None  # an error's traceback holds this frame: no cycle through it
+
+    def fail(self, exc: BaseException) -> None:
+        self.reply, self.failed = exc, True
+
+
 def run(body: Body[T]) -> T:
     """Run ``body`` in this thread, performing each op with its sync side."""
-    step: Callable[[Any], Op] = body.send
-    reply: Any = None
-    while True:
+    steps = _Steps(body)
+    while (op := steps.next()) is not None:
         try:
-            op = step(reply)
-        except StopIteration as done:
-            return cast("T", done.value)
-        except BaseException:
-            reply = None  # the error's traceback holds this frame: no cycle through it
-            raise
-        try:
-            reply = op.sync(*op.args, **op.kwargs)
-            step = body.send
+            steps.reply = op.sync(*op.args, **op.kwargs)
         except BaseException as exc:
-            reply, step = exc, body.throw
+            steps.fail(exc)
+    return cast("T", steps.reply)
 
 
 async def arun(body: Body[T]) -> T:
     """Run ``body`` in this task, awaiting each op's async side."""
-    step: Callable[[Any], Op] = body.send
-    reply: Any = None
-    while True:
+    steps = _Steps(body)
+    while (op := steps.next()) is not None:
         try:
-            op = step(reply)
-        except StopIteration as done:
-            return cast("T", done.value)
-        except BaseException:
-            reply = None
-            raise
-        try:
-            if op.asynchronous is None:
-                reply = op.sync(*op.args, **op.kwargs)
-            else:
-                reply = await op.asynchronous(*op.args, **op.kwargs)
-            step = body.send
+            steps.reply = await perform(op)
         except BaseException as exc:
-            reply, step = exc, body.throw
+            steps.fail(exc)
+    return cast("T", steps.reply)
+
+
+async def perform(op: Op) -> Any:
+    """One op, for an async caller."""
+    if op.asynchronous is None:
+        return op.sync(*op.args, **op.kwargs)
+    return await op.asynchronous(*op.args, **op.kwargs)
 
 
 def _call(fn: Callable[[], Any]) -> Any:

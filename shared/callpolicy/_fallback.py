@@ -223,7 +223,7 @@ class FallingBack:
         """One step of a list: under its key's circuit, or unguarded."""
         if key is None:
             return (yield call_op(call))
-        return (yield from self.breaker.guarded(self.breaker.tallies.get(key), call))
+        return (yield from self.breaker.guarded(self.breaker.tallies.get(key), call_op(call)))
 
     def walk(
         self,

@@ -26,21 +26,22 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ._breaking import Breaker, Verdict
+from ._breaking import Breaker, Verdict, refused_state
 from ._budget import Budget
 from ._budgeting import Budgeting
 from ._cache import ResponseCache
 from ._caching import Caching, Fallback
 from ._classify import Classification
 from ._config import FallbackOn, RetryPolicy
-from ._drive import Body, Op
+from ._drive import Body, Held, Op, admit_op, record_op
+from ._errors import CircuitOpenError
 from ._events import Announcer
-from ._fallback import FallingBack
+from ._fallback import FallingBack, Step
 from ._request import CallRequest
 from ._retrying import Retrying
 from ._store import Permit
 from ._tally import Tallies, _Tally
-from ._types import ErrorClass
+from ._types import ErrorClass, Outcome
 
 __all__ = ["Core"]
 
@@ -63,6 +64,7 @@ class Core:
         "breaker",
         "budgeting",
         "caching",
+        "clock",
         "falling_back",
         "retrying",
         "tallies",
@@ -83,6 +85,7 @@ class Core:
         rng: random.Random,
     ) -> None:
         self.tallies = tallies
+        self.clock = clock
         breaker = Breaker(counted=counted, classify=classify, tallies=tallies, announcer=announcer)
         self.breaker = breaker
         self.retrying: Retrying | None = None
@@ -101,31 +104,72 @@ class Core:
         tally: _Tally,
         permit: Permit,
         error: Exception,
-        call: Callable[[], Any],
+        attempt: Op,
         fallback: Fallback,
         fallback_key: str | None,
         started: float,
+        step: Step | None = None,
+        hold: bool = False,
     ) -> Body[Any]:
-        """The first attempt failed with ``error``: the rest of the policy's pipeline (retry,
-        then the fallback), ending with an answer or the error to raise."""
-        verdict = yield from self.attempts(tally, permit, error, call, started)
-        if type(verdict) is not Verdict:
-            return verdict  # a retry answered
+        """The first ``attempt`` failed with ``error``: the rest of the policy's pipeline
+        (retry, then the fallback, each of its calls made by ``step``), ending with an
+        answer or the error to raise. With ``hold`` a retry that succeeds answers
+        :class:`Held`, its permit still to record (a stream's)."""
+        ended = yield from self.attempts(tally, permit, error, attempt, started)
+        if type(ended) is Held:
+            if hold:
+                return ended
+            yield record_op(tally.circuit, ended.permit, Outcome.SUCCESS)
+            tally.successes += 1
+            return ended.result
+        assert isinstance(ended, Verdict)
         falling_back = self.falling_back
-        if fallback is not None and (
-            verdict.refused or falling_back.wants(verdict.classification, verdict.outcome)
+        if fallback is None or not (
+            ended.refused or falling_back.wants(ended.classification, ended.outcome)
         ):
-            return (
-                yield from falling_back.serve(
-                    tally,
-                    fallback,
-                    fallback_key,
-                    verdict.error,
-                    verdict.classification,
-                    verdict.state,
-                )
+            raise ended.error
+        cause, classification, state = ended.error, ended.classification, ended.state
+        return (
+            yield from falling_back.serve(
+                tally, fallback, fallback_key, cause, classification, state, step
             )
-        raise verdict.error
+        )
+
+    def held(
+        self,
+        tally: _Tally,
+        attempt: Op,
+        fallback: Fallback,
+        fallback_key: str | None,
+        step: Step,
+    ) -> Body[Any]:
+        """The whole pipeline around one ``attempt`` that keeps its permit (a stream's
+        opening): admission, retries, the fallback (by ``step``). :class:`Held` when the
+        primary's attempt succeeded, else what ``step`` answered for the fallback."""
+        started = self.clock() if self.retrying is not None else 0.0
+        try:
+            permit = yield admit_op(tally.circuit)
+        except CircuitOpenError as refusal:
+            self.breaker.refused(tally, refusal)
+            if fallback is None:
+                raise
+            cause = refusal.with_traceback(None)  # kept in the fallback's context: no cycle
+            serving = self.falling_back.serve(
+                tally, fallback, fallback_key, cause, None, refused_state(cause), step
+            )
+        else:
+            try:
+                result = yield attempt
+            except Exception as exc:
+                serving = self.recover(
+                    tally, permit, exc, attempt, fallback, fallback_key, started, step, True
+                )
+            except BaseException:
+                yield from self.breaker.abandon(tally, permit)
+                raise
+            else:
+                return Held(permit, result)
+        return (yield from serving)
 
     def outer(
         self,

@@ -37,7 +37,7 @@ from ._budget import Budget
 from ._cache import ResponseCache
 from ._classify import Classification, Classifier, classify_error
 from ._config import BreakerConfig, FallbackOn, RetryPolicy
-from ._drive import arun, run
+from ._drive import arun, call_op, run
 from ._errors import CircuitOpenError
 from ._events import DEFAULT_LISTENER_TIMEOUT, Announcer, Event, Listener, logger
 from ._fallback import Fallbacks
@@ -347,7 +347,9 @@ class CallPolicy:
         try:
             result = call()
         except Exception as exc:
-            recovery = self._recover(tally, permit, exc, call, fallback, fallback_key, started)
+            recovery = self._recover(
+                tally, permit, exc, call_op(call), fallback, fallback_key, started
+            )
         except BaseException:
             circuit.record(permit, _IGNORED)  # cancelled or interrupted: free the slot
             self._breaker.cancelled(tally)
@@ -403,7 +405,9 @@ class CallPolicy:
         try:
             result = await call()
         except Exception as exc:
-            recovery = self._recover(tally, permit, exc, call, fallback, fallback_key, started)
+            recovery = self._recover(
+                tally, permit, exc, call_op(call), fallback, fallback_key, started
+            )
         except BaseException:
             # Cancelled (CancelledError), interrupted or exiting: free the slot. Recording
             # here never awaits for the memory store, so it completes even inside a

@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from ._breaking import Breaker, Verdict
 from ._classify import Classification
 from ._config import RetryPolicy
-from ._drive import Body, Op, admit_op, call_op, record_op, release_op
+from ._drive import Body, Held, Op, admit_op, record_op
 from ._errors import CircuitOpenError, add_note
 from ._events import Event, EventKind
 from ._store import Circuit, Permit
 from ._tally import _Tally
-from ._types import CircuitState, Outcome
+from ._types import CircuitState
 
 __all__ = ["Retrying", "note_gave_up"]
 
-_SUCCESS = Outcome.SUCCESS
 _CLOSED = CircuitState.CLOSED
 _OPEN = CircuitState.OPEN
 
@@ -113,44 +111,37 @@ class Retrying:
         )
 
     def attempts(
-        self,
-        tally: _Tally,
-        permit: Permit,
-        error: Exception,
-        call: Callable[[], Any],
-        started: float,
-    ) -> Body[Any]:
-        """The first attempt failed with ``error``: record it, and retry while the policy
-        says so. Returns the answer of a retry that succeeded, or the :class:`Verdict`."""
+        self, tally: _Tally, permit: Permit, error: Exception, attempt: Op, started: float
+    ) -> Body[Verdict | Held]:
+        """The first ``attempt`` failed with ``error``: record it, and make the attempt
+        again while the policy says so. :class:`Held` (its permit still to record) for an
+        attempt that succeeded, else the :class:`Verdict`."""
         breaker = self.breaker
         circuit = tally.circuit
-        attempt = 1
+        count = 1
         while True:
             classification, outcome = breaker.failed(tally, error)
             state = yield record_op(circuit, permit, outcome)
-            delay = self.delay(circuit, error, classification, state, attempt, started)
+            delay = self.delay(circuit, error, classification, state, count, started)
             if delay is None:
                 return Verdict(error, classification, outcome, state)
             yield Op(self.sleep, self.async_sleep, delay)
-            attempt += 1
+            count += 1
             try:
                 permit = yield admit_op(circuit)
             except CircuitOpenError as refusal:
-                self.readmitted(tally, refusal, error, attempt - 1, started)
+                self.readmitted(tally, refusal, error, count - 1, started)
                 # Refused mid-retry: the circuit is open, so every mode falls back.
                 return Verdict(error, classification, outcome, _OPEN, refused=True)
             try:
-                result = yield call_op(call)
+                result = yield attempt
             except Exception as exc:
                 error = exc
-                continue
             except BaseException:
-                breaker.cancelled(tally)
-                yield release_op(circuit, permit)
+                yield from breaker.abandon(tally, permit)
                 raise
-            yield record_op(circuit, permit, _SUCCESS)
-            tally.successes += 1
-            return result
+            else:
+                return Held(permit, result)
 
 
 def note_gave_up(

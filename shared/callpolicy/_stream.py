@@ -44,8 +44,8 @@ from collections.abc import (
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
-from ._drive import Body, Op, admit_op, arun, record_op, release_op, run
-from ._errors import CircuitOpenError, IncompleteStreamError, add_note
+from ._drive import Body, Held, Op, arun, perform, record_op, release_op, run
+from ._errors import IncompleteStreamError, add_note
 from ._fallback import Fallbacks
 from ._types import CircuitState, Outcome
 
@@ -140,72 +140,26 @@ def _step_marker(markers: Markers, index: int) -> Finished | None:
     return markers[index]
 
 
-# -- the way to the first chunk, once something went wrong: one description --------------
+# -- the way to the first chunk: one description, for both drivers -----------------------
 def _opening(
     core: Core,
-    tally: _Tally,
-    permit: Permit | None,
-    failure: Exception,
+    key: str,
     start: Callable[[], Any],
     fallback: Callable[[], Any] | Fallbacks[Any] | None,
     fallback_key: str | None,
     finished: Finished | None,
     markers: Markers,
-    started: float,
 ) -> Body[Opened]:
-    """After a refusal (``permit`` None: a fallback is given) or the first attempt's
-    failure: the retries (per the policy's retry strategy), then the fallback's stream
-    (or a list's first to open), each up to its first chunk."""
-    circuit = tally.circuit
-    key = circuit.key
-    breaker = core.breaker
-    falling_back = core.falling_back
-    retrying = core.retrying
-    classification = None
-    if permit is None:
-        assert isinstance(failure, CircuitOpenError)
-        state = _HALF_OPEN if failure.retry_in == 0.0 else _OPEN
-    attempt = 1
-    while permit is not None:
-        classification, outcome = breaker.failed(tally, failure)
-        state = yield record_op(circuit, permit, outcome)
-        if (
-            retrying is None
-            or (delay := retrying.delay(circuit, failure, classification, state, attempt, started))
-            is None
-        ):
-            if fallback is None or not falling_back.wants(classification, outcome):
-                raise failure
-            break
-        yield Op(retrying.sleep, retrying.async_sleep, delay)
-        attempt += 1
-        try:
-            permit = yield admit_op(circuit)
-        except CircuitOpenError as refusal:
-            retrying.readmitted(tally, refusal, failure, attempt - 1, started)
-            permit = None
-        if permit is None:  # the circuit opened during the wait: every mode falls back
-            if fallback is None:
-                raise failure
-            state = _OPEN
-            break
-        try:
-            opened = yield Op(_open, _aopen, start, key, finished)
-        except Exception as exc:
-            failure = exc
-            continue
-        except BaseException:
-            breaker.cancelled(tally)
-            yield release_op(circuit, permit)
-            raise
-        healed: Opened = (_Leg(key, tally, permit, finished), *opened)
-        return healed
-    assert fallback is not None
+    """The primary's stream up to its first chunk, through the policy's pipeline
+    (admission, retries, then the fallback's stream or a list's first to open)."""
+    tally = core.tallies.by_key.get(key) or core.tallies.create(key)
+    attempt = Op(_open, _aopen, start, key, finished)
     step = functools.partial(_open_step, core, key, markers)
-    served: Opened = yield from falling_back.serve(
-        tally, fallback, fallback_key, failure, classification, state, step
-    )
-    return served
+    opened = yield from core.held(tally, attempt, fallback, fallback_key, step)
+    if type(opened) is not Held:
+        fallen: Opened = opened
+        return fallen
+    return (_Leg(key, tally, opened.permit, finished), *opened.result)
 
 
 def _open_step(
@@ -214,28 +168,14 @@ def _open_step(
     """A fallback's stream (step ``index`` of a list, or the one fallback), opened once
     under ``key``'s circuit (None: unguarded, named by the primary's key in notes), up to
     its first chunk; a failure before it is counted against that key and raised."""
-    tally = None if key is None else core.tallies.get(key)
-    leg = _Leg(key or primary, tally, None, _step_marker(markers, index))
-    breaker = core.breaker
-    if tally is not None:
-        try:
-            leg.permit = yield admit_op(tally.circuit)
-        except CircuitOpenError as refusal:
-            breaker.refused(tally, refusal)
-            raise
-    try:
-        opened = yield Op(_open, _aopen, call, leg.key, leg.finished)
-    except Exception as exc:
-        if tally is not None:
-            yield record_op(tally.circuit, leg.permit, breaker.failed(tally, exc)[1])  # type: ignore[arg-type]
-        raise
-    except BaseException:
-        if tally is not None:
-            breaker.cancelled(tally)
-            yield release_op(tally.circuit, leg.permit)  # type: ignore[arg-type]
-        raise
-    found: Opened = (leg, *opened)
-    return found
+    finished = _step_marker(markers, index)
+    attempt = Op(_open, _aopen, call, key or primary, finished)
+    if key is None:
+        stream, chunks, first = yield attempt
+        return _Leg(primary, None, None, finished), stream, chunks, first
+    tally = core.tallies.get(key)
+    held = yield from core.breaker.guarded(tally, attempt, hold=True)
+    return (_Leg(key, tally, held.permit, finished), *held.result)
 
 
 def _open(start: Callable[[], Iterable[C]], key: str, finished: Finished | None) -> tuple[Any, ...]:
@@ -248,7 +188,7 @@ def _open(start: Callable[[], Iterable[C]], key: str, finished: Finished | None)
         if first is _END and finished is not None:
             raise IncompleteStreamError(key, 0)
     except Exception:
-        _close_quietly(stream)
+        _close(stream, quietly=True)
         raise
     return stream, chunks, first
 
@@ -265,37 +205,35 @@ async def _aopen(start: Opener[C], key: str, finished: Finished | None) -> tuple
         if first is _END and finished is not None:
             raise IncompleteStreamError(key, 0)
     except Exception:
-        await _aclose_quietly(stream)
+        await _aclose(stream, quietly=True)
         raise
     return stream, chunks, first
 
 
-def _close(stream: object) -> None:
-    close = getattr(stream, "close", None)
-    if callable(close):
-        close()
-
-
-async def _aclose(stream: object) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if callable(aclose):
-        await aclose()
-
-
-def _close_quietly(*streams: object) -> None:
-    """Close a failed stream's resources; a second error there would hide the first."""
+def _close(*streams: object, quietly: bool = False) -> None:
+    """Close each stream that can be closed (the iterator, then the stream it came from).
+    ``quietly`` after a failure: a second error while closing would hide the first."""
     for stream in streams:
         try:
-            _close(stream)
+            close = getattr(stream, "close", None)
+            if callable(close):
+                close()
         except Exception:
+            if not quietly:
+                raise
             logger.debug("callpolicy: closing a failed stream failed", exc_info=True)
 
 
-async def _aclose_quietly(*streams: object) -> None:
+async def _aclose(*streams: object, quietly: bool = False) -> None:
+    """Async :func:`_close` (``aclose``)."""
     for stream in streams:
         try:
-            await _aclose(stream)
+            aclose = getattr(stream, "aclose", None)
+            if callable(aclose):
+                await aclose()
         except Exception:
+            if not quietly:
+                raise
             logger.debug("callpolicy: closing a failed stream failed", exc_info=True)
 
 
@@ -308,20 +246,14 @@ def _record(leg: _Leg, outcome: Outcome) -> None:
 async def _arecord(leg: _Leg, outcome: Outcome) -> None:
     assert leg.tally is not None
     assert leg.permit is not None
-    await run_async_op(record_op(leg.tally.circuit, leg.permit, outcome))
+    await perform(record_op(leg.tally.circuit, leg.permit, outcome))
 
 
 async def _arecord_shielded(leg: _Leg) -> None:
     """Free the slot of a stopped stream, even inside a cancelled task."""
     assert leg.tally is not None
     assert leg.permit is not None
-    await run_async_op(release_op(leg.tally.circuit, leg.permit))
-
-
-async def run_async_op(op: Op) -> Any:
-    if op.asynchronous is None:
-        return op.sync(*op.args, **op.kwargs)
-    return await op.asynchronous(*op.args, **op.kwargs)
+    await perform(release_op(leg.tally.circuit, leg.permit))
 
 
 # -- sync ----------------------------------------------------------------------------------
@@ -335,37 +267,8 @@ def guard_stream(
     fallback_finished: Markers,
 ) -> Generator[C, None, None]:
     """The guarded stream (see the module's rules); nothing happens until it is iterated."""
-    tally = core.tallies.by_key.get(key) or core.tallies.create(key)
-    circuit = tally.circuit
-    retrying = core.retrying
-    started = retrying.clock() if retrying is not None else 0.0
-    failure: Exception | None = None
-    permit: Permit | None = None
-    try:
-        permit = circuit.admit()
-    except CircuitOpenError as refusal:
-        core.breaker.refused(tally, refusal)
-        if fallback is None:
-            raise
-        failure = refusal.with_traceback(None)  # kept past its except block: no cycle
-    if permit is not None:  # the healthy way: straight to the first chunk
-        try:
-            stream, chunks, first = _open(start, key, finished)
-        except Exception as exc:
-            failure = exc
-        except BaseException:
-            circuit.record(permit, _IGNORED)
-            core.breaker.cancelled(tally)
-            raise
-    if failure is None:
-        leg = _Leg(key, tally, permit, finished)
-    else:
-        opening = _opening(
-            core, tally, permit, failure, start, fallback, fallback_key, finished,
-            fallback_finished, started,
-        )  # fmt: skip
-        failure = None
-        leg, stream, chunks, first = run(opening)
+    opening = _opening(core, key, start, fallback, fallback_key, finished, fallback_finished)
+    leg, stream, chunks, first = run(opening)
     # The chunks, inline: no second generator to pass each one through.
     finished = leg.finished
     marked = finished is None
@@ -383,19 +286,17 @@ def guard_stream(
         if yielding:  # thrown in by the consumer at the yield: not the provider's failure
             if _stopped(core, leg):
                 _record(leg, _IGNORED)
-            _close_quietly(chunks, stream)
+            _close(chunks, stream, quietly=True)
             raise
         broke = _broke(core, leg, exc, count)
-        _close_quietly(chunks, stream)
+        _close(chunks, stream, quietly=True)
         if broke is not None:
             _record(leg, broke)
         raise
     except BaseException:  # the consumer stopped (GeneratorExit at the yield), or interrupted
         if _stopped(core, leg):
             _record(leg, _IGNORED)
-        _close(chunks)
-        if stream is not chunks:
-            _close(stream)
+        _close(chunks, *(() if stream is chunks else (stream,)))
         raise
     ended, error = _ended(core, leg, marked, count)
     if ended is not None:
@@ -415,38 +316,8 @@ async def aguard_stream(
     fallback_finished: Markers,
 ) -> AsyncGenerator[C, None]:
     """Async :func:`guard_stream`."""
-    tally = core.tallies.by_key.get(key) or core.tallies.create(key)
-    circuit = tally.circuit
-    native = circuit.is_async_native
-    retrying = core.retrying
-    started = retrying.clock() if retrying is not None else 0.0
-    failure: Exception | None = None
-    permit: Permit | None = None
-    try:
-        permit = await circuit.aadmit() if native else circuit.admit()
-    except CircuitOpenError as refusal:
-        core.breaker.refused(tally, refusal)
-        if fallback is None:
-            raise
-        failure = refusal.with_traceback(None)
-    if permit is not None:
-        try:
-            stream, chunks, first = await _aopen(start, key, finished)
-        except Exception as exc:
-            failure = exc
-        except BaseException:
-            core.breaker.cancelled(tally)
-            await run_async_op(release_op(circuit, permit))
-            raise
-    if failure is not None:
-        opening = _opening(
-            core, tally, permit, failure, start, fallback, fallback_key, finished,
-            fallback_finished, started,
-        )  # fmt: skip
-        failure = None
-        leg, stream, chunks, first = await arun(opening)
-    else:
-        leg = _Leg(key, tally, permit, finished)
+    opening = _opening(core, key, start, fallback, fallback_key, finished, fallback_finished)
+    leg, stream, chunks, first = await arun(opening)
     # The chunks, inline (no second async generator to pass each one through).
     finished = leg.finished
     marked = finished is None
@@ -470,19 +341,17 @@ async def aguard_stream(
         if yielding:
             if _stopped(core, leg):
                 await _arecord(leg, _IGNORED)
-            await _aclose_quietly(chunks, stream)
+            await _aclose(chunks, stream, quietly=True)
             raise
         broke = _broke(core, leg, exc, count)
-        await _aclose_quietly(chunks, stream)
+        await _aclose(chunks, stream, quietly=True)
         if broke is not None:
             await _arecord(leg, broke)
         raise
     except BaseException:  # aclose() (GeneratorExit at the yield), or a cancelled task
         if _stopped(core, leg):
             await _arecord_shielded(leg)
-        await _aclose(chunks)
-        if stream is not chunks:
-            await _aclose(stream)
+        await _aclose(chunks, *(() if stream is chunks else (stream,)))
         raise
     ended, error = _ended(core, leg, marked, count)
     if ended is not None:
