@@ -36,6 +36,7 @@ __all__ = [
     "record_op",
     "release_op",
     "run",
+    "within",
 ]
 
 T = TypeVar("T")
@@ -155,6 +156,47 @@ def admit_op(circuit: Circuit) -> Op:
 
 def record_op(circuit: Circuit, permit: Permit, outcome: Outcome) -> Op:
     return Op(circuit.record, circuit.arecord if circuit.is_async_native else None, permit, outcome)
+
+
+def within(op: Op, cause: BaseException | None) -> Op:
+    """``op``, performed as if while ``cause`` is being handled (None: ``op`` as it is).
+
+    A fallback called after the primary failed runs in its place: its error, as raised
+    inside the primary's except block, would name the primary's error as its context,
+    and the classifier reads that chain (a bare ``ValueError`` with an HTTP error behind
+    it is the provider's failure, not the caller's). A body runs the fallback from its
+    driver, outside any except block, so the chain is completed here.
+    """
+    if cause is None:
+        return op
+    return Op(_within, _awithin, op, cause)
+
+
+def _within(op: Op, cause: BaseException) -> Any:
+    try:
+        return op.sync(*op.args, **op.kwargs)
+    except BaseException as exc:
+        _chain_context(exc, cause)
+        raise
+
+
+async def _awithin(op: Op, cause: BaseException) -> Any:
+    try:
+        return await perform(op)
+    except BaseException as exc:
+        _chain_context(exc, cause)
+        raise
+
+
+def _chain_context(exc: BaseException, cause: BaseException) -> None:
+    """Give the end of ``exc``'s context chain ``cause`` as its context."""
+    last = exc
+    while (context := last.__context__) is not None:
+        if context is cause:
+            return
+        last = context
+    if last is not cause:
+        last.__context__ = cause
 
 
 def _release(circuit: Circuit, permit: Permit) -> None:

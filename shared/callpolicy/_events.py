@@ -44,14 +44,20 @@ logger.addHandler(logging.NullHandler())
 
 
 class EventKind(str, enum.Enum):
+    """What an :class:`Event` tells (its string value is the kind's name in logs)."""
+
     STATE_CHANGE = "state_change"
+    """A circuit changed state (``old_state`` -> ``state``, with its ``reason``)."""
     REFUSED = "refused"
     """A call was refused because the circuit is open (before any fallback)."""
     RETRY = "retry"
+    """An attempt failed and another follows after ``delay`` seconds."""
     FALLBACK = "fallback"
+    """The call was handed to the fallback (after a refusal or the primary's failure)."""
     CACHE_HIT = "cache_hit"
     """An answer served from the response cache (``reason``: hit, shared or stale)."""
     BUDGET_REFUSED = "budget_refused"
+    """The budget refused the call before any model was reached."""
 
     def __str__(self) -> str:
         return self.value

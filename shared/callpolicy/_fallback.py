@@ -14,6 +14,7 @@ the :class:`FallbackStart` only when someone asks.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
@@ -23,7 +24,7 @@ from typing import Any, Generic, TypeVar
 from ._breaking import Breaker
 from ._classify import Classification
 from ._config import FallbackOn
-from ._drive import Body, call_op
+from ._drive import Body, call_op, within
 from ._errors import AllModelsFailedError, CircuitOpenError, add_note
 from ._events import Event, EventKind
 from ._store import Circuit
@@ -131,8 +132,9 @@ class Fallbacks(Generic[T]):
 
 _CALLER = ErrorClass.CALLER
 
-Step = Callable[[int, "str | None", Any], Body[Any]]
-"""How one fallback is tried: ``step(index in the list, its key or None, its call)``."""
+Step = Callable[..., Body[Any]]
+"""How one fallback is tried: ``step(index in the list, its key or None, its call,
+context=the error its errors chain to, or None)``."""
 _FAILURE = Outcome.FAILURE
 
 
@@ -200,17 +202,22 @@ class FallingBack:
         classification: Classification | None,
         state: CircuitState,
         step: Step | None = None,
+        chained: bool = False,
     ) -> Body[Any]:
         """The fallback's answer in place of the primary's (``fallback_start()`` tells it
         why): a list tried in order, or the one fallback, each by ``step`` (by default
-        :meth:`step`: a call under its key's circuit, or as it is without a key)."""
+        :meth:`step`: a call under its key's circuit, or as it is without a key).
+        ``chained``: the fallback's errors carry ``cause`` as their context, as when it
+        is called while the primary's error is handled (see ``_drive.within``)."""
         self.handed_over(tally, cause, classification)
         token = _current.set((tally.circuit.key, state, cause))
         step = step or self.step
+        context = cause if chained else None
         try:
             if isinstance(fallback, Fallbacks):
-                return (yield from self.walk(tally.circuit.key, fallback, cause, step))
-            return (yield from step(0, fallback_key, fallback))
+                walked = functools.partial(self.walk, tally.circuit.key, fallback, cause)
+                return (yield from walked(functools.partial(step, context=context)))
+            return (yield from step(0, fallback_key, fallback, context=context))
         except AllModelsFailedError:
             raise  # names every model already
         except Exception as exc:
@@ -219,11 +226,14 @@ class FallingBack:
         finally:
             _current.reset(token)
 
-    def step(self, index: int, key: str | None, call: Callable[[], Any]) -> Body[Any]:
-        """One step of a list: under its key's circuit, or unguarded."""
+    def step(
+        self, index: int, key: str | None, call: Callable[[], Any], context: BaseException | None
+    ) -> Body[Any]:
+        """One fallback (a step of a list): under its key's circuit, or unguarded."""
+        attempt = within(call_op(call), context)
         if key is None:
-            return (yield call_op(call))
-        return (yield from self.breaker.guarded(self.breaker.tallies.get(key), call_op(call)))
+            return (yield attempt)
+        return (yield from self.breaker.guarded(self.breaker.tallies.get(key), attempt))
 
     def walk(
         self,

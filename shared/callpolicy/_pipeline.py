@@ -129,9 +129,12 @@ class Core:
         ):
             raise ended.error
         cause, classification, state = ended.error, ended.classification, ended.state
+        # A call's fallback answers in the primary's place, so its errors chain to the
+        # primary's (the classifier reads that chain); a stream's fallback is opened
+        # after the primary's attempts are over, as a call of its own.
         return (
             yield from falling_back.serve(
-                tally, fallback, fallback_key, cause, classification, state, step
+                tally, fallback, fallback_key, cause, classification, state, step, not hold
             )
         )
 

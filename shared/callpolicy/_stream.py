@@ -31,32 +31,20 @@ stream and iterate: the chunk loop is the stream's hot path, written for each.
 from __future__ import annotations
 
 import functools
-import logging
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    Awaitable,
-    Callable,
-    Generator,
-    Iterable,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 
-from ._drive import Body, Held, Op, arun, perform, record_op, release_op, run
+from ._drive import Body, Held, Op, arun, perform, record_op, release_op, run, within
 from ._errors import IncompleteStreamError, add_note
+from ._events import logger
 from ._fallback import Fallbacks
-from ._types import CircuitState, Outcome
-
-if TYPE_CHECKING:
-    from ._pipeline import Core
-    from ._store import Permit
-    from ._tally import _Tally
+from ._pipeline import Core
+from ._store import Permit
+from ._tally import _Tally
+from ._types import Outcome
 
 __all__ = ["aguard_stream", "guard_stream"]
-
-logger = logging.getLogger("callpolicy")
 
 C = TypeVar("C")
 
@@ -65,16 +53,15 @@ _END: Final[Any] = object()
 
 _SUCCESS = Outcome.SUCCESS
 _IGNORED = Outcome.IGNORED
-_OPEN = CircuitState.OPEN
-_HALF_OPEN = CircuitState.HALF_OPEN
 
 Finished = Callable[[Any], bool]
 
 Markers = Finished | Sequence[Finished | None] | None
 """``fallback_finished``: one check (every fallback's), or one per step of a list."""
 
-Opener = Callable[[], "AsyncIterable[C] | Awaitable[AsyncIterable[C]]"]
-"""What opens an async stream: an async iterable, or an awaitable of one."""
+Opener = Callable[[], Any]
+"""What opens an async stream: returns an async iterable, or an awaitable of one
+(``CallPolicy.astream`` declares the types)."""
 
 Opened = tuple["_Leg", Any, Any, Any]
 """A stream that reached its first chunk: its leg, the stream, its iterator, the chunk."""
@@ -163,13 +150,19 @@ def _opening(
 
 
 def _open_step(
-    core: Core, primary: str, markers: Markers, index: int, key: str | None, call: Any
+    core: Core,
+    primary: str,
+    markers: Markers,
+    index: int,
+    key: str | None,
+    call: Any,
+    context: BaseException | None,
 ) -> Body[Opened]:
     """A fallback's stream (step ``index`` of a list, or the one fallback), opened once
     under ``key``'s circuit (None: unguarded, named by the primary's key in notes), up to
     its first chunk; a failure before it is counted against that key and raised."""
     finished = _step_marker(markers, index)
-    attempt = Op(_open, _aopen, call, key or primary, finished)
+    attempt = within(Op(_open, _aopen, call, key or primary, finished), context)
     if key is None:
         stream, chunks, first = yield attempt
         return _Leg(primary, None, None, finished), stream, chunks, first
@@ -193,13 +186,13 @@ def _open(start: Callable[[], Iterable[C]], key: str, finished: Finished | None)
     return stream, chunks, first
 
 
-async def _aopen(start: Opener[C], key: str, finished: Finished | None) -> tuple[Any, ...]:
+async def _aopen(start: Opener, key: str, finished: Finished | None) -> tuple[Any, ...]:
     """Async :func:`_open`."""
-    stream: AsyncIterable[C] | None = None
+    stream: Any = None
     try:
         opened = start()
         # LlamaIndex's astream_* are coroutines returning the generator.
-        stream = cast("AsyncIterable[C]", opened if hasattr(opened, "__aiter__") else await opened)
+        stream = opened if hasattr(opened, "__aiter__") else await opened
         chunks = aiter(stream)
         first = await anext(chunks, _END)
         if first is _END and finished is not None:
@@ -265,7 +258,7 @@ def guard_stream(
     fallback_key: str | None,
     finished: Finished | None,
     fallback_finished: Markers,
-) -> Generator[C, None, None]:
+) -> Iterator[C]:
     """The guarded stream (see the module's rules); nothing happens until it is iterated."""
     opening = _opening(core, key, start, fallback, fallback_key, finished, fallback_finished)
     leg, stream, chunks, first = run(opening)
@@ -280,8 +273,7 @@ def guard_stream(
             yielding = True
             yield chunk
             yielding = False
-            if not marked:
-                marked = finished(chunk)  # type: ignore[misc]
+            marked = marked or finished(chunk)  # type: ignore[misc]
     except Exception as exc:
         if yielding:  # thrown in by the consumer at the yield: not the provider's failure
             if _stopped(core, leg):
@@ -309,12 +301,12 @@ def guard_stream(
 async def aguard_stream(
     core: Core,
     key: str,
-    start: Opener[C],
-    fallback: Opener[C] | Fallbacks[AsyncIterable[C] | Awaitable[AsyncIterable[C]]] | None,
+    start: Opener,
+    fallback: Opener | Fallbacks[Any] | None,
     fallback_key: str | None,
     finished: Finished | None,
     fallback_finished: Markers,
-) -> AsyncGenerator[C, None]:
+) -> AsyncIterator[C]:
     """Async :func:`guard_stream`."""
     opening = _opening(core, key, start, fallback, fallback_key, finished, fallback_finished)
     leg, stream, chunks, first = await arun(opening)

@@ -39,14 +39,20 @@ class _Counts:
     def __init__(self) -> None:
         self.failures: dict[ErrorClass, int] = {}
         self.ignored: dict[ErrorClass, int] = {}
-        self.cancelled = 0
-        self.refusals = 0
-        self.retries = 0
-        self.fallbacks = 0
-        self.cache_hits = 0
-        self.cache_misses = 0
-        self.budget_refusals = 0
+        self.cancelled = self.refusals = self.retries = self.fallbacks = 0
+        self.cache_hits = self.cache_misses = self.budget_refusals = 0
 
+
+_PLAIN = (
+    "cancelled",
+    "refusals",
+    "retries",
+    "fallbacks",
+    "cache_hits",
+    "cache_misses",
+    "budget_refusals",
+)
+"""The counts that are one number each, named as :class:`KeyMetrics` names them."""
 
 _NONE = _Counts()
 """What a key that never needed a count reads as (never written to)."""
@@ -74,13 +80,7 @@ class _Tally:
             successes=self.successes,
             failures=failures,
             ignored=ignored,
-            cancelled=more.cancelled,
-            refusals=more.refusals,
-            retries=more.retries,
-            fallbacks=more.fallbacks,
-            cache_hits=more.cache_hits,
-            cache_misses=more.cache_misses,
-            budget_refusals=more.budget_refusals,
+            **{name: getattr(more, name) for name in _PLAIN},
         )
 
 
