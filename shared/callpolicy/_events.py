@@ -254,6 +254,24 @@ class Announcer:
         self.pending: set[asyncio.Task[None]] = set()
         """Tasks of async listeners still running (``flush_listeners`` waits for them)."""
 
+    def add(self, listener: Listener) -> None:
+        if not callable(listener):
+            raise TypeError("listener: expected a callable taking an Event")
+        if listener not in self.listeners:
+            self.listeners = (*self.listeners, listener)
+
+    def remove(self, listener: Listener) -> None:
+        self.listeners = tuple(x for x in self.listeners if x is not listener)
+
+    async def flush(self) -> None:
+        """Wait for the async listeners' tasks on the running loop (see the module)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            mine = [t for t in list(self.pending) if t.get_loop() is loop]
+            if not mine:
+                return
+            await asyncio.wait(mine)
+
     def heard(self, level: int) -> bool:
         """Would an event logged at ``level`` reach anyone? Lets a cold path that fires
         often (an open circuit's refusals) skip building events nobody reads."""

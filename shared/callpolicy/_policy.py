@@ -30,13 +30,12 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import replace
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar
 
 from ._budget import Budget
 from ._cache import ResponseCache
 from ._classify import Classification, Classifier, classify_error
-from ._config import BreakerConfig, FallbackOn, RetryPolicy
+from ._config import BreakerConfig, FallbackOn, RetryPolicy, checked_policy_options
 from ._drive import arun, call_op, run
 from ._errors import CircuitOpenError
 from ._events import DEFAULT_LISTENER_TIMEOUT, Announcer, Event, Listener, logger
@@ -59,7 +58,6 @@ _SUCCESS = Outcome.SUCCESS
 _IGNORED = Outcome.IGNORED
 _OPEN = CircuitState.OPEN
 _HALF_OPEN = CircuitState.HALF_OPEN
-_FALLBACK_MODES: tuple[str, ...] = get_args(FallbackOn)
 
 
 class CallPolicy:
@@ -109,43 +107,25 @@ class CallPolicy:
         rng: random.Random | None = None,
         **breaker_options: Any,
     ) -> None:
-        if breaker is not None and breaker_options:
-            raise TypeError(
-                "pass either breaker=BreakerConfig(...) or breaker options "
-                f"({', '.join(sorted(breaker_options))}), not both"
-            )
-        if breaker is None:
-            breaker = BreakerConfig(**breaker_options)
-        elif not isinstance(breaker, BreakerConfig):
-            raise TypeError(f"breaker: expected a BreakerConfig, got {type(breaker).__name__}")
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise TypeError(f"retry: expected a RetryPolicy or None, got {type(retry).__name__}")
-        if fallback_on not in _FALLBACK_MODES:
-            raise ValueError(f"fallback_on: expected one of {_FALLBACK_MODES}, got {fallback_on!r}")
-        if classifier is not None and not callable(classifier):
-            raise TypeError("classifier: expected a callable taking an exception")
+        breaker, listeners, timeout = checked_policy_options(
+            breaker,
+            breaker_options,
+            retry=retry,
+            fallback_on=fallback_on,
+            classifier=classifier,
+            callables={"clock": clock, "sleep": sleep, "async_sleep": async_sleep},
+            listeners=listeners,
+            listener_timeout=listener_timeout,
+        )
         if store is not None and not isinstance(store, CircuitStore):
             raise TypeError(f"store: {type(store).__name__} does not implement CircuitStore")
-        for name, fn in (("clock", clock), ("sleep", sleep), ("async_sleep", async_sleep)):
-            if not callable(fn):
-                raise TypeError(f"{name}: expected a callable")
-        if isinstance(listener_timeout, bool) or not isinstance(listener_timeout, (int, float)):
-            raise TypeError("listener_timeout: expected a number of seconds")
-        if not 0 < listener_timeout < float("inf"):
-            raise ValueError(
-                f"listener_timeout: expected a positive number, got {listener_timeout}"
-            )
-        listeners = tuple(listeners)
-        for listener in listeners:
-            if not callable(listener):
-                raise TypeError("listeners: expected callables taking an Event")
         self.breaker = breaker
         self.retry = retry
         self.fallback_on: FallbackOn = fallback_on
         self._classifier = classifier or classify_error
         self._store: CircuitStore = store if store is not None else MemoryStore(clock=clock)
         self._clock = clock
-        self._announcer = announcer = Announcer(listeners, float(listener_timeout))
+        self._announcer = announcer = Announcer(listeners, timeout)
         self._listener_tasks = announcer.pending
         tallies = Tallies(self._new_circuit)
         self._tallies = tallies.by_key
@@ -191,25 +171,15 @@ class CallPolicy:
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(event)`` for every :class:`Event` from now on (once: adding the
         same listener again changes nothing)."""
-        if not callable(listener):
-            raise TypeError("listener: expected a callable taking an Event")
-        announcer = self._announcer
-        if listener not in announcer.listeners:
-            announcer.listeners = (*announcer.listeners, listener)
+        self._announcer.add(listener)
 
     def remove_listener(self, listener: Listener) -> None:
-        announcer = self._announcer
-        announcer.listeners = tuple(x for x in announcer.listeners if x is not listener)
+        self._announcer.remove(listener)
 
     async def flush_listeners(self) -> None:
         """Wait until the async listeners this policy scheduled on the running event loop
         have finished (each is bounded by ``listener_timeout``)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            mine = [t for t in list(self._listener_tasks) if t.get_loop() is loop]
-            if not mine:
-                return
-            await asyncio.wait(mine)
+        await self._announcer.flush()
 
     def classify(self, exc: BaseException) -> Classification:
         """Classify ``exc`` with this policy's classifier (falls back to the built-in one
@@ -235,18 +205,7 @@ class CallPolicy:
     def snapshot(self) -> dict[str, CircuitSnapshot]:
         """Every known circuit's state, by key, each with this policy's :class:`KeyMetrics`
         (``metrics``)."""
-        found = {c.key: c for c in self._store.circuits()}
-        tallies = dict(self._tallies)
-        found.update((key, tally.circuit) for key, tally in tallies.items())
-        counts = self.metrics()
-        return {
-            key: replace(
-                circuit.snapshot(),
-                metrics=counts.get(key)
-                or KeyMetrics(key=key, provider=circuit.provider, model=circuit.model),
-            )
-            for key, circuit in sorted(found.items())
-        }
+        return self._metrics.snapshot(self._store.circuits())
 
     def metrics(self) -> dict[str, KeyMetrics]:
         """This policy's counts (calls, successes, failures by class, refusals, retries,

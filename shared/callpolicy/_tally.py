@@ -13,10 +13,11 @@ tallies' lock.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from ._store import Circuit
-from ._types import ErrorClass, KeyMetrics
+from ._types import CircuitSnapshot, ErrorClass, KeyMetrics
 
 __all__ = ["Tallies"]
 
@@ -136,6 +137,20 @@ class Tallies:
     def metrics(self) -> dict[str, KeyMetrics]:
         with self.lock:
             return {key: tally.metrics() for key, tally in sorted(self.by_key.items())}
+
+    def snapshot(self, stored: Iterable[Circuit]) -> dict[str, CircuitSnapshot]:
+        """The ``stored`` circuits and this policy's, by key, each with its counts."""
+        found = {circuit.key: circuit for circuit in stored}
+        found.update((key, tally.circuit) for key, tally in list(self.by_key.items()))
+        counts = self.metrics()
+        return {
+            key: replace(
+                circuit.snapshot(),
+                metrics=counts.get(key)
+                or KeyMetrics(key=key, provider=circuit.provider, model=circuit.model),
+            )
+            for key, circuit in sorted(found.items())
+        }
 
     def fallback_served(self) -> dict[str, int]:
         with self.lock:
