@@ -18,6 +18,7 @@ once for sync and async callers (``_drive``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import (
@@ -34,11 +35,11 @@ from typing import Any, TypeVar
 
 from ._budget import Budget
 from ._cache import ResponseCache
-from ._classify import Classification, Classifier, classify_error
+from ._classify import Classification, Classifier, classify_error, classify_with
 from ._config import BreakerConfig, FallbackOn, RetryPolicy, checked_policy_options
 from ._drive import arun, call_op, run
 from ._errors import CircuitOpenError
-from ._events import DEFAULT_LISTENER_TIMEOUT, Announcer, Event, Listener, logger
+from ._events import DEFAULT_LISTENER_TIMEOUT, Announcer, Event, Listener
 from ._fallback import Fallbacks
 from ._memory import MemoryStore
 from ._pipeline import Core
@@ -47,7 +48,7 @@ from ._request import CallRequest
 from ._store import Circuit, CircuitStore, Transition
 from ._stream import aguard_stream, guard_stream
 from ._tally import Tallies
-from ._types import CircuitSnapshot, CircuitState, KeyMetrics, Outcome, split_key
+from ._types import CircuitSnapshot, CircuitState, KeyMetrics, Outcome
 
 __all__ = ["CallPolicy"]
 
@@ -127,7 +128,8 @@ class CallPolicy:
         self._clock = clock
         self._announcer = announcer = Announcer(listeners, timeout)
         self._listener_tasks = announcer.pending
-        tallies = Tallies(self._new_circuit)
+        on_transition = functools.partial(_announce_transition, announcer)
+        tallies = Tallies(self._store, breaker, on_transition)
         self._tallies = tallies.by_key
         self._tally = tallies.create
         self._metrics = tallies
@@ -150,19 +152,6 @@ class CallPolicy:
         self._timed = retry is not None
         """Only a retry's deadline needs the time the first attempt started."""
 
-    def _new_circuit(self, key: str) -> Circuit:
-        provider, model = split_key(key)
-        return self._store.circuit(
-            key,
-            provider=provider,
-            model=model,
-            config=self.breaker,
-            on_transition=self._on_transition,
-        )
-
-    def _on_transition(self, transition: Transition) -> None:
-        self._announcer.emit(Event.from_transition(transition))
-
     # -- public inspection and control -----------------------------------------------
     @property
     def store(self) -> CircuitStore:
@@ -184,15 +173,7 @@ class CallPolicy:
     def classify(self, exc: BaseException) -> Classification:
         """Classify ``exc`` with this policy's classifier (falls back to the built-in one
         if a user classifier fails, and logs that failure)."""
-        try:
-            found = self._classifier(exc)
-        except Exception:
-            logger.exception("callpolicy classifier failed; using the built-in one")
-            return classify_error(exc)
-        if not isinstance(found, Classification):
-            logger.error("callpolicy classifier returned %r, not a Classification", found)
-            return classify_error(exc)
-        return found
+        return classify_with(self._classifier, exc)
 
     def circuit(self, key: str) -> Circuit:
         """The circuit of ``key`` (``provider::model``), created on first use."""
@@ -453,6 +434,10 @@ class CallPolicy:
         return aguard_stream(
             self._core, key, start, fallback, fallback_key, finished, fallback_finished
         )
+
+
+def _announce_transition(announcer: Announcer, transition: Transition) -> None:
+    announcer.emit(Event.from_transition(transition))
 
 
 ENGINE_OPTIONS: tuple[str, ...] = (

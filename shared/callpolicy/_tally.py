@@ -13,11 +13,12 @@ tallies' lock.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 
-from ._store import Circuit
-from ._types import CircuitSnapshot, ErrorClass, KeyMetrics
+from ._config import BreakerConfig
+from ._store import Circuit, CircuitStore, TransitionListener
+from ._types import CircuitSnapshot, ErrorClass, KeyMetrics, split_key
 
 __all__ = ["Tallies"]
 
@@ -88,13 +89,17 @@ class _Tally:
 class Tallies:
     """The keys this policy has seen: each one's circuit (from the store) and counts."""
 
-    __slots__ = ("by_key", "lock", "make_circuit")
+    __slots__ = ("by_key", "config", "lock", "on_transition", "store")
 
-    def __init__(self, make_circuit: Callable[[str], Circuit]) -> None:
+    def __init__(
+        self, store: CircuitStore, config: BreakerConfig, on_transition: TransitionListener
+    ) -> None:
         self.by_key: dict[str, _Tally] = {}
         """Read without the lock (a dict lookup is atomic): the hot path's one step."""
         self.lock = threading.Lock()
-        self.make_circuit = make_circuit
+        self.store = store
+        self.config = config
+        self.on_transition = on_transition
 
     def get(self, key: str) -> _Tally:
         return self.by_key.get(key) or self.create(key)
@@ -104,7 +109,14 @@ class Tallies:
             tally = self.by_key.get(key)
             if tally is not None:
                 return tally
-        circuit = self.make_circuit(key)  # outside the lock: a store may do I/O
+        provider, model = split_key(key)
+        circuit = self.store.circuit(  # outside the lock: a store may do I/O
+            key,
+            provider=provider,
+            model=model,
+            config=self.config,
+            on_transition=self.on_transition,
+        )
         with self.lock:
             # The store hands out one circuit per key, so a racing creator built the same.
             return self.by_key.setdefault(key, _Tally(circuit))
