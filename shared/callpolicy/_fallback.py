@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -178,13 +178,18 @@ class FallingBack:
             )
         )
 
+    def enter(self, tally: _Tally, cause: BaseException, state: CircuitState) -> Token[Any]:
+        """Count and announce the hand-over after a refusal, and tell the fallback why
+        (``fallback_start()``) until the token is reset."""
+        self.handed_over(tally, cause, None)
+        return _current.set((tally.circuit.key, state, cause))
+
     def serve_now(
         self, tally: _Tally, fallback: Callable[[], T], cause: BaseException, state: CircuitState
     ) -> T:
         """A plain fallback (no circuit of its own) after a refusal, called at once: the
         sync path an outage takes on every call, kept short."""
-        self.handed_over(tally, cause, None)
-        token = _current.set((tally.circuit.key, state, cause))
+        token = self.enter(tally, cause, state)
         try:
             return fallback()
         except Exception as exc:
@@ -192,6 +197,25 @@ class FallingBack:
             raise
         finally:
             _current.reset(token)
+
+    async def aserve_now(
+        self,
+        tally: _Tally,
+        fallback: Callable[[], Awaitable[T]],
+        cause: BaseException,
+        state: CircuitState,
+    ) -> T:
+        """Async :meth:`serve_now` (the variable is set in this task's context, which the
+        fallback's coroutine, awaited here, shares)."""
+        token = self.enter(tally, cause, state)
+        try:
+            answer = await fallback()
+        except Exception as exc:
+            failed_over(exc, tally.circuit, cause)
+            raise
+        finally:
+            _current.reset(token)
+        return answer
 
     def serve(
         self,

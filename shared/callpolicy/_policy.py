@@ -338,6 +338,8 @@ class CallPolicy:
         if refused is not None:
             assert fallback is not None
             state = _HALF_OPEN if refused.retry_in == 0.0 else _OPEN
+            if fallback_key is None and not isinstance(fallback, Fallbacks):
+                return await self._falling_back.aserve_now(tally, fallback, refused, state)
             serving = self._falling_back.serve(tally, fallback, fallback_key, refused, None, state)
             answer = await arun(serving)
             return answer
