@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import time
@@ -21,7 +22,15 @@ from typing import Any
 
 from ._types import ErrorClass
 
-__all__ = ["Classification", "Classifier", "classify_error", "retry_after_from_headers"]
+_logger = logging.getLogger("callpolicy")
+
+__all__ = [
+    "Classification",
+    "Classifier",
+    "classify_error",
+    "classify_with",
+    "retry_after_from_headers",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,3 +381,17 @@ def _structural_class(exc: BaseException, text: str) -> tuple[ErrorClass, int | 
     if isinstance(exc, ConnectionError):
         return ErrorClass.NETWORK, None
     return None
+
+
+def classify_with(classifier: Classifier, exc: BaseException) -> Classification:
+    """``classifier(exc)``, or the built-in classification when a user's classifier fails
+    or returns something else (logged: a broken classifier must not break the call)."""
+    try:
+        found = classifier(exc)
+    except Exception:
+        _logger.exception("callpolicy classifier failed; using the built-in one")
+        return classify_error(exc)
+    if not isinstance(found, Classification):
+        _logger.error("callpolicy classifier returned %r, not a Classification", found)
+        return classify_error(exc)
+    return found

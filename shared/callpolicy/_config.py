@@ -9,7 +9,8 @@ finite and within a range (``_numbers``): inf, NaN, bools and numeric strings ar
 from __future__ import annotations
 
 import random
-from typing import Literal
+from collections.abc import Iterable
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -23,6 +24,7 @@ __all__ = [
     "FallbackOn",
     "RetryPolicy",
     "Seconds",
+    "checked_policy_options",
 ]
 
 _MAX_CALLS = 1_000_000
@@ -175,3 +177,45 @@ class RetryPolicy(BaseModel):
         if retry_after is not None and self.honor_retry_after:
             return min(max(retry_after, 0.0), self.max_retry_after)
         return self.backoff(attempt, rng)
+
+
+def checked_policy_options(
+    breaker: BreakerConfig | None,
+    breaker_options: dict[str, Any],
+    *,
+    retry: object,
+    fallback_on: object,
+    classifier: object,
+    callables: dict[str, object],
+    listeners: Iterable[object],
+    listener_timeout: object,
+) -> tuple[BreakerConfig, tuple[Any, ...], float]:
+    """``CallPolicy``'s arguments checked, each error naming its argument: the breaker's
+    options as one :class:`BreakerConfig`, the listeners, and the listener timeout."""
+    if breaker is not None and breaker_options:
+        raise TypeError(
+            "pass either breaker=BreakerConfig(...) or breaker options "
+            f"({', '.join(sorted(breaker_options))}), not both"
+        )
+    if breaker is None:
+        breaker = BreakerConfig(**breaker_options)
+    elif not isinstance(breaker, BreakerConfig):
+        raise TypeError(f"breaker: expected a BreakerConfig, got {type(breaker).__name__}")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry: expected a RetryPolicy or None, got {type(retry).__name__}")
+    modes = get_args(FallbackOn)
+    if fallback_on not in modes:
+        raise ValueError(f"fallback_on: expected one of {modes}, got {fallback_on!r}")
+    if classifier is not None and not callable(classifier):
+        raise TypeError("classifier: expected a callable taking an exception")
+    for name, fn in callables.items():
+        if not callable(fn):
+            raise TypeError(f"{name}: expected a callable")
+    if isinstance(listener_timeout, bool) or not isinstance(listener_timeout, (int, float)):
+        raise TypeError("listener_timeout: expected a number of seconds")
+    if not 0 < listener_timeout < float("inf"):
+        raise ValueError(f"listener_timeout: expected a positive number, got {listener_timeout}")
+    found = tuple(listeners)
+    if not all(callable(listener) for listener in found):
+        raise TypeError("listeners: expected callables taking an Event")
+    return breaker, found, float(listener_timeout)

@@ -32,7 +32,7 @@ from typing import Any
 from ._store import Transition
 from ._types import CircuitState, ErrorClass
 
-__all__ = ["DEFAULT_LISTENER_TIMEOUT", "Event", "EventKind", "Listener", "logger"]
+__all__ = ["DEFAULT_LISTENER_TIMEOUT", "Announcer", "Event", "EventKind", "Listener", "logger"]
 
 DEFAULT_LISTENER_TIMEOUT = 5.0
 """Seconds an async listener may run before it is cancelled."""
@@ -44,14 +44,20 @@ logger.addHandler(logging.NullHandler())
 
 
 class EventKind(str, enum.Enum):
+    """What an :class:`Event` tells (its string value is the kind's name in logs)."""
+
     STATE_CHANGE = "state_change"
+    """A circuit changed state (``old_state`` -> ``state``, with its ``reason``)."""
     REFUSED = "refused"
     """A call was refused because the circuit is open (before any fallback)."""
     RETRY = "retry"
+    """An attempt failed and another follows after ``delay`` seconds."""
     FALLBACK = "fallback"
+    """The call was handed to the fallback (after a refusal or the primary's failure)."""
     CACHE_HIT = "cache_hit"
     """An answer served from the response cache (``reason``: hit, shared or stale)."""
     BUDGET_REFUSED = "budget_refused"
+    """The budget refused the call before any model was reached."""
 
     def __str__(self) -> str:
         return self.value
@@ -234,3 +240,42 @@ async def _awaited(awaitable: Awaitable[object]) -> None:
 
 
 EventSink = Callable[[Event], None]
+
+
+class Announcer:
+    """Where one policy's events go: its listeners (changed by replacing the tuple, so
+    a dispatch in flight keeps the one it started with) and the ``callpolicy`` logger."""
+
+    __slots__ = ("listeners", "pending", "timeout")
+
+    def __init__(self, listeners: tuple[Listener, ...], timeout: float) -> None:
+        self.listeners = listeners
+        self.timeout = timeout
+        self.pending: set[asyncio.Task[None]] = set()
+        """Tasks of async listeners still running (``flush_listeners`` waits for them)."""
+
+    def add(self, listener: Listener) -> None:
+        if not callable(listener):
+            raise TypeError("listener: expected a callable taking an Event")
+        if listener not in self.listeners:
+            self.listeners = (*self.listeners, listener)
+
+    def remove(self, listener: Listener) -> None:
+        self.listeners = tuple(x for x in self.listeners if x is not listener)
+
+    async def flush(self) -> None:
+        """Wait for the async listeners' tasks on the running loop (see the module)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            mine = [t for t in list(self.pending) if t.get_loop() is loop]
+            if not mine:
+                return
+            await asyncio.wait(mine)
+
+    def heard(self, level: int) -> bool:
+        """Would an event logged at ``level`` reach anyone? Lets a cold path that fires
+        often (an open circuit's refusals) skip building events nobody reads."""
+        return bool(self.listeners) or logger.isEnabledFor(level)
+
+    def emit(self, event: Event) -> None:
+        dispatch(event, self.listeners, timeout=self.timeout, pending=self.pending)

@@ -1,28 +1,37 @@
-"""What the fallback is answering for, readable from inside the fallback while it runs.
+"""The fallback strategy, outermost of the three around the model: it sees the *final*
+verdict on the primary (an open circuit, or a failure that survived every retry).
 
+What the fallback is answering for is readable from inside the fallback while it runs.
 The engine calls a fallback with no arguments (its signature is the primary's), yet the
 fallback may want to say why it was called: an adapter labels the fallback's run with
 the primary circuit's state, a user's fallback may log the primary's error. The engine
 knows both at no cost as it hands over (the refusal, or the state the failure left the
 circuit in), so it publishes them in a context variable for the duration of the call:
 reading the circuit again would cost a lock, or with a shared store a round trip, on
-every call of an outage.
+every call of an outage. The variable holds a plain tuple; :func:`fallback_start` makes
+the :class:`FallbackStart` only when someone asks.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Awaitable, Callable, Iterable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from ._errors import AllModelsFailedError, CircuitOpenError
-from ._types import CircuitState
+from ._breaking import Breaker
+from ._classify import Classification
+from ._config import FallbackOn
+from ._drive import Body, call_op, within
+from ._errors import AllModelsFailedError, CircuitOpenError, add_note
+from ._events import Event, EventKind
+from ._store import Circuit
+from ._tally import _Tally
+from ._types import CircuitState, ErrorClass, Outcome
 
-if TYPE_CHECKING:
-    from ._policy import CallPolicy
-
-__all__ = ["FallbackStart", "Fallbacks", "arun_chain", "fallback_start", "run_chain"]
+__all__ = ["FallbackStart", "Fallbacks", "FallingBack", "fallback_start"]
 
 T = TypeVar("T")
 
@@ -45,7 +54,10 @@ class FallbackStart:
     cause: BaseException
 
 
-_current: ContextVar[FallbackStart | None] = ContextVar("callpolicy_fallback", default=None)
+_Start = tuple[str, CircuitState, BaseException]
+"""A :class:`FallbackStart`'s fields, as the engine publishes them."""
+
+_current: ContextVar[_Start | None] = ContextVar("callpolicy_fallback", default=None)
 
 
 def fallback_start() -> FallbackStart | None:
@@ -62,7 +74,8 @@ def fallback_start() -> FallbackStart | None:
     >>> fallback_start() is None
     True
     """
-    return _current.get()
+    start = _current.get()
+    return None if start is None else FallbackStart(*start)
 
 
 class Fallbacks(Generic[T]):
@@ -117,60 +130,182 @@ class Fallbacks(Generic[T]):
         return f"Fallbacks({[key for key, _ in self.steps]!r})"
 
 
-def run_chain(policy: CallPolicy, primary: str, chain: Fallbacks[T], cause: BaseException) -> T:
-    """The fallback step of ``execute`` for a list: each step in turn (see
-    :class:`Fallbacks`); raises :class:`AllModelsFailedError` when none answers."""
-    keys: list[str | None] = [primary]
-    errors: list[BaseException] = [cause]
-    last = len(chain.steps) - 1
-    for index, (key, call) in enumerate(chain.steps):
+_CALLER = ErrorClass.CALLER
+
+Step = Callable[..., Body[Any]]
+"""How one fallback is tried: ``step(index in the list, its key or None, its call,
+context=the error its errors chain to, or None)``."""
+_FAILURE = Outcome.FAILURE
+
+
+class FallingBack:
+    """Decides whether a fallback serves, hands the call over, and walks a list."""
+
+    __slots__ = ("breaker", "mode")
+
+    def __init__(self, mode: FallbackOn, *, breaker: Breaker) -> None:
+        self.mode = mode
+        self.breaker = breaker
+
+    def wants(self, classification: Classification, outcome: Outcome) -> bool:
+        """Does a failure go to the fallback (per ``fallback_on``)? An open circuit always
+        does; this is for an error."""
+        if classification.error_class is _CALLER:
+            return False  # the fallback would be handed the same mistake, in every mode
+        mode = self.mode
+        return mode == "error" or (mode == "failure" and outcome is _FAILURE)
+
+    def handed_over(
+        self, tally: _Tally, cause: BaseException, classification: Classification | None
+    ) -> None:
+        """Count the hand-over under the key that handed over, and announce it."""
+        breaker = self.breaker
+        (tally.more or breaker.tallies.more(tally)).fallbacks += 1
+        announcer = breaker.announcer
+        if not announcer.heard(logging.INFO):
+            return
+        refused = isinstance(cause, CircuitOpenError)
+        circuit = tally.circuit
+        announcer.emit(
+            Event(
+                EventKind.FALLBACK,
+                circuit.key,
+                circuit.provider,
+                circuit.model,
+                state=CircuitState.OPEN if refused else None,
+                error_class=None if classification is None else classification.error_class,
+                error_type=None if refused else type(cause).__name__,
+            )
+        )
+
+    def enter(self, tally: _Tally, cause: BaseException, state: CircuitState) -> Token[Any]:
+        """Count and announce the hand-over after a refusal, and tell the fallback why
+        (``fallback_start()``) until the token is reset."""
+        self.handed_over(tally, cause, None)
+        return _current.set((tally.circuit.key, state, cause))
+
+    def serve_now(
+        self, tally: _Tally, fallback: Callable[[], T], cause: BaseException, state: CircuitState
+    ) -> T:
+        """A plain fallback (no circuit of its own) after a refusal, called at once: the
+        sync path an outage takes on every call, kept short."""
+        token = self.enter(tally, cause, state)
         try:
-            if key is None:
-                return call()
-            return policy._guard_once(policy._tallies.get(key) or policy._tally(key), call)
+            return fallback()
         except Exception as exc:
-            keys.append(key)
-            errors.append(exc.with_traceback(None) if isinstance(exc, CircuitOpenError) else exc)
-            if index == last or not _moves_on(policy, key, exc):
-                break
-    raise _exhausted(keys, errors)
+            failed_over(exc, tally.circuit, cause)
+            raise
+        finally:
+            _current.reset(token)
 
-
-async def arun_chain(
-    policy: CallPolicy, primary: str, chain: Fallbacks[Awaitable[T]], cause: BaseException
-) -> T:
-    """Async :func:`run_chain`."""
-    keys: list[str | None] = [primary]
-    errors: list[BaseException] = [cause]
-    last = len(chain.steps) - 1
-    for index, (key, call) in enumerate(chain.steps):
+    async def aserve_now(
+        self,
+        tally: _Tally,
+        fallback: Callable[[], Awaitable[T]],
+        cause: BaseException,
+        state: CircuitState,
+    ) -> T:
+        """Async :meth:`serve_now` (the variable is set in this task's context, which the
+        fallback's coroutine, awaited here, shares)."""
+        token = self.enter(tally, cause, state)
         try:
-            if key is None:
-                return await call()
-            return await policy._aguard_once(policy._tallies.get(key) or policy._tally(key), call)
+            answer = await fallback()
         except Exception as exc:
-            keys.append(key)
-            errors.append(exc.with_traceback(None) if isinstance(exc, CircuitOpenError) else exc)
-            if index == last or not _moves_on(policy, key, exc):
-                break
-    raise _exhausted(keys, errors)
+            failed_over(exc, tally.circuit, cause)
+            raise
+        finally:
+            _current.reset(token)
+        return answer
+
+    def serve(
+        self,
+        tally: _Tally,
+        fallback: Callable[[], Any] | Fallbacks[Any],
+        fallback_key: str | None,
+        cause: BaseException,
+        classification: Classification | None,
+        state: CircuitState,
+        step: Step | None = None,
+        chained: bool = False,
+    ) -> Body[Any]:
+        """The fallback's answer in place of the primary's (``fallback_start()`` tells it
+        why): a list tried in order, or the one fallback, each by ``step`` (by default
+        :meth:`step`: a call under its key's circuit, or as it is without a key).
+        ``chained``: the fallback's errors carry ``cause`` as their context, as when it
+        is called while the primary's error is handled (see ``_drive.within``)."""
+        self.handed_over(tally, cause, classification)
+        token = _current.set((tally.circuit.key, state, cause))
+        step = step or self.step
+        context = cause if chained else None
+        try:
+            if isinstance(fallback, Fallbacks):
+                walked = functools.partial(self.walk, tally.circuit.key, fallback, cause)
+                return (yield from walked(functools.partial(step, context=context)))
+            return (yield from step(0, fallback_key, fallback, context=context))
+        except AllModelsFailedError:
+            raise  # names every model already
+        except Exception as exc:
+            failed_over(exc, tally.circuit, cause)
+            raise
+        finally:
+            _current.reset(token)
+
+    def step(
+        self, index: int, key: str | None, call: Callable[[], Any], context: BaseException | None
+    ) -> Body[Any]:
+        """One fallback (a step of a list): under its key's circuit, or unguarded."""
+        attempt = within(call_op(call), context)
+        if key is None:
+            return (yield attempt)
+        return (yield from self.breaker.guarded(self.breaker.tallies.get(key), attempt))
+
+    def walk(
+        self,
+        primary: str,
+        chain: Fallbacks[Any],
+        cause: BaseException,
+        step: Step,
+    ) -> Body[Any]:
+        """The first answer of ``chain``'s steps, each tried in turn by ``step`` (see
+        :class:`Fallbacks`); :class:`AllModelsFailedError` when none answers."""
+        keys: list[str | None] = [primary]
+        errors: list[BaseException] = [cause]
+        last = len(chain.steps) - 1
+        for index, (key, call) in enumerate(chain.steps):
+            try:
+                return (yield from step(index, key, call))
+            except Exception as exc:
+                keys.append(key)
+                errors.append(
+                    exc.with_traceback(None) if isinstance(exc, CircuitOpenError) else exc
+                )
+                if index == last or not self.moves_on(key, exc):
+                    break
+        error = AllModelsFailedError(tuple(keys), tuple(errors))
+        error.__cause__ = errors[-1]
+        raise error
+
+    def moves_on(self, key: str | None, exc: Exception) -> bool:
+        """Whether a step's error hands the call to the next step (an open circuit always; a
+        failure as ``fallback_on`` says for the primary's), counting the hand-over (and its
+        event) under the step that handed over."""
+        classification = None
+        if not isinstance(exc, CircuitOpenError):
+            classification, outcome = self.breaker.judge(exc)
+            if not self.wants(classification, outcome):
+                return False
+        if key is not None:
+            self.handed_over(self.breaker.tallies.get(key), exc, classification)
+        return True
 
 
-def _moves_on(policy: CallPolicy, key: str | None, exc: Exception) -> bool:
-    """Whether a step's error hands the call to the next step (an open circuit always; a
-    failure as ``fallback_on`` says for the primary's), counting the hand-over (and its
-    event) under the step that handed over."""
-    classification = None
-    if not isinstance(exc, CircuitOpenError):
-        classification, outcome = policy._judge(exc)
-        if not policy._wants_fallback(classification, outcome):
-            return False
-    if key is not None:
-        policy._emit_fallback(policy.circuit(key), exc, classification)
-    return True
-
-
-def _exhausted(keys: list[str | None], errors: list[BaseException]) -> AllModelsFailedError:
-    error = AllModelsFailedError(tuple(keys), tuple(errors))
-    error.__cause__ = errors[-1]
-    return error
+def failed_over(exc: BaseException, circuit: Circuit, cause: BaseException) -> None:
+    """The fallback failed too: its error names the primary's refusal or error as its
+    context (as it would, raised inside the primary's except block), and says so."""
+    if exc.__context__ is None and exc is not cause:
+        exc.__context__ = cause
+    add_note(
+        exc,
+        f"callpolicy: the fallback failed after {circuit.provider}/{circuit.model} "
+        f"failed with {type(cause).__name__}",
+    )

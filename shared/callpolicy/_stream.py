@@ -21,43 +21,30 @@ A stream is one call that answers piece by piece. Its rules (docs/how-it-works.m
 - **Chunks untouched.** Each chunk is yielded as the very object the model produced, as
   it comes (nothing buffered).
 
-This module follows the stream meter's pattern (``_meter.py``): the decisions, shared by
-the sync and the async stream, are plain functions over one :class:`_Leg`; the two
-drivers only iterate, and talk to the circuit (sync, or awaiting an async-native store).
-The breaker machinery itself (judging an error, retry delays, refusals, fallback events
-and the ``fallback_start()`` hand-over) is the policy's own, shared with ``execute``.
+The way to the first chunk after anything went wrong (a refusal, a failure, the retries,
+the hand-over to the fallback's stream or a list of them) is one description of steps,
+run by either driver (``_drive``), with the breaker's, the retry's and the fallback's
+decisions from their own strategies, as in ``execute``. The drivers only open the healthy
+stream and iterate: the chunk loop is the stream's hot path, written for each.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Generator,
-    Iterable,
-    Iterator,
-    Sequence,
-)
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+import functools
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from itertools import chain
+from typing import Any, Final, TypeVar
 
-from ._classify import Classification
-from ._errors import CircuitOpenError, IncompleteStreamError, add_note
-from ._fallback import Fallbacks, FallbackStart, _exhausted, _moves_on
-from ._fallback import _current as _current_fallback
-from ._types import CircuitState, Outcome
-
-if TYPE_CHECKING:
-    from ._policy import CallPolicy, _Tally
-    from ._store import Permit
+from ._drive import Body, Held, Op, arun, perform, record_op, release_op, run, within
+from ._errors import IncompleteStreamError, add_note
+from ._events import logger
+from ._fallback import Fallbacks
+from ._pipeline import Core
+from ._store import Permit
+from ._tally import _Tally
+from ._types import Outcome
 
 __all__ = ["aguard_stream", "guard_stream"]
-
-logger = logging.getLogger("callpolicy")
 
 C = TypeVar("C")
 
@@ -65,17 +52,19 @@ _END: Final[Any] = object()
 """``next(chunks, _END)``: the stream ended (no StopIteration raised and caught)."""
 
 _SUCCESS = Outcome.SUCCESS
-_FAILURE = Outcome.FAILURE
 _IGNORED = Outcome.IGNORED
-_OPEN = CircuitState.OPEN
 
 Finished = Callable[[Any], bool]
 
 Markers = Finished | Sequence[Finished | None] | None
 """``fallback_finished``: one check (every fallback's), or one per step of a list."""
 
-Opener = Callable[[], "AsyncIterable[C] | Awaitable[AsyncIterable[C]]"]
-"""What opens an async stream: an async iterable, or an awaitable of one."""
+Opener = Callable[[], Any]
+"""What opens an async stream: returns an async iterable, or an awaitable of one
+(``CallPolicy.astream`` declares the types)."""
+
+Opened = tuple["_Leg", Any, Any, Any]
+"""A stream that reached its first chunk: its leg, the stream, its iterator, the chunk."""
 
 
 class _Leg:
@@ -93,296 +82,42 @@ class _Leg:
         self.finished = finished
 
 
-class _Opening:
-    """The way to the first chunk: admission, attempts, and the hand-over to the fallback.
-
-    Holds the retry bookkeeping; every decision is the policy's (``_judge``,
-    ``_next_delay``, ``_admit_retry``, ``_refused``, ``_emit_fallback``), as in ``execute``.
-    """
-
-    __slots__ = ("attempt", "cause", "classification", "policy", "started", "state", "tally")
-
-    def __init__(self, policy: CallPolicy, tally: _Tally, started: float) -> None:
-        self.policy = policy
-        self.tally = tally
-        self.attempt = 1
-        self.started = started
-        self.cause: BaseException | None = None
-        """Why the fallback serves (a refusal, or the primary's last error)."""
-        self.classification: Classification | None = None
-        self.state: CircuitState = _OPEN
-
-    def refused(self, refusal: CircuitOpenError) -> None:
-        self.policy._refused(self.tally.circuit, refusal)
-        self.cause = refusal.with_traceback(None)  # kept past its except block: no cycle
-        self.state = CircuitState.HALF_OPEN if refusal.retry_in == 0.0 else _OPEN
-
-    def judge(self, exc: Exception) -> Outcome:
-        """Classify and count a failure before the first chunk; the outcome to record."""
-        classification, outcome = self.policy._judge(exc)
-        self.policy._count_error(self.tally, classification, outcome)
-        self.classification = classification
-        return outcome
-
-    def delay(self, exc: Exception, state: CircuitState) -> float | None:
-        """Seconds before another attempt, or None (no retry; the policy notes why)."""
-        assert self.classification is not None
-        policy = self.policy
-        self.state = state
-        return policy._next_delay(
-            self.tally.circuit, exc, self.classification, state, self.attempt, self.started
-        )
-
-    def retry_refused(self, exc: Exception) -> None:
-        """The circuit opened during the wait before a retry (the policy noted it)."""
-        self.cause, self.state = exc, _OPEN
-
-    def falls_back(self, exc: Exception, outcome: Outcome) -> bool:
-        """After the last attempt failed: does the fallback serve (per ``fallback_on``)?"""
-        assert self.classification is not None
-        if not self.policy._wants_fallback(self.classification, outcome):
-            return False
-        self.cause = exc
-        return True
-
-    def hand_over(self) -> FallbackStart:
-        """Count and announce the fallback; what ``fallback_start()`` says inside it."""
-        assert self.cause is not None
-        circuit = self.tally.circuit
-        self.policy._emit_fallback(circuit, self.cause, self.classification)
-        return FallbackStart(circuit.key, self.state, self.cause)
-
-    def fallback_failed(self, exc: Exception) -> None:
-        assert self.cause is not None
-        if exc.__context__ is None and exc is not self.cause:
-            exc.__context__ = self.cause
-        self.policy._note_fallback_failure(exc, self.tally.circuit, self.cause)
-
-
-def _fallback_tally(policy: CallPolicy, fallback_key: str | None) -> _Tally | None:
-    if fallback_key is None:
-        return None
-    return policy._tallies.get(fallback_key) or policy._tally(fallback_key)
-
-
-def _leg_judge(policy: CallPolicy, leg: _Leg, exc: Exception) -> Outcome | None:
+# -- decisions, shared by both drivers -------------------------------------------------
+def _leg_judge(core: Core, leg: _Leg, exc: Exception) -> Outcome | None:
     """Classify and count a failure of ``leg``'s stream; None when it has no circuit."""
     tally = leg.tally
     if tally is None:
         return None
-    classification, outcome = policy._judge(exc)
-    policy._count_error(tally, classification, outcome)
-    return outcome
+    return core.breaker.failed(tally, exc)[1]
 
 
-def _broke(policy: CallPolicy, leg: _Leg, exc: Exception, chunks: int) -> Outcome | None:
+def _broke(core: Core, leg: _Leg, exc: Exception, chunks: int) -> Outcome | None:
     """A failure after the first chunk: noted on the exception, judged (None: no circuit)."""
     add_note(exc, f"callpolicy: stream of {leg.key} failed after {chunks} chunks")
-    return _leg_judge(policy, leg, exc)
+    return _leg_judge(core, leg, exc)
 
 
-def _stopped(policy: CallPolicy, leg: _Leg) -> bool:
+def _stopped(core: Core, leg: _Leg) -> bool:
     """The consumer stopped early (or was interrupted): True when there is a slot to free."""
     if leg.tally is None:
         return False
-    policy._count_cancelled(leg.tally)
+    core.breaker.cancelled(leg.tally)
     return True
 
 
 def _ended(
-    policy: CallPolicy, leg: _Leg, marked: bool, chunks: int
+    core: Core, leg: _Leg, marked: bool, chunks: int
 ) -> tuple[Outcome | None, IncompleteStreamError | None]:
     """The stream ran to its end: the outcome to record (None: no circuit), and the error
     to raise when it never showed its end marker (cut short: a failure)."""
     if not marked:
         error = IncompleteStreamError(leg.key, chunks)
-        return _leg_judge(policy, leg, error), error
+        return _leg_judge(core, leg, error), error
     tally = leg.tally
     if tally is None:
         return None, None
     tally.successes += 1
     return _SUCCESS, None
-
-
-def _close(stream: object) -> None:
-    close = getattr(stream, "close", None)
-    if callable(close):
-        close()
-
-
-async def _aclose(stream: object) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if callable(aclose):
-        await aclose()
-
-
-# -- sync ----------------------------------------------------------------------------------
-def guard_stream(
-    policy: CallPolicy,
-    key: str,
-    start: Callable[[], Iterable[C]],
-    fallback: Callable[[], Iterable[C]] | Fallbacks[Iterable[C]] | None,
-    fallback_key: str | None,
-    finished: Finished | None,
-    fallback_finished: Markers,
-) -> Generator[C, None, None]:
-    """The guarded stream (see the module's rules); nothing happens until it is iterated."""
-    # The retry bookkeeping (an _Opening) is built only when the way to the first chunk
-    # is not straight (a refusal, a failure): the healthy stream's set-up is measured.
-    tally = policy._tallies.get(key) or policy._tally(key)
-    circuit = tally.circuit
-    started = policy._clock() if policy.retry is not None else 0.0
-    opening: _Opening | None = None
-    permit: Permit | None = None
-    leg: _Leg | None = None
-    try:
-        permit = circuit.admit()
-    except CircuitOpenError as refusal:
-        if fallback is None:
-            policy._refused(circuit, refusal)
-            raise
-        opening = _Opening(policy, tally, started)
-        opening.refused(refusal)
-    while permit is not None:  # the primary's attempts
-        stream: Iterable[C] | None = None
-        try:
-            stream = start()
-            chunks = iter(stream)
-            first = next(chunks, _END)
-            if first is _END and finished is not None:
-                raise IncompleteStreamError(key, 0)
-        except Exception as exc:
-            if opening is None:
-                opening = _Opening(policy, tally, started)
-            outcome = opening.judge(exc)
-            state = circuit.record(permit, outcome)
-            _close_quietly(stream)
-            delay = opening.delay(exc, state)
-            if delay is not None:
-                policy._sleep(delay)
-                opening.attempt += 1
-                permit = policy._admit_retry(circuit, exc, opening.attempt, opening.started)
-                if permit is not None:
-                    continue
-                if fallback is None:
-                    raise
-                opening.retry_refused(exc)
-                break
-            if fallback is None or not opening.falls_back(exc, outcome):
-                raise
-            break
-        except BaseException:
-            circuit.record(permit, _IGNORED)
-            policy._count_cancelled(tally)
-            raise
-        leg = _Leg(circuit.key, tally, permit, finished)
-        break
-    if leg is None:  # refused, or the primary's attempts failed: the fallback serves
-        assert fallback is not None
-        assert opening is not None
-        token = _current_fallback.set(opening.hand_over())
-        try:
-            if isinstance(fallback, Fallbacks):
-                leg, stream, chunks, first = _open_chain(
-                    policy, opening, fallback, fallback_finished
-                )
-            else:
-                leg, stream, chunks, first = _open_fallback(
-                    policy, opening, fallback, fallback_key, cast("Finished", fallback_finished)
-                )
-        finally:
-            _current_fallback.reset(token)
-    # The chunks, inline: no second generator to pass each one through.
-    finished = leg.finished
-    marked = finished is None
-    count = 0
-    yielding = False
-    try:
-        if first is not _END:
-            count = 1
-            yielding = True
-            yield first
-            yielding = False
-            if not marked:
-                assert finished is not None
-                if finished(first):
-                    marked = True
-                else:
-                    for chunk in chunks:
-                        count += 1
-                        yielding = True
-                        yield chunk
-                        yielding = False
-                        if finished(chunk):
-                            marked = True
-                            break
-            for chunk in chunks:  # the hot loop: after the end marker, or none to look for
-                count += 1
-                yielding = True
-                yield chunk
-                yielding = False
-    except Exception as exc:
-        if yielding:  # thrown in by the consumer at the yield: not the provider's failure
-            if _stopped(policy, leg):
-                _record(leg, _IGNORED)
-            _close_quietly(chunks, stream)
-            raise
-        broke = _broke(policy, leg, exc, count)
-        _close_quietly(chunks, stream)
-        if broke is not None:
-            _record(leg, broke)
-        raise
-    except BaseException:  # the consumer stopped (GeneratorExit at the yield), or interrupted
-        if _stopped(policy, leg):
-            _record(leg, _IGNORED)
-        _close(chunks)
-        if stream is not chunks:
-            _close(stream)
-        raise
-    ended, error = _ended(policy, leg, marked, count)
-    if ended is not None:
-        _record(leg, ended)
-    if error is not None:
-        raise error
-
-
-def _open_fallback(
-    policy: CallPolicy,
-    opening: _Opening,
-    fallback: Callable[[], Iterable[C]],
-    fallback_key: str | None,
-    finished: Finished | None,
-) -> tuple[_Leg, Iterable[C], Iterator[C], Any]:
-    """The fallback's stream, opened once under its own circuit, up to its first chunk."""
-    tally = _fallback_tally(policy, fallback_key)
-    leg = _Leg(fallback_key or opening.tally.circuit.key, tally, None, finished)
-    stream: Iterable[C] | None = None
-    try:
-        if tally is not None:
-            try:
-                leg.permit = tally.circuit.admit()
-            except CircuitOpenError as refusal:
-                policy._refused(tally.circuit, refusal)
-                raise
-        stream = fallback()
-        chunks = iter(stream)
-        first = next(chunks, _END)
-        if first is _END and finished is not None:
-            raise IncompleteStreamError(leg.key, 0)
-    except Exception as exc:
-        if leg.permit is not None and tally is not None:
-            outcome = _leg_judge(policy, leg, exc)
-            assert outcome is not None
-            tally.circuit.record(leg.permit, outcome)
-        _close_quietly(stream)
-        opening.fallback_failed(exc)
-        raise
-    except BaseException:
-        if leg.permit is not None and tally is not None:
-            tally.circuit.record(leg.permit, _IGNORED)
-            policy._count_cancelled(tally)
-        raise
-    return leg, stream, chunks, first
 
 
 def _step_marker(markers: Markers, index: int) -> Finished | None:
@@ -392,70 +127,107 @@ def _step_marker(markers: Markers, index: int) -> Finished | None:
     return markers[index]
 
 
-def _step_leg(policy: CallPolicy, primary: str, key: str | None, finished: Finished | None) -> _Leg:
-    """A step of a list of fallbacks, under ``key``'s circuit (None: unguarded, named by
-    the primary's key in notes, as a single fallback without a key is)."""
-    return _Leg(key or primary, _fallback_tally(policy, key), None, finished)
-
-
-def _open_chain(
-    policy: CallPolicy,
-    opening: _Opening,
-    chain: Fallbacks[Iterable[C]],
+# -- the way to the first chunk: one description, for both drivers -----------------------
+def _opening(
+    core: Core,
+    key: str,
+    start: Callable[[], Any],
+    fallback: Callable[[], Any] | Fallbacks[Any] | None,
+    fallback_key: str | None,
+    finished: Finished | None,
     markers: Markers,
-) -> tuple[_Leg, Iterable[C], Iterator[C], Any]:
-    """The first stream of ``chain`` to reach its first chunk, each step under its own
-    circuit, in order (the rules of :func:`callpolicy.run_chain`: an open circuit is
-    skipped without a call; a failure hands over per ``fallback_on``); raises
-    :class:`AllModelsFailedError` naming every model tried when none does."""
-    primary = opening.tally.circuit.key
-    assert opening.cause is not None
-    keys: list[str | None] = [primary]
-    errors: list[BaseException] = [opening.cause]
-    last = len(chain.steps) - 1
-    for index, (key, call) in enumerate(chain.steps):
-        leg = _step_leg(policy, primary, key, _step_marker(markers, index))
-        try:
-            return _open_step(policy, leg, call)
-        except Exception as exc:
-            keys.append(key)
-            errors.append(exc.with_traceback(None) if isinstance(exc, CircuitOpenError) else exc)
-            if index == last or not _moves_on(policy, key, exc):
-                break
-    raise _exhausted(keys, errors)
+) -> Body[Opened]:
+    """The primary's stream up to its first chunk, through the policy's pipeline
+    (admission, retries, then the fallback's stream or a list's first to open)."""
+    tally = core.tallies.by_key.get(key) or core.tallies.create(key)
+    attempt = Op(_open, _aopen, start, key, finished)
+    step = functools.partial(_open_step, core, key, markers)
+    opened = yield from core.held(tally, attempt, fallback, fallback_key, step)
+    if type(opened) is not Held:
+        fallen: Opened = opened
+        return fallen
+    return (_Leg(key, tally, opened.permit, finished), *opened.result)
 
 
 def _open_step(
-    policy: CallPolicy, leg: _Leg, call: Callable[[], Iterable[C]]
-) -> tuple[_Leg, Iterable[C], Iterator[C], Any]:
-    """One step's stream, opened once under its circuit, up to its first chunk; a
-    failure before it is counted against the step and raised."""
-    tally = leg.tally
+    core: Core,
+    primary: str,
+    markers: Markers,
+    index: int,
+    key: str | None,
+    call: Any,
+    context: BaseException | None,
+) -> Body[Opened]:
+    """A fallback's stream (step ``index`` of a list, or the one fallback), opened once
+    under ``key``'s circuit (None: unguarded, named by the primary's key in notes), up to
+    its first chunk; a failure before it is counted against that key and raised."""
+    finished = _step_marker(markers, index)
+    attempt = within(Op(_open, _aopen, call, key or primary, finished), context)
+    if key is None:
+        stream, chunks, first = yield attempt
+        return _Leg(primary, None, None, finished), stream, chunks, first
+    tally = core.tallies.get(key)
+    held = yield from core.breaker.guarded(tally, attempt, hold=True)
+    return (_Leg(key, tally, held.permit, finished), *held.result)
+
+
+def _open(start: Callable[[], Iterable[C]], key: str, finished: Finished | None) -> tuple[Any, ...]:
+    """Open a stream and read its first chunk; closed again when that fails."""
     stream: Iterable[C] | None = None
     try:
-        if tally is not None:
-            try:
-                leg.permit = tally.circuit.admit()
-            except CircuitOpenError as refusal:
-                policy._refused(tally.circuit, refusal)
-                raise
-        stream = call()
+        stream = start()
         chunks = iter(stream)
         first = next(chunks, _END)
-        if first is _END and leg.finished is not None:
-            raise IncompleteStreamError(leg.key, 0)
-    except Exception as exc:
-        if leg.permit is not None:
-            outcome = _leg_judge(policy, leg, exc)
-            assert outcome is not None
-            _record(leg, outcome)
-        _close_quietly(stream)
+        if first is _END and finished is not None:
+            raise IncompleteStreamError(key, 0)
+    except Exception:
+        _close(stream, quietly=True)
         raise
-    except BaseException:
-        if leg.permit is not None and _stopped(policy, leg):
-            _record(leg, _IGNORED)
+    return stream, chunks, first
+
+
+async def _aopen(start: Opener, key: str, finished: Finished | None) -> tuple[Any, ...]:
+    """Async :func:`_open`."""
+    stream: Any = None
+    try:
+        opened = start()
+        # LlamaIndex's astream_* are coroutines returning the generator.
+        stream = opened if hasattr(opened, "__aiter__") else await opened
+        chunks = aiter(stream)
+        first = await anext(chunks, _END)
+        if first is _END and finished is not None:
+            raise IncompleteStreamError(key, 0)
+    except Exception:
+        await _aclose(stream, quietly=True)
         raise
-    return leg, stream, chunks, first
+    return stream, chunks, first
+
+
+def _close(*streams: object, quietly: bool = False) -> None:
+    """Close each stream that can be closed (the iterator, then the stream it came from).
+    ``quietly`` after a failure: a second error while closing would hide the first."""
+    for stream in streams:
+        try:
+            close = getattr(stream, "close", None)
+            if callable(close):
+                close()
+        except Exception:
+            if not quietly:
+                raise
+            logger.debug("callpolicy: closing a failed stream failed", exc_info=True)
+
+
+async def _aclose(*streams: object, quietly: bool = False) -> None:
+    """Async :func:`_close` (``aclose``)."""
+    for stream in streams:
+        try:
+            aclose = getattr(stream, "aclose", None)
+            if callable(aclose):
+                await aclose()
+        except Exception:
+            if not quietly:
+                raise
+            logger.debug("callpolicy: closing a failed stream failed", exc_info=True)
 
 
 def _record(leg: _Leg, outcome: Outcome) -> None:
@@ -464,137 +236,80 @@ def _record(leg: _Leg, outcome: Outcome) -> None:
     leg.tally.circuit.record(leg.permit, outcome)
 
 
-def _close_quietly(*streams: object) -> None:
-    """Close a failed stream's resources; a second error there would hide the first."""
-    for stream in streams:
-        try:
-            _close(stream)
-        except Exception:
-            logger.debug("callpolicy: closing a failed stream failed", exc_info=True)
-
-
-# -- async ---------------------------------------------------------------------------------
-async def _opened(
-    start: Callable[[], AsyncIterable[C] | Awaitable[AsyncIterable[C]]],
-) -> AsyncIterable[C]:
-    stream = start()
-    if hasattr(stream, "__aiter__"):
-        return cast("AsyncIterable[C]", stream)
-    return await stream  # LlamaIndex's astream_* are coroutines returning the generator
-
-
 async def _arecord(leg: _Leg, outcome: Outcome) -> None:
     assert leg.tally is not None
     assert leg.permit is not None
-    circuit = leg.tally.circuit
-    if circuit.is_async_native:
-        await circuit.arecord(leg.permit, outcome)
-    else:
-        circuit.record(leg.permit, outcome)
+    await perform(record_op(leg.tally.circuit, leg.permit, outcome))
 
 
 async def _arecord_shielded(leg: _Leg) -> None:
     """Free the slot of a stopped stream, even inside a cancelled task."""
     assert leg.tally is not None
     assert leg.permit is not None
-    circuit = leg.tally.circuit
-    if circuit.is_async_native:
-        await asyncio.shield(circuit.arecord(leg.permit, _IGNORED))
-    else:
-        circuit.record(leg.permit, _IGNORED)
+    await perform(release_op(leg.tally.circuit, leg.permit))
 
 
-async def _aclose_quietly(*streams: object) -> None:
-    for stream in streams:
-        try:
-            await _aclose(stream)
-        except Exception:
-            logger.debug("callpolicy: closing a failed stream failed", exc_info=True)
-
-
-async def aguard_stream(
-    policy: CallPolicy,
+# -- sync ----------------------------------------------------------------------------------
+def guard_stream(
+    core: Core,
     key: str,
-    start: Callable[[], AsyncIterable[C] | Awaitable[AsyncIterable[C]]],
-    fallback: Opener[C] | Fallbacks[AsyncIterable[C] | Awaitable[AsyncIterable[C]]] | None,
+    start: Callable[[], Iterable[C]],
+    fallback: Callable[[], Iterable[C]] | Fallbacks[Iterable[C]] | None,
     fallback_key: str | None,
     finished: Finished | None,
     fallback_finished: Markers,
-) -> AsyncGenerator[C, None]:
-    """Async :func:`guard_stream`."""
-    # The retry bookkeeping (an _Opening) is built only when the way to the first chunk
-    # is not straight (a refusal, a failure): the healthy stream's set-up is measured.
-    tally = policy._tallies.get(key) or policy._tally(key)
-    circuit = tally.circuit
-    started = policy._clock() if policy.retry is not None else 0.0
-    opening: _Opening | None = None
-    native = circuit.is_async_native
-    permit: Permit | None = None
-    leg: _Leg | None = None
+) -> Iterator[C]:
+    """The guarded stream (see the module's rules); nothing happens until it is iterated."""
+    opening = _opening(core, key, start, fallback, fallback_key, finished, fallback_finished)
+    leg, stream, chunks, first = run(opening)
+    # The chunks, inline: no second generator to pass each one through.
+    finished = leg.finished
+    marked = finished is None
+    count = 0
+    yielding = False
     try:
-        permit = await circuit.aadmit() if native else circuit.admit()
-    except CircuitOpenError as refusal:
-        if fallback is None:
-            policy._refused(circuit, refusal)
+        for chunk in () if first is _END else chain((first,), chunks):
+            count += 1
+            yielding = True
+            yield chunk
+            yielding = False
+            marked = marked or finished(chunk)  # type: ignore[misc]
+    except Exception as exc:
+        if yielding:  # thrown in by the consumer at the yield: not the provider's failure
+            if _stopped(core, leg):
+                _record(leg, _IGNORED)
+            _close(chunks, stream, quietly=True)
             raise
-        opening = _Opening(policy, tally, started)
-        opening.refused(refusal)
-    while permit is not None:
-        stream: AsyncIterable[C] | None = None
-        try:
-            stream = await _opened(start)
-            chunks = aiter(stream)
-            first = await anext(chunks, _END)
-            if first is _END and finished is not None:
-                raise IncompleteStreamError(key, 0)
-        except Exception as exc:
-            if opening is None:
-                opening = _Opening(policy, tally, started)
-            outcome = opening.judge(exc)
-            state = (
-                await circuit.arecord(permit, outcome)
-                if native
-                else circuit.record(permit, outcome)
-            )
-            await _aclose_quietly(stream)
-            delay = opening.delay(exc, state)
-            if delay is not None:
-                await policy._async_sleep(delay)
-                opening.attempt += 1
-                permit = await policy._aadmit_retry(circuit, exc, opening.attempt, opening.started)
-                if permit is not None:
-                    continue
-                if fallback is None:
-                    raise
-                opening.retry_refused(exc)
-                break
-            if fallback is None or not opening.falls_back(exc, outcome):
-                raise
-            break
-        except BaseException:
-            policy._count_cancelled(tally)
-            if native:
-                await asyncio.shield(circuit.arecord(permit, _IGNORED))
-            else:
-                circuit.record(permit, _IGNORED)
-            raise
-        leg = _Leg(circuit.key, tally, permit, finished)
-        break
-    if leg is None:  # refused, or the primary's attempts failed: the fallback serves
-        assert fallback is not None
-        assert opening is not None
-        token = _current_fallback.set(opening.hand_over())
-        try:
-            if isinstance(fallback, Fallbacks):
-                leg, stream, chunks, first = await _aopen_chain(
-                    policy, opening, fallback, fallback_finished
-                )
-            else:
-                leg, stream, chunks, first = await _aopen_fallback(
-                    policy, opening, fallback, fallback_key, cast("Finished", fallback_finished)
-                )
-        finally:
-            _current_fallback.reset(token)
+        broke = _broke(core, leg, exc, count)
+        _close(chunks, stream, quietly=True)
+        if broke is not None:
+            _record(leg, broke)
+        raise
+    except BaseException:  # the consumer stopped (GeneratorExit at the yield), or interrupted
+        if _stopped(core, leg):
+            _record(leg, _IGNORED)
+        _close(chunks, *(() if stream is chunks else (stream,)))
+        raise
+    ended, error = _ended(core, leg, marked, count)
+    if ended is not None:
+        _record(leg, ended)
+    if error is not None:
+        raise error
+
+
+# -- async ---------------------------------------------------------------------------------
+async def aguard_stream(
+    core: Core,
+    key: str,
+    start: Opener,
+    fallback: Opener | Fallbacks[Any] | None,
+    fallback_key: str | None,
+    finished: Finished | None,
+    fallback_finished: Markers,
+) -> AsyncIterator[C]:
+    """Async :func:`guard_stream`."""
+    opening = _opening(core, key, start, fallback, fallback_key, finished, fallback_finished)
+    leg, stream, chunks, first = await arun(opening)
     # The chunks, inline (no second async generator to pass each one through).
     finished = leg.finished
     marked = finished is None
@@ -606,140 +321,32 @@ async def aguard_stream(
             yielding = True
             yield first
             yielding = False
-            if not marked:
-                assert finished is not None
-                if finished(first):
-                    marked = True
-                else:
-                    async for chunk in chunks:
-                        count += 1
-                        yielding = True
-                        yield chunk
-                        yielding = False
-                        if finished(chunk):
-                            marked = True
-                            break
+            marked = marked or finished(first)  # type: ignore[misc]
             async for chunk in chunks:
                 count += 1
                 yielding = True
                 yield chunk
                 yielding = False
+                if not marked:
+                    marked = finished(chunk)  # type: ignore[misc]
     except Exception as exc:
         if yielding:
-            if _stopped(policy, leg):
+            if _stopped(core, leg):
                 await _arecord(leg, _IGNORED)
-            await _aclose_quietly(chunks, stream)
+            await _aclose(chunks, stream, quietly=True)
             raise
-        broke = _broke(policy, leg, exc, count)
-        await _aclose_quietly(chunks, stream)
+        broke = _broke(core, leg, exc, count)
+        await _aclose(chunks, stream, quietly=True)
         if broke is not None:
             await _arecord(leg, broke)
         raise
     except BaseException:  # aclose() (GeneratorExit at the yield), or a cancelled task
-        if _stopped(policy, leg):
+        if _stopped(core, leg):
             await _arecord_shielded(leg)
-        await _aclose(chunks)
-        if stream is not chunks:
-            await _aclose(stream)
+        await _aclose(chunks, *(() if stream is chunks else (stream,)))
         raise
-    ended, error = _ended(policy, leg, marked, count)
+    ended, error = _ended(core, leg, marked, count)
     if ended is not None:
         await _arecord(leg, ended)
     if error is not None:
         raise error
-
-
-async def _aopen_fallback(
-    policy: CallPolicy,
-    opening: _Opening,
-    fallback: Callable[[], AsyncIterable[C] | Awaitable[AsyncIterable[C]]],
-    fallback_key: str | None,
-    finished: Finished | None,
-) -> tuple[_Leg, AsyncIterable[C], AsyncIterator[C], Any]:
-    """Async :func:`_open_fallback`."""
-    tally = _fallback_tally(policy, fallback_key)
-    leg = _Leg(fallback_key or opening.tally.circuit.key, tally, None, finished)
-    stream: AsyncIterable[C] | None = None
-    try:
-        if tally is not None:
-            circuit = tally.circuit
-            try:
-                leg.permit = await circuit.aadmit() if circuit.is_async_native else circuit.admit()
-            except CircuitOpenError as refusal:
-                policy._refused(circuit, refusal)
-                raise
-        stream = await _opened(fallback)
-        chunks = aiter(stream)
-        first = await anext(chunks, _END)
-        if first is _END and finished is not None:
-            raise IncompleteStreamError(leg.key, 0)
-    except Exception as exc:
-        if leg.permit is not None:
-            outcome = _leg_judge(policy, leg, exc)
-            assert outcome is not None
-            await _arecord(leg, outcome)
-        await _aclose_quietly(stream)
-        opening.fallback_failed(exc)
-        raise
-    except BaseException:
-        if leg.permit is not None and _stopped(policy, leg):
-            await _arecord_shielded(leg)
-        raise
-    return leg, stream, chunks, first
-
-
-async def _aopen_chain(
-    policy: CallPolicy,
-    opening: _Opening,
-    chain: Fallbacks[AsyncIterable[C] | Awaitable[AsyncIterable[C]]],
-    markers: Markers,
-) -> tuple[_Leg, AsyncIterable[C], AsyncIterator[C], Any]:
-    """Async :func:`_open_chain`."""
-    primary = opening.tally.circuit.key
-    assert opening.cause is not None
-    keys: list[str | None] = [primary]
-    errors: list[BaseException] = [opening.cause]
-    last = len(chain.steps) - 1
-    for index, (key, call) in enumerate(chain.steps):
-        leg = _step_leg(policy, primary, key, _step_marker(markers, index))
-        try:
-            return await _aopen_step(policy, leg, call)
-        except Exception as exc:
-            keys.append(key)
-            errors.append(exc.with_traceback(None) if isinstance(exc, CircuitOpenError) else exc)
-            if index == last or not _moves_on(policy, key, exc):
-                break
-    raise _exhausted(keys, errors)
-
-
-async def _aopen_step(
-    policy: CallPolicy, leg: _Leg, call: Opener[C]
-) -> tuple[_Leg, AsyncIterable[C], AsyncIterator[C], Any]:
-    """Async :func:`_open_step`."""
-    tally = leg.tally
-    stream: AsyncIterable[C] | None = None
-    try:
-        if tally is not None:
-            circuit = tally.circuit
-            try:
-                leg.permit = await circuit.aadmit() if circuit.is_async_native else circuit.admit()
-            except CircuitOpenError as refusal:
-                policy._refused(circuit, refusal)
-                raise
-        stream = await _opened(call)
-        chunks = aiter(stream)
-        first = await anext(chunks, _END)
-        if first is _END and leg.finished is not None:
-            raise IncompleteStreamError(leg.key, 0)
-    except Exception as exc:
-        if leg.permit is not None:
-            outcome = _leg_judge(policy, leg, exc)
-            assert outcome is not None
-            await _arecord(leg, outcome)
-        await _aclose_quietly(stream)
-        raise
-    except BaseException:
-        if leg.permit is not None and _stopped(policy, leg):
-            await _arecord_shielded(leg)
-        raise
-    return leg, stream, chunks, first
