@@ -313,7 +313,10 @@ def test_bad_arguments_are_named() -> None:
 finite = st.floats(allow_nan=False, width=64)
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# No deadline: the machines are shared, and a loaded one takes longer than the default 200 ms.
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(vector=st.lists(finite, min_size=1, max_size=64), text=st.text())
 def test_vectors_round_trip_exactly_through_json(
     vector: list[float], text: str, tmp_path: Path
