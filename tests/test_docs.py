@@ -220,7 +220,7 @@ def _run_page(blocks: list[Block], prelude: str, cwd: Path, base_url: str) -> st
         text=True,
         cwd=cwd,
         env=env,
-        timeout=100,
+        timeout=300,  # generous: the README page runs every demo, slow on a loaded machine
         check=False,
     )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
