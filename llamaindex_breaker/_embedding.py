@@ -10,7 +10,7 @@ call for the texts the vector cache misses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -33,6 +33,8 @@ from callpolicy import (
 )
 from callpolicy._embed import equivalent_fallbacks, fallback_circuits
 from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
+
+from ._models import checked_fallback, fallback_models, model_checker
 
 __all__ = ["CircuitBreakerEmbedding", "embedding_identity"]
 
@@ -126,26 +128,20 @@ class CircuitBreakerEmbedding(BaseEmbedding):
             data = {**{k: v for k, v in inherited.items() if k not in data}, **data}
         return data
 
-    @field_validator("inner", "fallback", mode="before")
+    @field_validator("inner", mode="before")
     @classmethod
-    def _check_model(cls, value: Any, info: Any) -> Any:
-        name = info.field_name
-        if value is None and name == "fallback":
-            return None
-        if name == "fallback" and isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                _checked(f"fallback[{index}]", item)
-            if not value:
-                raise ValueError("fallback: an empty list; give None for no fallback")
-            return value[0] if len(value) == 1 else list(value)
-        return _checked(name, value)
+    def _check_inner(cls, value: Any) -> Any:
+        return _checked("inner", value)
+
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _check_fallback(cls, value: Any) -> Any:
+        return checked_fallback(value, _checked)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
         inner = self.inner
-        fallbacks = _fallback_list(self.fallback)
-        if any(model is inner for model in fallbacks):
-            raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
+        fallbacks = fallback_models(self.fallback, inner)
         if self.key is not None and (not isinstance(self.key, str) or not self.key):
             raise TypeError(f"key: expected a non-empty string, got {self.key!r}")
         provider, name, size = embedding_identity(inner)
@@ -220,22 +216,11 @@ class CircuitBreakerEmbedding(BaseEmbedding):
         )
 
 
-def _checked(argument: str, value: Any) -> BaseEmbedding:
-    if isinstance(value, BaseEmbedding):
-        return value
-    hint = ""
-    if type(value).__module__.startswith("langchain"):
-        hint = " (a LangChain model: guard it with langchain_breaker.CircuitBreakerEmbeddings)"
-    raise TypeError(
-        f"{argument}: expected a LlamaIndex embedding model (BaseEmbedding), "
-        f"got {type(value).__name__}{hint}"
-    )
-
-
-def _fallback_list(fallback: BaseEmbedding | list[BaseEmbedding] | None) -> list[BaseEmbedding]:
-    if fallback is None:
-        return []
-    return list(fallback) if isinstance(fallback, list) else [fallback]
+_checked: Callable[[str, Any], BaseEmbedding] = model_checker(
+    BaseEmbedding,
+    "a LlamaIndex embedding model (BaseEmbedding)",
+    "a LangChain model: guard it with langchain_breaker.CircuitBreakerEmbeddings",
+)
 
 
 def _query(model: BaseEmbedding) -> Any:

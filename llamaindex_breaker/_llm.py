@@ -10,9 +10,9 @@ conventions.
 from __future__ import annotations
 
 import warnings
-from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -53,17 +53,11 @@ from callpolicy import (
 from callpolicy._errors import add_note
 from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
 
+from ._calls import ChatCall, CompleteCall, ToolCall, tool_options
 from ._events import relay_events
 from ._keys import CircuitKeys, model_identity, model_name_of
 from ._markers import AUTO, StreamFinished, check_option, end_marker
-from ._request import (
-    chat_request,
-    complete_request,
-    messages_text,
-    tool_messages,
-    tools_request,
-    tools_text,
-)
+from ._models import checked_fallback, fallback_models, model_checker
 from ._route import Route, Step
 from ._served import fallback_mark
 from ._spans import unspanned
@@ -306,38 +300,20 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     def _check_stream_finished(cls, value: Any, info: ValidationInfo) -> Any:
         return check_option(str(info.field_name), value)
 
-    @field_validator("inner", "fallback", mode="before")
+    @field_validator("inner", mode="before")
     @classmethod
-    def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is None and info.field_name == "fallback":
-            return None
-        if info.field_name == "fallback" and isinstance(value, (list, tuple)):
-            models = [
-                cls._check_model(item, cast("ValidationInfo", _Named(f"fallback[{i}]")))
-                for i, item in enumerate(value)
-            ]
-            if not models:
-                raise ValueError("fallback: an empty list; give None for no fallback")
-            return models[0] if len(models) == 1 else models
-        if not isinstance(value, LLM):
-            hint = ""
-            if type(value).__module__.startswith("langchain"):
-                hint = (
-                    " (a LangChain model: guard it with langchain_breaker."
-                    "CircuitBreakerChatModel, or wrap it in llama_index.llms.langchain."
-                    "LangChainLLM first)"
-                )
-            raise TypeError(
-                f"{info.field_name}: expected a LlamaIndex LLM (llama_index.core.llms.LLM), "
-                f"got {type(value).__name__}{hint}"
-            )
-        return value
+    def _check_inner(cls, value: Any) -> Any:
+        return _checked_llm("inner", value)
+
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _check_fallback(cls, value: Any) -> Any:
+        return checked_fallback(value, _checked_llm)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
-        inner, fallbacks = self.inner, _fallback_models(self.fallback)
-        if any(model is inner for model in fallbacks):
-            raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
+        inner = self.inner
+        fallbacks = fallback_models(self.fallback, inner)
         fallback = fallbacks[0] if fallbacks else None
         if len(fallbacks) > 1 and self.fallback_key is not None:
             raise TypeError(
@@ -369,6 +345,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         route = Route(
             policy,
             keys,
+            inner,
             budget=budget,
             cache=cache,
             steps=steps,
@@ -386,7 +363,7 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     def _share_callback_manager(self, manager: Any) -> None:
         # The models fire the callback events, so they need the manager given to the
         # wrapper (Settings and query engines assign one), as they would unwrapped.
-        models = [self.__dict__.get("inner"), *_fallback_models(self.__dict__.get("fallback"))]
+        models = [self.__dict__.get("inner"), *fallback_models(self.__dict__.get("fallback"))]
         for model in models:
             if model is not None:
                 model.callback_manager = manager
@@ -432,167 +409,52 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         """The state of the circuit :meth:`key_for` names (the inner model's by default)."""
         return _route_of(self).policy.state(self.key_for(model_name))
 
-    # -- the guarded calls -------------------------------------------------------------
+    # -- the guarded calls: the route drives them, sync or async ------------------------
     @unspanned
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        route, inner = _route_of(self), self.inner
-        return route.run(
-            route.key_of(kwargs),
-            lambda: inner.chat(messages, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.chat(messages, **route.fallback_kwargs(kwargs)),
-            chat_request(inner, messages, kwargs) if route.described else None,
-        )
+        return _route_of(self).run(self, "chat", ChatCall(messages, kwargs))
 
     @unspanned
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        route, inner = _route_of(self), self.inner
-        return await route.arun(
-            route.key_of(kwargs),
-            lambda: inner.achat(messages, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.achat(messages, **route.fallback_kwargs(kwargs)),
-            chat_request(inner, messages, kwargs) if route.described else None,
-        )
+        return await _route_of(self).arun(self, "achat", ChatCall(messages, kwargs))
 
     @unspanned
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        route, inner = _route_of(self), self.inner
-        return route.run(
-            route.key_of(kwargs),
-            lambda: inner.complete(prompt, formatted=formatted, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.complete(
-                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
-            ),
-            complete_request(inner, prompt, formatted, kwargs) if route.described else None,
-        )
+        call = CompleteCall(prompt, formatted, kwargs)
+        return _route_of(self).run(self, "complete", call)
 
     @unspanned
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        route, inner = _route_of(self), self.inner
-        return await route.arun(
-            route.key_of(kwargs),
-            lambda: inner.acomplete(prompt, formatted=formatted, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.acomplete(
-                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
-            ),
-            complete_request(inner, prompt, formatted, kwargs) if route.described else None,
-        )
+        call = CompleteCall(prompt, formatted, kwargs)
+        return await _route_of(self).arun(self, "acomplete", call)
 
     # -- streams: guarded by the engine, unless guard_streams=False ----------------------
     @unspanned
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        inner = self.inner
-        if not self.guard_streams:
-            chunks = inner.stream_chat(messages, **kwargs)
-            if self.budget is None:
-                return chunks
-            return _metered(self, kwargs, lambda: messages_text(messages), chunks)
-        route = _route_of(self)
-        chunks = route.stream(
-            route.key_of(kwargs),
-            lambda: inner.stream_chat(messages, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.stream_chat(messages, **route.fallback_kwargs(kwargs)),
-        )
-        if self.budget is None:
-            return chunks
-        return _metered(self, kwargs, lambda: messages_text(messages), chunks)
+        return _route_of(self).stream(self, "stream_chat", ChatCall(messages, kwargs))
 
     @unspanned
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        inner = self.inner
-        if not self.guard_streams:
-            chunks = await inner.astream_chat(messages, **kwargs)
-            if self.budget is None:
-                return chunks
-            return _ametered(self, kwargs, lambda: messages_text(messages), chunks)
-        route = _route_of(self)
-        chunks = route.astream(
-            route.key_of(kwargs),
-            lambda: inner.astream_chat(messages, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.astream_chat(messages, **route.fallback_kwargs(kwargs)),
-        )
-        if self.budget is None:
-            return chunks
-        return _ametered(self, kwargs, lambda: messages_text(messages), chunks)
+        call = ChatCall(messages, kwargs)
+        return await _route_of(self).astream(self, "astream_chat", call)
 
     @unspanned
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        inner = self.inner
-        if not self.guard_streams:
-            chunks = inner.stream_complete(prompt, formatted=formatted, **kwargs)
-            if self.budget is None:
-                return chunks
-            return _metered(self, kwargs, lambda: prompt, chunks)
-        route = _route_of(self)
-        chunks = route.stream(
-            route.key_of(kwargs),
-            lambda: inner.stream_complete(prompt, formatted=formatted, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.stream_complete(
-                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
-            ),
-        )
-        if self.budget is None:
-            return chunks
-        return _metered(self, kwargs, lambda: prompt, chunks)
+        call = CompleteCall(prompt, formatted, kwargs)
+        return _route_of(self).stream(self, "stream_complete", call)
 
     @unspanned
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        inner = self.inner
-        if not self.guard_streams:
-            chunks = await inner.astream_complete(prompt, formatted=formatted, **kwargs)
-            if self.budget is None:
-                return chunks
-            return _ametered(self, kwargs, lambda: prompt, chunks)
-        route = _route_of(self)
-        chunks = route.astream(
-            route.key_of(kwargs),
-            lambda: inner.astream_complete(prompt, formatted=formatted, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.astream_complete(
-                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
-            ),
-        )
-        if self.budget is None:
-            return chunks
-        return _ametered(self, kwargs, lambda: prompt, chunks)
+        call = CompleteCall(prompt, formatted, kwargs)
+        return await _route_of(self).astream(self, "astream_complete", call)
 
     # -- tool calling --------------------------------------------------------------------
     def _tool_model(self) -> FunctionCallingLLM:
@@ -616,30 +478,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     ) -> ChatResponse:
         """``inner.chat_with_tools`` through the engine; the fallback (when it can call
         tools) prepares the tools its own way."""
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        inner, route = self._tool_model(), _route_of(self)
-        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        # Integrations append user_msg to chat_history in place (OpenAI does): every
-        # attempt gets its own copy, or a retry or the fallback would see it twice.
-        return route.run(
-            route.key_of(kwargs),
-            lambda: inner.chat_with_tools(
-                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
-            ),
-            None
-            if not route.tool_steps
-            else lambda fallback: fallback.chat_with_tools(
-                tools,
-                user_msg=user_msg,
-                chat_history=_copy(chat_history),
-                **route.fallback_kwargs(options),
-            ),
-            tools_request(inner, tools, user_msg, chat_history, options)
-            if route.described
-            else None,
-            tools=True,
-        )
+        options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        call = ToolCall(tools, user_msg, chat_history, options)
+        return _route_of(self).run(self, "chat_with_tools", call)
 
     async def achat_with_tools(
         self,
@@ -652,28 +493,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         **kwargs: Any,
     ) -> ChatResponse:
         """Async :meth:`chat_with_tools`."""
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        inner, route = self._tool_model(), _route_of(self)
-        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        return await route.arun(
-            route.key_of(kwargs),
-            lambda: inner.achat_with_tools(
-                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
-            ),
-            None
-            if not route.tool_steps
-            else lambda fallback: fallback.achat_with_tools(
-                tools,
-                user_msg=user_msg,
-                chat_history=_copy(chat_history),
-                **route.fallback_kwargs(options),
-            ),
-            tools_request(inner, tools, user_msg, chat_history, options)
-            if route.described
-            else None,
-            tools=True,
-        )
+        options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        call = ToolCall(tools, user_msg, chat_history, options)
+        return await _route_of(self).arun(self, "achat_with_tools", call)
 
     def stream_chat_with_tools(
         self,
@@ -687,39 +509,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     ) -> ChatResponseGen:
         """``inner.stream_chat_with_tools`` guarded as one call (its chunks untouched), or
         the fallback's when it can call tools; untouched with ``guard_streams=False``."""
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        inner = self._tool_model()
-        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        # For the budget's estimate: the messages sent, taken before an integration appends
-        # user_msg to chat_history in place.
-        sent = [] if self.budget is None else tool_messages(user_msg, chat_history)
-        if not self.guard_streams:
-            chunks = inner.stream_chat_with_tools(
-                tools, user_msg=user_msg, chat_history=chat_history, **options
-            )
-            if self.budget is None:
-                return chunks
-            return _metered(self, kwargs, lambda: tools_text(sent, tools), chunks)
-        route = _route_of(self)
-        chunks = route.stream(
-            route.key_of(kwargs),
-            lambda: inner.stream_chat_with_tools(
-                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
-            ),
-            None
-            if not route.tool_steps
-            else lambda fallback: fallback.stream_chat_with_tools(
-                tools,
-                user_msg=user_msg,
-                chat_history=_copy(chat_history),
-                **route.fallback_kwargs(options),
-            ),
-            tools=True,
-        )
-        if self.budget is None:
-            return chunks
-        return _metered(self, kwargs, lambda: tools_text(sent, tools), chunks)
+        options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        call = ToolCall(tools, user_msg, chat_history, options)
+        return _route_of(self).stream(self, "stream_chat_with_tools", call)
 
     async def astream_chat_with_tools(
         self,
@@ -732,39 +524,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         **kwargs: Any,
     ) -> ChatResponseAsyncGen:
         """Async :meth:`stream_chat_with_tools`."""
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        inner = self._tool_model()
-        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        # For the budget's estimate: the messages sent, taken before an integration appends
-        # user_msg to chat_history in place.
-        sent = [] if self.budget is None else tool_messages(user_msg, chat_history)
-        if not self.guard_streams:
-            chunks = await inner.astream_chat_with_tools(
-                tools, user_msg=user_msg, chat_history=chat_history, **options
-            )
-            if self.budget is None:
-                return chunks
-            return _ametered(self, kwargs, lambda: tools_text(sent, tools), chunks)
-        route = _route_of(self)
-        chunks = route.astream(
-            route.key_of(kwargs),
-            lambda: inner.astream_chat_with_tools(
-                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
-            ),
-            None
-            if not route.tool_steps
-            else lambda fallback: fallback.astream_chat_with_tools(
-                tools,
-                user_msg=user_msg,
-                chat_history=_copy(chat_history),
-                **route.fallback_kwargs(options),
-            ),
-            tools=True,
-        )
-        if self.budget is None:
-            return chunks
-        return _ametered(self, kwargs, lambda: tools_text(sent, tools), chunks)
+        options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        call = ToolCall(tools, user_msg, chat_history, options)
+        return await _route_of(self).astream(self, "astream_chat_with_tools", call)
 
     @unspanned
     def _prepare_chat_with_tools(
@@ -824,28 +586,6 @@ def _route_of(llm: CircuitBreakerLLM) -> Route:
     return route
 
 
-def _metered(
-    llm: CircuitBreakerLLM,
-    kwargs: dict[str, Any],
-    input_text: Callable[[], str],
-    chunks: Generator[R, None, None],
-) -> Generator[R, None, None]:
-    """A stream counted against the budget as it passes (chunks unchanged)."""
-    route = _route_of(llm)
-    return route.metered(route.key_of(kwargs), chunks, input_text)
-
-
-def _ametered(
-    llm: CircuitBreakerLLM,
-    kwargs: dict[str, Any],
-    input_text: Callable[[], str],
-    chunks: AsyncGenerator[R, None],
-) -> AsyncGenerator[R, None]:
-    """Async :func:`_metered`."""
-    route = _route_of(llm)
-    return route.ametered(route.key_of(kwargs), chunks, input_text)
-
-
 def _deprecated_alias(value: Any, guard_streams: Any, *, stacklevel: int) -> Any:
     """``guard_stream_start=value`` (deprecated): the value for ``guard_streams``."""
     warnings.warn(
@@ -861,13 +601,6 @@ def _deprecated_alias(value: Any, guard_streams: Any, *, stacklevel: int) -> Any
             "(guard_stream_start is a deprecated alias of guard_streams)"
         )
     return value
-
-
-def _fallback_models(fallback: LLM | list[LLM] | None) -> list[LLM]:
-    """The fallbacks, in order (none, one, or a list)."""
-    if fallback is None:
-        return []
-    return list(fallback) if isinstance(fallback, list) else [fallback]
 
 
 def _steps(keys: CircuitKeys, fallbacks: list[LLM]) -> list[Step]:
@@ -907,23 +640,9 @@ def _require_prices(budget: Budget, keys: CircuitKeys, steps: list[Step]) -> Non
             raise
 
 
-class _Named:
-    """What ``_check_model`` reads of pydantic's ``ValidationInfo``: the argument's name."""
-
-    def __init__(self, field_name: str) -> None:
-        self.field_name = field_name
-
-
-def _copy(history: list[ChatMessage] | None) -> list[ChatMessage] | None:
-    return None if history is None else list(history)
-
-
-def _tool_options(
-    verbose: bool, allow_parallel_tool_calls: bool, tool_required: bool, kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    options = {"verbose": verbose, "allow_parallel_tool_calls": allow_parallel_tool_calls}
-    if tool_required:
-        # Only when set: integrations predating tool_required do not accept it.
-        options["tool_required"] = True
-    options.update(kwargs)
-    return options
+_checked_llm: Callable[[str, Any], LLM] = model_checker(
+    LLM,
+    "a LlamaIndex LLM (llama_index.core.llms.LLM)",
+    "a LangChain model: guard it with langchain_breaker.CircuitBreakerChatModel, or wrap it "
+    "in llama_index.llms.langchain.LangChainLLM first",
+)

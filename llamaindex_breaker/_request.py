@@ -41,10 +41,8 @@ import functools
 import importlib
 import logging
 from collections.abc import (
-    AsyncGenerator,
     AsyncIterator,
     Callable,
-    Generator,
     Iterable,
     Iterator,
     Mapping,
@@ -82,7 +80,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SDK_MODULES",
-    "ameter_stream",
     "chat_request",
     "complete_request",
     "decode_chat",
@@ -514,27 +511,20 @@ def _answered_by(chunk: ChatResponse | CompletionResponse) -> str | None:
 
 
 def meter_stream(
-    chunks: Iterator[R], budget: Budget, key: str, input_text: Callable[[], str]
-) -> Generator[R, None, None]:
+    chunks: Iterator[R] | AsyncIterator[R],
+    budget: Budget,
+    key: str,
+    input_text: Callable[[], str],
+    *,
+    asynchronous: bool,
+) -> Any:
     """``chunks``, each unchanged, with the stream and its reported usage counted (the
-    engine's meter). Providers report a stream's usage once at its end (OpenAI) or as
-    running totals (Anthropic's output count, Gemini's every chunk), so a report is read
-    as the stream's usage so far: ``cumulative=True``."""
-    return budget.metered(
-        chunks,
-        key=key,
-        usage_of=usage_of,
-        estimate=lambda: budget.estimate(input_text()),
-        cumulative=True,
-        key_of=_answered_by,
-    )
-
-
-def ameter_stream(
-    chunks: AsyncIterator[R], budget: Budget, key: str, input_text: Callable[[], str]
-) -> AsyncGenerator[R, None]:
-    """Async :func:`meter_stream`."""
-    return budget.ametered(
+    engine's meter: ``Budget.metered``, or ``ametered`` for an ``asynchronous`` stream).
+    Providers report a stream's usage once at its end (OpenAI) or as running totals
+    (Anthropic's output count, Gemini's every chunk), so a report is read as the stream's
+    usage so far: ``cumulative=True``."""
+    meter: Any = budget.ametered if asynchronous else budget.metered
+    return meter(
         chunks,
         key=key,
         usage_of=usage_of,

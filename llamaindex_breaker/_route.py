@@ -1,9 +1,12 @@
 """One wrapper's way through the engine: which circuit a call counts against, and how a
-call and its fallback (or a stream and its fallback's stream) are handed to the policy.
+call and its fallbacks (or a stream and its fallbacks' streams) are handed to the policy.
 
-The wrapper's methods build zero-argument callables that call a model's *own* method
-(``inner.chat``, ``fallback.achat_with_tools``, ...); the route hands them to
-:meth:`callpolicy.CallPolicy.execute`/``aexecute`` and marks what the fallback returns.
+A :class:`~llamaindex_breaker._calls.Call` names the model method to call; the route
+turns it into zero-argument callables that call a model's *own* method (``inner.chat``,
+``fallback.achat_with_tools``, ...), hands them to :meth:`callpolicy.CallPolicy.execute`
+(``aexecute``, ``stream``, ``astream``) and marks what a fallback returns. What to hand
+over is decided once for sync and async (:meth:`Route._plan`); the four drivers only
+acquire the rate limiter and call the engine.
 """
 
 from __future__ import annotations
@@ -18,26 +21,33 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from llama_index.core.base.llms.types import ChatResponse, CompletionResponse
 from llama_index.core.llms import LLM
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 
-from callpolicy import Budget, CallPolicy, CallRequest, Fallbacks, ResponseCache
+from callpolicy import Budget, CallPolicy, Fallbacks, ResponseCache
 
+from ._calls import Call
 from ._keys import CircuitKeys
 from ._markers import EndMarker
-from ._request import ameter_stream, meter_stream
+from ._request import meter_stream
 from ._served import mark_fallback
 
-__all__ = ["Route"]
+if TYPE_CHECKING:
+    from ._llm import CircuitBreakerLLM
+
+__all__ = ["Route", "Step"]
 
 R = TypeVar("R", ChatResponse, CompletionResponse)
 
 
 Step = tuple["str | None", str, LLM]
 """One fallback: its circuit key (None: unguarded), its model name, the model."""
+
+Wrap = Callable[[Callable[[LLM], Any], Step], Callable[[], Any]]
+"""Makes one fallback's zero-argument callable for the engine from ``on(model)``."""
 
 
 class Route:
@@ -50,6 +60,7 @@ class Route:
         "described",
         "fallback_finished",
         "finished",
+        "inner",
         "keys",
         "policy",
         "step_finished",
@@ -62,6 +73,7 @@ class Route:
         self,
         policy: CallPolicy,
         keys: CircuitKeys,
+        inner: LLM,
         *,
         budget: Budget | None = None,
         cache: ResponseCache | None = None,
@@ -72,6 +84,7 @@ class Route:
     ) -> None:
         self.policy = policy
         self.keys = keys
+        self.inner = inner
         self.budget = budget
         self.cache = cache
         self.described = budget is not None or cache is not None
@@ -115,223 +128,149 @@ class Route:
             return kwargs
         return {name: value for name, value in kwargs.items() if name != "model"}
 
-    @staticmethod
-    def _listed(on: Callable[[Any], R], steps: tuple[Step, ...]) -> Fallbacks[R]:
-        """The engine's list of fallbacks: ``on(model)`` on each, its answer marked."""
+    def _model(self, llm: CircuitBreakerLLM, call: Call[Any]) -> LLM:
+        """The inner model, checked for tool calling when ``call`` needs it."""
+        return llm._tool_model() if call.calls_tools else self.inner
 
-        def marked(step: Step) -> Callable[[], R]:
-            key, name, model = step
-            return lambda: mark_fallback(on(model), key, name)
+    # -- what to hand the engine: decided once for sync and async ------------------------
+    def _plan(
+        self, llm: CircuitBreakerLLM, method: str, call: Call[Any], wrap: Wrap, *, stream: bool
+    ) -> tuple[str, Callable[[], Any], dict[str, Any]]:
+        """The key, the inner model's call and the engine's keyword arguments for ``call``:
+        the fallbacks (the tool-calling ones for a tool call) each wrapped by ``wrap``, a
+        single one with its key (one closure per call), several as a :class:`Fallbacks`
+        list; for a stream the end-marker checks, else the budget, cache and request."""
+        inner = self._model(llm, call)
+        kwargs = call.kwargs
+        options: dict[str, Any] = {}
+        if stream:
+            options["finished"] = self.finished
+        elif self.described:
+            options.update(budget=self.budget, cache=self.cache, request=call.request(inner))
+        steps = self.tool_steps if call.calls_tools else self.steps
+        if steps:
+            fallback_kwargs = self.fallback_kwargs
 
-        return Fallbacks([(step[0], marked(step)) for step in steps])
+            def on(model: LLM) -> Any:
+                return call.on(model, method, fallback_kwargs(kwargs))
 
-    @staticmethod
-    def _alisted(
-        on: Callable[[Any], Awaitable[R]], steps: tuple[Step, ...]
-    ) -> Fallbacks[Awaitable[R]]:
-        """Async :meth:`_listed`."""
+            markers = self.tool_finished if call.calls_tools else self.step_finished
+            if len(steps) == 1:
+                options["fallback"], options["fallback_key"] = wrap(on, steps[0]), steps[0][0]
+                if stream:
+                    options["fallback_finished"] = markers[0]
+            else:
+                options["fallback"] = Fallbacks([(step[0], wrap(on, step)) for step in steps])
+                if stream:
+                    options["fallback_finished"] = markers
+        return self.key_of(kwargs), lambda: call.on(inner, method, kwargs), options
 
-        def marked(step: Step) -> Callable[[], Awaitable[R]]:
-            key, name, model = step
+    # -- the drivers -----------------------------------------------------------------------
+    def run(self, llm: CircuitBreakerLLM, method: str, call: Call[R]) -> R:
+        """``inner.<method>(...)`` through the engine: breaker, retry, each fallback in turn
+        (its answer marked), and the cache and budget when the wrapper has them."""
+        limiter = llm.rate_limiter
+        if limiter is not None:
+            limiter.acquire()
+        key, primary, options = self._plan(llm, method, call, _answer, stream=False)
+        answer: R = self.policy.execute(key, primary, **options)
+        return answer
 
-            async def call() -> R:
-                return mark_fallback(await on(model), key, name)
+    async def arun(self, llm: CircuitBreakerLLM, method: str, call: Call[R]) -> R:
+        """Async :meth:`run`: ``method`` returns an awaitable."""
+        limiter = llm.rate_limiter
+        if limiter is not None:
+            await limiter.async_acquire()
+        key, primary, options = self._plan(llm, method, call, _aanswer, stream=False)
+        answer: R = await self.policy.aexecute(key, primary, **options)
+        return answer
 
-            return call
-
-        return Fallbacks([(step[0], marked(step)) for step in steps])
-
-    def run(
-        self,
-        key: str,
-        call: Callable[[], R],
-        fallback: Callable[[Any], R] | None,
-        request: CallRequest[R] | None = None,
-        *,
-        tools: bool = False,
-    ) -> R:
-        """``call()`` under ``key``'s breaker; ``fallback(model)`` on each fallback in turn
-        (the tool-calling ones with ``tools``), its answer marked, when the engine says so.
-        ``request`` (given when :attr:`described`) lets the engine's cache and budget see
-        the call."""
-        steps = self.tool_steps if tools else self.steps
-        if fallback is None or not steps:
-            if request is None:
-                return self.policy.execute(key, call)
-            return self.policy.execute(
-                key, call, budget=self.budget, cache=self.cache, request=request
-            )
-        plan: Any
-        if len(steps) == 1:  # one fallback: one closure per call, as it always was
-            plan_key, name, model = steps[0]
-
-            def plan() -> R:
-                return mark_fallback(fallback(model), plan_key, name)
-
-        else:
-            plan, plan_key = self._listed(fallback, steps), None
-        if request is None:
-            return self.policy.execute(key, call, fallback=plan, fallback_key=plan_key)  # type: ignore[no-any-return]
-        return self.policy.execute(
-            key,
-            call,
-            fallback=plan,
-            fallback_key=plan_key,
-            budget=self.budget,
-            cache=self.cache,
-            request=request,
-        )
-
-    async def arun(
-        self,
-        key: str,
-        call: Callable[[], Awaitable[R]],
-        fallback: Callable[[Any], Awaitable[R]] | None,
-        request: CallRequest[R] | None = None,
-        *,
-        tools: bool = False,
-    ) -> R:
-        """Async :meth:`run`: the callables return awaitables."""
-        steps = self.tool_steps if tools else self.steps
-        if fallback is None or not steps:
-            if request is None:
-                return await self.policy.aexecute(key, call)
-            return await self.policy.aexecute(
-                key, call, budget=self.budget, cache=self.cache, request=request
-            )
-        plan: Any
-        if len(steps) == 1:
-            plan_key, name, model = steps[0]
-
-            async def plan() -> R:
-                return mark_fallback(await fallback(model), plan_key, name)
-
-        else:
-            plan, plan_key = self._alisted(fallback, steps), None
-        if request is None:
-            return await self.policy.aexecute(key, call, fallback=plan, fallback_key=plan_key)
-        return await self.policy.aexecute(
-            key,
-            call,
-            fallback=plan,
-            fallback_key=plan_key,
-            budget=self.budget,
-            cache=self.cache,
-            request=request,
-        )
-
-    # -- streams: metered when there is a budget -------------------------------------------
-    def metered(
-        self, key: str, chunks: Generator[R, None, None], input_text: Callable[[], str]
-    ) -> Generator[R, None, None]:
-        """``chunks`` as they are, or, with a budget, each unchanged while the stream and the
-        usage its chunks report are counted (never refused); ``input_text`` gives the
-        stream's input for an estimate when it reports no usage."""
-        budget = self.budget
-        return chunks if budget is None else meter_stream(chunks, budget, key, input_text)
-
-    def ametered(
-        self, key: str, chunks: AsyncGenerator[R, None], input_text: Callable[[], str]
-    ) -> AsyncGenerator[R, None]:
-        """Async :meth:`metered`."""
-        budget = self.budget
-        return chunks if budget is None else ameter_stream(chunks, budget, key, input_text)
-
-    # -- guarded streams ----------------------------------------------------------------
     def stream(
-        self,
-        key: str,
-        start: Callable[[], Iterable[R]],
-        fallback: Callable[[Any], Iterable[R]] | None,
-        *,
-        tools: bool = False,
+        self, llm: CircuitBreakerLLM, method: str, call: Call[R]
     ) -> Generator[R, None, None]:
-        """``start()``'s stream, guarded by the engine as one call under ``key``
-        (:meth:`callpolicy.CallPolicy.stream`): admission, retry and ``fallback(model)``'s
-        stream on each fallback in turn (the tool-calling ones with ``tools``; its chunks
-        marked) until the first chunk; after it, a failure counts and propagates; a
-        stream cut short (no end marker, where the model reports one) raises
-        :class:`callpolicy.IncompleteStreamError`. Nothing starts until it is iterated."""
-        steps = self.tool_steps if tools else self.steps
-        # The engine's guarded stream is a generator (typed as an iterator there).
-        if fallback is None or not steps:
-            return cast(
-                "Generator[R, None, None]", self.policy.stream(key, start, finished=self.finished)
-            )
-        markers = self.tool_finished if tools else self.step_finished
-        if len(steps) == 1:  # one fallback: one closure per call, as it always was
-            plan_key, name, model = steps[0]
-            guarded = self.policy.stream(
-                key,
-                start,
-                fallback=lambda: _marked(fallback(model), plan_key, name),
-                fallback_key=plan_key,
-                finished=self.finished,
-                fallback_finished=markers[0],
-            )
-        else:
+        """``inner.<method>(...)``'s stream guarded by the engine as one call
+        (:meth:`callpolicy.CallPolicy.stream`): admission, retry and each fallback's stream
+        in turn (its chunks marked) until the first chunk; after it, a failure counts and
+        propagates; a stream cut short (no end marker, where the model reports one) raises
+        :class:`callpolicy.IncompleteStreamError`. Nothing starts until it is iterated.
+        Untouched with ``guard_streams=False``; with a budget, metered as it passes."""
+        limiter = llm.rate_limiter
+        if limiter is not None:
+            limiter.acquire()
+        key, start, options, meter = self._stream_plan(llm, method, call, asynchronous=False)
+        chunks = start() if options is None else self.policy.stream(key, start, **options)
+        return cast("Generator[R, None, None]", chunks if meter is None else meter(chunks))
 
-            def opener(step: Step) -> Callable[[], Iterable[R]]:
-                step_key, name, model = step
-                return lambda: _marked(fallback(model), step_key, name)
-
-            guarded = self.policy.stream(
-                key,
-                start,
-                fallback=Fallbacks([(step[0], opener(step)) for step in steps]),
-                finished=self.finished,
-                fallback_finished=markers,
-            )
-        return cast("Generator[R, None, None]", guarded)
-
-    def astream(
-        self,
-        key: str,
-        start: Callable[[], Awaitable[AsyncIterable[R]]],
-        fallback: Callable[[Any], Awaitable[AsyncIterable[R]]] | None,
-        *,
-        tools: bool = False,
+    async def astream(
+        self, llm: CircuitBreakerLLM, method: str, call: Call[R]
     ) -> AsyncGenerator[R, None]:
-        """Async :meth:`stream`: ``start`` is a LlamaIndex ``astream_*`` call (a coroutine
-        that returns the stream), and so is ``fallback(model)``."""
-        steps = self.tool_steps if tools else self.steps
-        if fallback is None or not steps:
-            return cast(
-                "AsyncGenerator[R, None]", self.policy.astream(key, start, finished=self.finished)
-            )
-        markers = self.tool_finished if tools else self.step_finished
-        if len(steps) == 1:
-            plan_key, name, model = steps[0]
+        """Async :meth:`stream`: ``method`` is a LlamaIndex ``astream_*`` method (a
+        coroutine that returns the stream)."""
+        limiter = llm.rate_limiter
+        if limiter is not None:
+            await limiter.async_acquire()
+        key, start, options, meter = self._stream_plan(llm, method, call, asynchronous=True)
+        chunks = await start() if options is None else self.policy.astream(key, start, **options)
+        return cast("AsyncGenerator[R, None]", chunks if meter is None else meter(chunks))
 
-            async def open_fallback() -> AsyncIterable[R]:
-                return _amarked(await fallback(model), plan_key, name)
-
-            guarded = self.policy.astream(
-                key,
-                start,
-                fallback=open_fallback,
-                fallback_key=plan_key,
-                finished=self.finished,
-                fallback_finished=markers[0],
-            )
+    def _stream_plan(
+        self, llm: CircuitBreakerLLM, method: str, call: Call[Any], *, asynchronous: bool
+    ) -> tuple[str, Callable[[], Any], dict[str, Any] | None, Callable[[Any], Any] | None]:
+        """The key, the stream's opener, the engine's options (None with
+        ``guard_streams=False``: the opener's stream is passed through) and, with a budget,
+        the meter to pass the stream through."""
+        start: Callable[[], Any]
+        options: dict[str, Any] | None
+        if llm.guard_streams:
+            wrap = _achunks if asynchronous else _chunks
+            key, start, options = self._plan(llm, method, call, wrap, stream=True)
         else:
+            inner = self._model(llm, call)
+            key, options = self.key_of(call.kwargs), None
+            start = lambda: call.untouched(inner, method)  # noqa: E731
+        budget = self.budget
+        if budget is None:
+            return key, start, options, None
+        # The input as it is now, before the stream opens: an integration may append to
+        # the arguments in place.
+        text = call.input_text()
+        return (
+            key,
+            start,
+            options,
+            lambda chunks: meter_stream(chunks, budget, key, text, asynchronous=asynchronous),
+        )
 
-            def opener(step: Step) -> Callable[[], Awaitable[AsyncIterable[R]]]:
-                step_key, step_name, step_model = step
 
-                async def open_step() -> AsyncIterable[R]:
-                    return _amarked(await fallback(step_model), step_key, step_name)
+# -- a fallback's callable for the engine, its answer (or each chunk) marked ----------------
+def _answer(on: Callable[[LLM], Any], step: Step) -> Callable[[], Any]:
+    key, name, model = step
+    return lambda: mark_fallback(on(model), key, name)
 
-                return open_step
 
-            guarded = self.policy.astream(
-                key,
-                start,
-                fallback=Fallbacks([(step[0], opener(step)) for step in steps]),
-                finished=self.finished,
-                fallback_finished=markers,
-            )
-        return cast("AsyncGenerator[R, None]", guarded)
+def _aanswer(on: Callable[[LLM], Awaitable[Any]], step: Step) -> Callable[[], Awaitable[Any]]:
+    key, name, model = step
+
+    async def answer() -> Any:
+        return mark_fallback(await on(model), key, name)
+
+    return answer
+
+
+def _chunks(on: Callable[[LLM], Iterable[Any]], step: Step) -> Callable[[], Iterable[Any]]:
+    key, name, model = step
+    return lambda: _marked(on(model), key, name)
+
+
+def _achunks(
+    on: Callable[[LLM], Awaitable[AsyncIterable[Any]]], step: Step
+) -> Callable[[], Awaitable[AsyncIterable[Any]]]:
+    key, name, model = step
+
+    async def chunks() -> AsyncIterable[Any]:
+        return _amarked(await on(model), key, name)
+
+    return chunks
 
 
 def _marked(chunks: Iterable[R], key: str | None, model: str) -> Generator[R, None, None]:
