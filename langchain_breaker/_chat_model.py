@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from datetime import timedelta
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from langchain_core.caches import BaseCache
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -29,35 +29,29 @@ from pydantic import (
 from typing_extensions import Self, override
 
 from callpolicy import (
+    ENGINE_OPTIONS,
     Budget,
     CallPolicy,
     CallRequest,
     CircuitState,
-    CircuitStore,
-    Classifier,
-    ErrorClass,
-    FallbackOn,
-    Listener,
+    EngineOptions,
+    ModelGuard,
     ResponseCache,
     RetryPolicy,
-    circuit_key,
 )
 from callpolicy import __version__ as callpolicy_version
-from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
 
 from ._guarded import GuardedRunnable
-from ._keys import CircuitKeys, model_identity
+from ._keys import model_identity
 from ._outer import TRACING_KWARGS, ChatCodec, Outer, StructuredCodec, unbind
-from ._route import Route
+from ._route import Route, aserved
 from ._stream_end import AUTO, StreamFinished, check_option
 
 __all__ = ["CircuitBreakerChatModel"]
 
-# The constructor's engine options, passed on to ``CallPolicy`` when not None.
-_ENGINE_OPTIONS = ENGINE_OPTIONS
 # Fields the route is built from: assigning one later would silently do nothing.
 _FIXED_FIELDS = frozenset(
-    ("inner", "fallback", "policy", "key", "fallback_key", "budget", "cache", *_ENGINE_OPTIONS)
+    ("inner", "fallback", "policy", "key", "fallback_key", "budget", "cache", *ENGINE_OPTIONS)
 )
 
 
@@ -80,7 +74,7 @@ async def _ainvoked(
     yield cast("AIMessageChunk", await model.ainvoke(input, config, **kwargs))
 
 
-class CircuitBreakerChatModel(BaseChatModel):
+class CircuitBreakerChatModel(BaseChatModel, EngineOptions):
     """A chat model that calls ``inner`` through a circuit breaker, with optional retry
     and a fallback model.
 
@@ -198,24 +192,10 @@ class CircuitBreakerChatModel(BaseChatModel):
     fallback_key: str | None = None
     """Circuit key of the fallback (derived when not given; set after construction)."""
 
-    # Engine options, validated by the engine (which names the field), not here, so the
-    # rules (a bool is not a number of seconds, ...) live in one place.
-    failure_threshold: SkipValidation[int | None] = None
-    cooldown: SkipValidation[float | timedelta | None] = None
-    half_open_max_calls: SkipValidation[int | None] = None
-    success_threshold: SkipValidation[int | None] = None
-    failure_rate_threshold: SkipValidation[float | None] = None
-    window_size: SkipValidation[int | None] = None
-    minimum_calls: SkipValidation[int | None] = None
-    cooldown_multiplier: SkipValidation[float | None] = None
-    max_cooldown: SkipValidation[float | timedelta | None] = None
-    counted_errors: SkipValidation[frozenset[ErrorClass] | None] = None
+    # The engine options are EngineOptions' fields (validated by the engine, which names
+    # the field). ``retry`` alone is validated here too, as this wrapper always has: a
+    # mapping of RetryPolicy's fields is accepted, anything else a ValidationError.
     retry: RetryPolicy | None = None
-    fallback_on: SkipValidation[FallbackOn | None] = None
-    classifier: SkipValidation[Classifier | None] = Field(default=None, exclude=True)
-    listeners: SkipValidation[Sequence[Listener] | None] = Field(default=None, exclude=True)
-    listener_timeout: SkipValidation[float | None] = None
-    store: SkipValidation[CircuitStore | None] = Field(default=None, exclude=True)
 
     budget: SkipValidation[Budget | None] = Field(default=None, exclude=True)
     """Limits on calls, tokens and dollars (:class:`callpolicy.Budget`), checked before
@@ -237,7 +217,6 @@ class CircuitBreakerChatModel(BaseChatModel):
     """``stream_finished`` for the fallback's chunks."""
 
     _route: Route = PrivateAttr()
-    _keys: CircuitKeys = PrivateAttr()
     _tools_bound: bool = PrivateAttr(default=False)
 
     # -- construction ------------------------------------------------------------------
@@ -304,43 +283,31 @@ class CircuitBreakerChatModel(BaseChatModel):
         super().model_post_init(context)
         self._add_version("callpolicy", callpolicy_version)
         inner, fallbacks = self.inner, _fallback_models(self.fallback)
-        if any(model is inner for model in fallbacks):
-            raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
-        fallback = fallbacks[0] if fallbacks else None
-        if len(fallbacks) > 1 and self.fallback_key is not None:
-            raise TypeError(
-                "fallback_key: names one fallback's circuit; with a list of fallbacks each "
-                "key is derived from its model (give models that differ)"
-            )
-        keys = CircuitKeys(inner, fallback, key=self.key, fallback_key=self.fallback_key)
-        more = _more_fallbacks(keys, fallbacks[1:])
-        options = {name: getattr(self, name) for name in _ENGINE_OPTIONS}
-        policy = policy_from_options(self.policy, options, owner=type(self).__name__)
-        budget = self.budget
-        if budget is not None:
-            # A max_cost_usd budget must be able to price both models: fail now, naming
-            # the model, not at the first call (or the first fallback, mid-outage).
-            budget.require_price(keys.default)
-            for fallback_key in (keys.fallback, *(key for key, _ in more)):
-                if fallback_key is not None:
-                    budget.require_price(fallback_key)
-        cache = self.cache if isinstance(self.cache, ResponseCache) else None
-        outer = None
-        if budget is not None or cache is not None:
-            outer = Outer(budget, cache, ChatCodec(inner))
-        # Plain dict writes: these are results, not user input (kept out of fields_set).
-        self.__dict__.update(policy=policy, key=keys.default, fallback_key=keys.fallback)
-        self._keys = keys
-        self._route = Route(
-            policy,
-            keys,
+        guard = ModelGuard(
             inner,
-            fallback,
+            fallbacks,
+            identity=model_identity,
+            key=self.key,
+            fallback_key=self.fallback_key,
+            policy=self.policy,
+            options=self,
+            budget=self.budget,
+            cache=self.cache if isinstance(self.cache, ResponseCache) else None,
+            owner=type(self).__name__,
+        )
+        outer = None
+        if guard.described:
+            outer = Outer(guard.budget, guard.cache, ChatCodec(inner))
+        # Plain dict writes: these are results, not user input (kept out of fields_set).
+        self.__dict__.update(policy=guard.policy, key=guard.key, fallback_key=guard.fallback_key)
+        self._route = Route(
+            guard,
+            inner,
+            fallbacks,
             tags=self.tags,
             metadata=self.metadata,
             callbacks=self.callbacks,
             outer=outer,
-            more=more,
         )
 
     @override
@@ -355,11 +322,7 @@ class CircuitBreakerChatModel(BaseChatModel):
         if name in ("tags", "metadata", "callbacks") and private and "_route" in private:
             route: Route = private["_route"]
             self._route = route.with_runnables(
-                route.primary,
-                route.fallback,
-                tags=self.tags,
-                metadata=self.metadata,
-                callbacks=self.callbacks,
+                route.primary, tags=self.tags, metadata=self.metadata, callbacks=self.callbacks
             )
 
     @override
@@ -373,28 +336,25 @@ class CircuitBreakerChatModel(BaseChatModel):
         return super().__deepcopy__(memo)
 
     def _rerouted(
-        self,
-        primary: Runnable[Any, Any],
-        fallback: Runnable[Any, Any] | None,
-        more: Sequence[tuple[str, Runnable[Any, Any]]] = (),
+        self, primary: Runnable[Any, Any], fallbacks: Sequence[Runnable[Any, Any]]
     ) -> CircuitBreakerChatModel:
-        """A copy calling other runnables (bound tools) with the same policy and keys."""
+        """A copy calling other runnables (bound tools) with the same guard."""
         clone = self.model_copy()
         clone._route = self._route.with_runnables(
-            primary,
-            fallback,
-            tags=self.tags,
-            metadata=self.metadata,
-            callbacks=self.callbacks,
-            more=more,
+            primary, fallbacks, tags=self.tags, metadata=self.metadata, callbacks=self.callbacks
         )
         clone._tools_bound = True
         return clone
 
-    def _more_models(self) -> list[tuple[str, BaseChatModel]]:
-        """The fallbacks after the first, with their circuit keys."""
-        keys = [key for key, _ in self._route.more]
-        return list(zip(keys, _fallback_models(self.fallback)[1:], strict=True))
+    def _each_model(self, build: Callable[[str, BaseChatModel], Any]) -> tuple[Any, list[Any]]:
+        """``build(argument, model)`` on the inner model and each fallback (``argument``
+        names it in an error: ``inner``, ``fallback``, ``fallback[1]``, ...)."""
+        fallbacks = _fallback_models(self.fallback)
+        built = [
+            build("fallback" if index == 0 else f"fallback[{index}]", model)
+            for index, model in enumerate(fallbacks)
+        ]
+        return build("inner", self.inner), built
 
     # -- identity and tracing ----------------------------------------------------------
     @property
@@ -405,7 +365,7 @@ class CircuitBreakerChatModel(BaseChatModel):
     @property
     @override
     def _identifying_params(self) -> dict[str, Any]:
-        policy = self._route.policy
+        policy = self._route.guard.policy
         described = [
             {"_type": model._llm_type, **model._identifying_params}
             for model in _fallback_models(self.fallback)
@@ -448,18 +408,19 @@ class CircuitBreakerChatModel(BaseChatModel):
     @property
     def model_name(self) -> str:
         """The inner model's name (as in its circuit key)."""
-        return self._keys.model
+        return self._route.guard.model
 
     # -- inspection --------------------------------------------------------------------
     def key_for(self, model_name: str | None = None) -> str:
         """The circuit key of the inner model, or of ``model_name`` (another model of the
         inner model's provider, as a per-call ``model=`` override would use)."""
-        return self._keys.for_model(model_name)
+        return self._route.guard.for_model(model_name)
 
     def state_for(self, model_name: str | None = None) -> CircuitState:
         """The circuit state of the inner model, or of ``model_name`` (another model of
         the inner model's provider)."""
-        return self._route.policy.state(self._keys.for_model(model_name))
+        guard = self._route.guard
+        return guard.policy.state(guard.for_model(model_name))
 
     def _fast_route(self) -> Route:
         # ``self._route`` goes through pydantic's ``__getattr__`` (a few microseconds);
@@ -480,7 +441,7 @@ class CircuitBreakerChatModel(BaseChatModel):
             kwargs["stop"] = stop
         if self.rate_limiter is not None:
             self.rate_limiter.acquire(blocking=True)
-        return cast("AIMessage", self._fast_route().invoke(input, config, kwargs))
+        return cast("AIMessage", self._fast_route().call("invoke", input, config, kwargs))
 
     @override
     async def ainvoke(
@@ -495,7 +456,7 @@ class CircuitBreakerChatModel(BaseChatModel):
             kwargs["stop"] = stop
         if self.rate_limiter is not None:
             await self.rate_limiter.aacquire(blocking=True)
-        return cast("AIMessage", await self._fast_route().ainvoke(input, config, kwargs))
+        return cast("AIMessage", await self._fast_route().call("ainvoke", input, config, kwargs))
 
     # -- streams: guarded by the engine (or the inner model's own) ----------------------
     def _streaming_off(self, kwargs: dict[str, Any]) -> bool:
@@ -513,24 +474,7 @@ class CircuitBreakerChatModel(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> Iterator[AIMessageChunk]:
-        if stop is not None:
-            kwargs["stop"] = stop
-        if self._streaming_off(kwargs):
-            return _invoked(self, input, config, kwargs)  # through the engine
-        route = self._fast_route()
-        if self.guard_streams:
-            chunks = route.stream(
-                input,
-                config,
-                kwargs,
-                finished=self.stream_finished,
-                fallback_finished=self.fallback_stream_finished,
-            )
-        else:
-            chunks = route.primary.stream(input, config, **kwargs)
-            if route.outer is not None:
-                chunks = route.metered(chunks, input, kwargs)
-        return cast("Iterator[AIMessageChunk]", chunks)
+        return cast("Iterator[AIMessageChunk]", self._chunks("stream", input, config, stop, kwargs))
 
     @override
     def astream(
@@ -541,24 +485,33 @@ class CircuitBreakerChatModel(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[AIMessageChunk]:
+        chunks = self._chunks("astream", input, config, stop, kwargs)
+        return cast("AsyncIterator[AIMessageChunk]", chunks)
+
+    def _chunks(
+        self,
+        method: Literal["stream", "astream"],
+        input: LanguageModelInput,
+        config: RunnableConfig | None,
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """``stream``/``astream``: guarded by the engine, or the inner model's own."""
         if stop is not None:
             kwargs["stop"] = stop
-        if self._streaming_off(kwargs):
-            return _ainvoked(self, input, config, kwargs)
+        if self._streaming_off(kwargs):  # one "chunk", invoked through the engine
+            return (_invoked if method == "stream" else _ainvoked)(self, input, config, kwargs)
         route = self._fast_route()
-        if self.guard_streams:
-            chunks = route.astream(
-                input,
-                config,
-                kwargs,
-                finished=self.stream_finished,
-                fallback_finished=self.fallback_stream_finished,
-            )
-        else:
-            chunks = route.primary.astream(input, config, **kwargs)
-            if route.outer is not None:
-                chunks = route.ametered(chunks, input, kwargs)
-        return cast("AsyncIterator[AIMessageChunk]", chunks)
+        if not self.guard_streams:
+            return route.passthrough(method, input, config, kwargs)
+        return route.stream(
+            method,
+            input,
+            config,
+            kwargs,
+            finished=self.stream_finished,
+            fallback_finished=self.fallback_stream_finished,
+        )
 
     # ``stream_events(version="v3")`` streams too: the inner model's own.
     @override
@@ -589,23 +542,40 @@ class CircuitBreakerChatModel(BaseChatModel):
     # ``generate``/``agenerate`` (and ``generate_prompt``) start a run of the wrapper
     # itself (named for the inner model: ``_get_ls_params``), then call these: every
     # attempt, of the inner model or the fallback, runs inside that one run.
-    def _legacy_calls(self, kwargs: dict[str, Any]) -> tuple[str, _Legacy, _Legacy | None]:
+    def _legacy(
+        self,
+        method: Literal["_generate_with_cache", "_agenerate_with_cache"],
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: Any,
+        kwargs: dict[str, Any],
+    ) -> tuple[str, Callable[[], Any], Callable[[int], Any] | None, CallRequest[Any] | None]:
+        """What the guard needs for one legacy call: the key, the primary's call, each
+        fallback's (its answer marked), and the request (with a budget or cache)."""
         route = self._route
-        key = route.key_of(kwargs)
-        primary = _legacy_call(route.primary, kwargs)
-        if route.fallback is None:
-            return key, primary, None
-        return key, primary, _legacy_call(route.fallback, Route.fallback_kwargs(kwargs))
-
-    def _legacy_plan(
-        self, kwargs: dict[str, Any], on: Callable[[_Legacy, str | None], Callable[[], Any]]
-    ) -> tuple[Any, str | None]:
-        """The engine's fallback (one, or a list) for the legacy path: ``on((model,
-        kwargs), key)`` builds each one's call."""
-        fallback_kwargs = Route.fallback_kwargs(kwargs)
-        return self._route.fallback_plan(
-            lambda runnable, key: on(_legacy_call(runnable, fallback_kwargs), key)
+        guard = route.guard
+        primary, primary_kwargs = _legacy_call(route.primary, kwargs)
+        call = functools.partial(
+            getattr(primary, method), messages, stop=stop, run_manager=run_manager, **primary_kwargs
         )
+        fallback = None
+        if route.fallbacks:
+            fallback_kwargs = guard.fallback_kwargs(kwargs)
+
+            def fallback(index: int) -> Any:
+                model, bound = _legacy_call(route.fallbacks[index], fallback_kwargs)
+                answer = getattr(model, method)(
+                    messages, stop=stop, run_manager=run_manager, **bound
+                )
+                step = guard.fallback_keys[index]
+                if method == "_agenerate_with_cache":
+                    return aserved(answer, step)
+                return Route.served(answer, step)
+
+        request = None
+        if route.outer is not None:
+            request = self._legacy_request(messages, stop, primary_kwargs)
+        return guard.key_of(kwargs), call, fallback, request
 
     def _legacy_request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
@@ -652,37 +622,8 @@ class CircuitBreakerChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        key, (primary, primary_kwargs), second = self._legacy_calls(kwargs)
-
-        def call() -> ChatResult:
-            return primary._generate_with_cache(
-                messages, stop=stop, run_manager=run_manager, **primary_kwargs
-            )
-
-        def on(legacy: _Legacy, step: str | None) -> Callable[[], ChatResult]:
-            fallback, fallback_kwargs = legacy
-
-            def call_fallback() -> ChatResult:
-                answer = fallback._generate_with_cache(
-                    messages, stop=stop, run_manager=run_manager, **fallback_kwargs
-                )
-                return cast("ChatResult", Route.served(answer, step))
-
-            return call_fallback
-
-        plan, plan_key = (None, None) if second is None else self._legacy_plan(kwargs, on)
-        outer = self._route.outer
-        if outer is None:
-            return self._route.policy.execute(key, call, fallback=plan, fallback_key=plan_key)  # type: ignore[no-any-return]
-        return self._route.policy.execute(
-            key,
-            call,
-            fallback=plan,
-            fallback_key=plan_key,
-            budget=outer.budget,
-            cache=outer.cache,
-            request=self._legacy_request(messages, stop, primary_kwargs),
-        )
+        legacy = self._legacy("_generate_with_cache", messages, stop, run_manager, kwargs)
+        return cast("ChatResult", self._route.guard.execute(*legacy))
 
     @override
     async def _agenerate(
@@ -692,39 +633,8 @@ class CircuitBreakerChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        key, (primary, primary_kwargs), second = self._legacy_calls(kwargs)
-
-        async def call() -> ChatResult:
-            return await primary._agenerate_with_cache(
-                messages, stop=stop, run_manager=run_manager, **primary_kwargs
-            )
-
-        def on(legacy: _Legacy, step: str | None) -> Callable[[], Any]:
-            fallback, fallback_kwargs = legacy
-
-            async def call_fallback() -> ChatResult:
-                answer = await fallback._agenerate_with_cache(
-                    messages, stop=stop, run_manager=run_manager, **fallback_kwargs
-                )
-                return cast("ChatResult", Route.served(answer, step))
-
-            return call_fallback
-
-        plan, plan_key = (None, None) if second is None else self._legacy_plan(kwargs, on)
-        outer = self._route.outer
-        if outer is None:
-            return await self._route.policy.aexecute(
-                key, call, fallback=plan, fallback_key=plan_key
-            )
-        return await self._route.policy.aexecute(
-            key,
-            call,
-            fallback=plan,
-            fallback_key=plan_key,
-            budget=outer.budget,
-            cache=outer.cache,
-            request=self._legacy_request(messages, stop, primary_kwargs),
-        )
+        legacy = self._legacy("_agenerate_with_cache", messages, stop, run_manager, kwargs)
+        return cast("ChatResult", await self._route.guard.aexecute(*legacy))
 
     # -- binding -----------------------------------------------------------------------
     @override
@@ -743,16 +653,10 @@ class CircuitBreakerChatModel(BaseChatModel):
         """
         if tool_choice is not None:
             kwargs["tool_choice"] = tool_choice
-        primary = _bind_tools("inner", self.inner, tools, kwargs)
-        fallback = None
-        fallbacks = _fallback_models(self.fallback)
-        if fallbacks:
-            fallback = _bind_tools("fallback", fallbacks[0], tools, kwargs)
-        more = [
-            (key, _bind_tools(f"fallback[{index}]", model, tools, kwargs))
-            for index, (key, model) in enumerate(self._more_models(), start=1)
-        ]
-        return self._rerouted(primary, fallback, more).bind()
+        primary, fallbacks = self._each_model(
+            lambda role, model: _bind_tools(role, model, tools, kwargs)
+        )
+        return self._rerouted(primary, fallbacks).bind()
 
     @override
     def with_structured_output(
@@ -770,26 +674,19 @@ class CircuitBreakerChatModel(BaseChatModel):
         (not counted; the fallback answers it only with ``fallback_on="error"``), while
         the bare pydantic ``ValidationError`` some parsers raise classifies as unknown.
         """
-        primary = _structured("inner", self.inner, schema, include_raw, kwargs)
-        fallback = None
-        fallbacks = _fallback_models(self.fallback)
-        if fallbacks:
-            fallback = _structured("fallback", fallbacks[0], schema, include_raw, kwargs)
-        more = [
-            (key, _structured(f"fallback[{index}]", model, schema, include_raw, kwargs))
-            for index, (key, model) in enumerate(self._more_models(), start=1)
-        ]
+        primary, fallbacks = self._each_model(
+            lambda role, model: _structured(role, model, schema, include_raw, kwargs)
+        )
         outer = self._route.outer
         if outer is not None:
             outer = outer.with_codec(StructuredCodec(self.inner, schema, include_raw, kwargs))
         route = self._route.with_runnables(
             primary,
-            fallback,
+            fallbacks,
             tags=self.tags,
             metadata=self.metadata,
             callbacks=self.callbacks,
             outer=outer,
-            more=more,
         )
         return GuardedRunnable(route, guard_streams=self.guard_streams)
 
@@ -812,25 +709,6 @@ def _checked_model(argument: str, value: Any) -> BaseChatModel:
         f"{argument}: expected a LangChain chat model (a BaseChatModel such "
         f"as ChatOpenAI), got {type(value).__name__}{hint}"
     )
-
-
-def _more_fallbacks(
-    keys: CircuitKeys, models: Sequence[BaseChatModel]
-) -> list[tuple[str, Runnable[Any, Any]]]:
-    """The fallbacks after the first, each with its own circuit key (derived), which must
-    differ from the inner model's and every other fallback's."""
-    taken = [keys.default, keys.fallback]
-    more: list[tuple[str, Runnable[Any, Any]]] = []
-    for index, model in enumerate(models, start=1):
-        key = circuit_key(*model_identity(model))
-        if key in taken:
-            raise ValueError(
-                f"fallback[{index}]: its circuit key {key!r} is another model's of this "
-                "wrapper too; one circuit cannot guard both (give models that differ)"
-            )
-        taken.append(key)
-        more.append((key, model))
-    return more
 
 
 def _fallback_models(fallback: BaseChatModel | list[BaseChatModel] | None) -> list[BaseChatModel]:

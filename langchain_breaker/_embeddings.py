@@ -8,7 +8,6 @@ budget, fallback, retry, breaker) once for both frameworks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
 from langchain_core.embeddings import Embeddings
@@ -17,18 +16,10 @@ from callpolicy import (
     Budget,
     CallPolicy,
     CircuitState,
-    CircuitStore,
-    Classifier,
     EmbeddingGuard,
-    ErrorClass,
-    FallbackOn,
-    Listener,
-    RetryPolicy,
     VectorCache,
-    circuit_key,
+    takes_engine_options,
 )
-from callpolicy._embed import equivalent_fallbacks, fallback_circuits
-from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
 
 __all__ = ["CircuitBreakerEmbeddings", "embeddings_identity"]
 
@@ -106,6 +97,7 @@ class CircuitBreakerEmbeddings(Embeddings):
     <CircuitState.CLOSED: 'closed'>
     """
 
+    @takes_engine_options
     def __init__(
         self,
         *,
@@ -117,54 +109,34 @@ class CircuitBreakerEmbeddings(Embeddings):
         policy: CallPolicy | None = None,
         budget: Budget | None = None,
         cache: VectorCache | None = None,
-        failure_threshold: int | None = None,
-        cooldown: float | timedelta | None = None,
-        half_open_max_calls: int | None = None,
-        success_threshold: int | None = None,
-        failure_rate_threshold: float | None = None,
-        window_size: int | None = None,
-        minimum_calls: int | None = None,
-        cooldown_multiplier: float | None = None,
-        max_cooldown: float | timedelta | None = None,
-        counted_errors: frozenset[ErrorClass] | None = None,
-        retry: RetryPolicy | None = None,
-        fallback_on: FallbackOn | None = None,
-        classifier: Classifier | None = None,
-        listeners: Sequence[Listener] | None = None,
-        listener_timeout: float | None = None,
-        store: CircuitStore | None = None,
+        **options: Any,
     ) -> None:
-        given = locals()
         if not isinstance(inner, Embeddings):
             raise TypeError(
                 f"inner: expected a LangChain Embeddings model, got {type(inner).__name__}"
             )
         fallbacks = _fallback_list(fallback)
-        if any(model is inner for model in fallbacks):
-            raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
-        if not isinstance(compatible, bool):
-            raise TypeError(f"compatible: expected a bool, got {type(compatible).__name__}")
-        provider, name, size = embeddings_identity(inner)
-        if key is not None and (not isinstance(key, str) or not key):
-            raise TypeError(f"key: expected a non-empty string, got {key!r}")
+        self._guard = EmbeddingGuard.of(
+            inner,
+            fallbacks,
+            identity=embeddings_identity,
+            key=key,
+            fallback_keys=fallback_keys,
+            compatible=compatible,
+            policy=policy,
+            options=options,
+            budget=budget,
+            cache=cache,
+            owner=type(self).__name__,
+        )
         self.inner = inner
         self.fallbacks: tuple[Embeddings, ...] = tuple(fallbacks)
         """The fallbacks, in order."""
-        self.key: str = key or circuit_key(provider, name)
+        self.key: str = self._guard.key
         """The inner model's circuit key (also the vector cache's model identity)."""
-        identities = [embeddings_identity(model) for model in fallbacks]
-        equivalent_fallbacks(
-            (name, size), [(n, s) for _, n, s in identities], compatible=compatible
-        )
-        self.fallback_keys: tuple[str | None, ...] = fallback_circuits(
-            self.key, [circuit_key(p, n) for p, n, _ in identities], fallback_keys
-        )
+        self.fallback_keys: tuple[str | None, ...] = self._guard.fallback_keys
         """The fallbacks' circuit keys (None: unguarded)."""
-        options = {option: given[option] for option in ENGINE_OPTIONS}
-        self.policy: CallPolicy = policy_from_options(policy, options, owner=type(self).__name__)
-        self._guard = EmbeddingGuard(
-            self.policy, self.key, fallback_keys=self.fallback_keys, budget=budget, cache=cache
-        )
+        self.policy: CallPolicy = self._guard.policy
 
     @property
     def budget(self) -> Budget | None:

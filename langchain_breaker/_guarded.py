@@ -15,7 +15,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import BaseModel
 from typing_extensions import override
 
-from ._route import Route
+from ._route import Route, StreamMethod
 
 __all__ = ["GuardedRunnable"]
 
@@ -44,8 +44,9 @@ class GuardedRunnable(Runnable[Any, Any]):
 
     @property
     def fallback(self) -> Runnable[Any, Any] | None:
-        """The fallback model's runnable, if any."""
-        return self.route.fallback
+        """The (first) fallback model's runnable, if any."""
+        fallbacks = self.route.fallbacks
+        return fallbacks[0] if fallbacks else None
 
     @property
     @override
@@ -67,34 +68,34 @@ class GuardedRunnable(Runnable[Any, Any]):
 
     @override
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return self.route.invoke(input, config, kwargs)
+        return self.route.call("invoke", input, config, kwargs)
 
     @override
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return await self.route.ainvoke(input, config, kwargs)
+        return await self.route.call("ainvoke", input, config, kwargs)
 
     @override
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Any]:
-        route = self.route
-        if self.guard_streams:
-            return route.stream(input, config, kwargs)
-        chunks = route.primary.stream(input, config, **kwargs)
-        return chunks if route.outer is None else route.metered(chunks, input, kwargs)
+        return self._chunks("stream", input, config, kwargs)  # type: ignore[no-any-return]
 
     @override
     def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
+        return self._chunks("astream", input, config, kwargs)  # type: ignore[no-any-return]
+
+    def _chunks(
+        self, method: StreamMethod, input: Any, config: RunnableConfig | None, kwargs: Any
+    ) -> Any:
         route = self.route
         if self.guard_streams:
-            return route.astream(input, config, kwargs)
-        chunks = route.primary.astream(input, config, **kwargs)
-        return chunks if route.outer is None else route.ametered(chunks, input, kwargs)
+            return route.stream(method, input, config, kwargs)
+        return route.passthrough(method, input, config, kwargs)
 
     def __repr__(self) -> str:
         return (
-            f"GuardedRunnable(key={self.route.keys.default!r}, primary={self.route.primary!r}, "
-            f"fallback={self.route.fallback!r})"
+            f"GuardedRunnable(key={self.route.guard.key!r}, primary={self.route.primary!r}, "
+            f"fallback={self.fallback!r})"
         )

@@ -14,7 +14,6 @@ use of the name, so ``langchain_breaker`` itself works without it.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
 from typing import Any
 
 from langchain.agents.middleware import model_fallback as _langchain_fallback
@@ -26,16 +25,11 @@ from langgraph.errors import GraphBubbleUp
 from callpolicy import (
     CallPolicy,
     CircuitState,
-    CircuitStore,
-    Classifier,
-    ErrorClass,
-    FallbackOn,
     Fallbacks,
-    Listener,
-    RetryPolicy,
     circuit_key,
+    policy_from_options,
+    takes_engine_options,
 )
-from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
 
 from ._keys import model_identity
 from ._served import mark_served, served_mark
@@ -98,31 +92,15 @@ class CircuitBreakerMiddleware(AgentMiddleware):
         pydantic.ValidationError: a bad engine option value.
     """
 
+    @takes_engine_options
     def __init__(
         self,
         *,
         fallback: BaseChatModel | str | Sequence[BaseChatModel | str] | None = None,
         policy: CallPolicy | None = None,
-        failure_threshold: int | None = None,
-        cooldown: float | timedelta | None = None,
-        half_open_max_calls: int | None = None,
-        success_threshold: int | None = None,
-        failure_rate_threshold: float | None = None,
-        window_size: int | None = None,
-        minimum_calls: int | None = None,
-        cooldown_multiplier: float | None = None,
-        max_cooldown: float | timedelta | None = None,
-        counted_errors: frozenset[ErrorClass] | None = None,
-        retry: RetryPolicy | None = None,
-        fallback_on: FallbackOn | None = None,
-        classifier: Classifier | None = None,
-        listeners: Sequence[Listener] | None = None,
-        listener_timeout: float | None = None,
-        store: CircuitStore | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
-        given = locals()
-        options = {name: given[name] for name in ENGINE_OPTIONS}
         self.policy: CallPolicy = policy_from_options(policy, options, owner=type(self).__name__)
         self.fallbacks: tuple[BaseChatModel, ...] = _fallback_models(fallback)
         """The fallback models, in order (strings built into models)."""

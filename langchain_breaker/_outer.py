@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from langchain_core.language_models import BaseChatModel
@@ -36,13 +36,13 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel
 
 from callpolicy import (
-    SCHEMA_ARGUMENTS,
     Budget,
     CallRequest,
     ResponseCache,
     UncacheableRequestError,
     Usage,
     by_type,
+    describe_arguments,
     key_data,
     key_text,
 )
@@ -53,9 +53,8 @@ __all__ = [
     "ChatCodec",
     "Outer",
     "StructuredCodec",
-    "ametered",
+    "chunk_usage",
     "describe_value",
-    "metered",
     "unbind",
 ]
 
@@ -145,18 +144,13 @@ def _as_tool(value: Any) -> Any:
         return NotImplemented
 
 
-def _schema_text(value: Any, *where: str) -> str:
-    """A schema argument as canonical JSON text; ``where`` names it in an error."""
-    try:
-        return key_text(value, convert=_convert_tool)
-    except UncacheableRequestError as exc:
-        exc.path.extend(reversed(where))
-        raise
-
-
 def describe_schema(schema: Any) -> str:
     """The structured-output schema of ``with_structured_output``, as JSON text."""
-    return _schema_text(schema, "['structured_output']", "['schema']")
+    try:
+        return key_text(schema, convert=_convert_tool)
+    except UncacheableRequestError as exc:
+        exc.path.extend(("['schema']", "['structured_output']"))
+        raise
 
 
 def _model_params(model: BaseChatModel) -> dict[str, Any]:
@@ -164,24 +158,15 @@ def _model_params(model: BaseChatModel) -> dict[str, Any]:
     and the fields of :data:`_MODEL_FIELDS` it has. Provider and model name are in the
     engine's part of the key (the circuit key); secrets are dropped by the key."""
     fields = model.__dict__
+    given = {name: fields[name] for name in _MODEL_FIELDS if fields.get(name) is not None}
     described = {
         "_type": model._llm_type,
         "params": model._identifying_params,
-        "fields": {name: fields[name] for name in _MODEL_FIELDS if fields.get(name) is not None},
+        "fields": describe_arguments(given, convert=_convert, opaque=by_type, where="model"),
     }
     # Settings stay the same from call to call: one with no JSON form (a client object)
     # counts by its type rather than making every call uncacheable.
     return key_data(described, convert=_convert, opaque=by_type)  # type: ignore[no-any-return]
-
-
-def _call_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        name: _schema_text(value, "['kwargs']", f"[{name!r}]")
-        if name in SCHEMA_ARGUMENTS
-        else value
-        for name, value in kwargs.items()
-        if name not in TRACING_KWARGS
-    }
 
 
 # Message fields the provider never receives: the run id, what the provider *reported*
@@ -484,13 +469,11 @@ def _described_call(
     return described
 
 
-def _described_kwargs(kwargs: Mapping[str, Any]) -> Any:
-    try:
-        return describe_value(_call_kwargs(kwargs))
-    except UncacheableRequestError as exc:
-        if not exc.path or exc.path[-1] != "['kwargs']":
-            exc.path.append("['kwargs']")
-        raise
+def _described_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The call's kwargs (bound ones too), less those that only label traces: the
+    engine's one description of arguments, with LangChain's tools."""
+    sent = {name: value for name, value in kwargs.items() if name not in TRACING_KWARGS}
+    return describe_arguments(sent, convert=_convert, schema_convert=_convert_tool)
 
 
 class _Messages:
@@ -546,32 +529,9 @@ class Outer:
 
 
 # -- streams: usage counted as the chunks pass, never altered ------------------------------
-def _chunk_usage(chunk: object) -> Usage | None:
+def chunk_usage(chunk: object) -> Usage | None:
+    """The usage a stream's chunk reports (a delta: the engine's meter adds each one)."""
     report = getattr(chunk, "usage_metadata", None)
     if report is None and isinstance(chunk, dict):  # include_raw: {"raw": chunk, ...}
         report = getattr(chunk.get("raw"), "usage_metadata", None)
     return None if not report else Usage.from_report(report)
-
-
-def metered(
-    chunks: Iterator[Any],
-    budget: Budget,
-    key: str,
-    estimate: Callable[[], int],
-    key_of: Callable[[Any], str | None] | None = None,
-) -> Iterator[Any]:
-    """``chunks``, each the same object, their usage recorded in ``budget`` as they pass
-    (the engine's meter; LangChain chunks report usage as deltas, each one added), under
-    ``key``, or the key ``key_of`` names (the fallback's, when it streams)."""
-    return budget.metered(chunks, key=key, usage_of=_chunk_usage, estimate=estimate, key_of=key_of)
-
-
-def ametered(
-    chunks: AsyncIterator[Any],
-    budget: Budget,
-    key: str,
-    estimate: Callable[[], int],
-    key_of: Callable[[Any], str | None] | None = None,
-) -> AsyncIterator[Any]:
-    """Async :func:`metered`."""
-    return budget.ametered(chunks, key=key, usage_of=_chunk_usage, estimate=estimate, key_of=key_of)

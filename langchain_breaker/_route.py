@@ -1,17 +1,20 @@
 """One wrapper's way through the engine: which runnable answers, under which circuit.
 
-A :class:`Route` holds the policy, the circuit keys, and the two runnables it may call
-(the primary, and the fallback if any). Its ``invoke`` hands the engine two zero-argument
-callables; each calls the runnable's *own* ``invoke`` with a run config stamped with
-``callpolicy_*`` metadata. The route itself starts no run, so a trace shows exactly one
-run per attempt, of the model that answered.
+A :class:`Route` holds the wrapper's :class:`callpolicy.ModelGuard` (policy, circuit
+keys, budget and cache) and the runnables it may call (the primary, and the fallbacks in
+the guard's order). Its ``call`` hands the guard zero-argument callables; each calls a
+runnable's *own* ``invoke`` (or ``ainvoke``, ``stream``, ``astream``) with a run config
+stamped with ``callpolicy_*`` metadata. The route itself starts no run, so a trace shows
+exactly one run per attempt, of the model that answered. Sync and async calls share one
+body: only the name of the runnable's method differs, and the relay of events (awaited
+when async).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -21,15 +24,23 @@ from langchain_core.runnables.config import (
     var_child_runnable_config,
 )
 
-from callpolicy import CallPolicy, Fallbacks, fallback_start, split_key
+from callpolicy import CallPolicy, ModelGuard, fallback_start, split_key
 
 from ._events import EventRelay
-from ._keys import CircuitKeys
-from ._outer import Outer, ametered, metered, unbind
+from ._outer import Outer, chunk_usage, unbind
 from ._served import mark_served, served_mark
 from ._stream_end import StreamFinished, end_marker
 
-__all__ = ["FALLBACK", "META_ATTEMPT", "META_KEY", "META_ROLE", "META_STATE", "PRIMARY", "Route"]
+__all__ = [
+    "FALLBACK",
+    "META_ATTEMPT",
+    "META_KEY",
+    "META_ROLE",
+    "META_STATE",
+    "PRIMARY",
+    "Route",
+    "aserved",
+]
 
 PRIMARY: Final = "primary"
 FALLBACK: Final = "fallback"
@@ -50,85 +61,77 @@ then the fallback; a fallback serving a refused call is call 1)."""
 _NOTHING: Final = object()
 _SAME: Final = object()
 
+CallMethod = Literal["invoke", "ainvoke"]
+StreamMethod = Literal["stream", "astream"]
+
 
 class Route:
-    """The policy, keys and runnables of one wrapper (or one structured-output runnable)."""
+    """The guard and runnables of one wrapper (or one structured-output runnable)."""
 
     __slots__ = (
         "_markers",
         "callbacks",
-        "fallback",
-        "keys",
+        "fallbacks",
+        "guard",
         "metadata",
-        "more",
         "outer",
-        "policy",
         "primary",
         "tags",
     )
 
     def __init__(
         self,
-        policy: CallPolicy,
-        keys: CircuitKeys,
+        guard: ModelGuard,
         primary: Runnable[Any, Any],
-        fallback: Runnable[Any, Any] | None,
+        fallbacks: Sequence[Runnable[Any, Any]] = (),
         *,
         tags: Sequence[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         callbacks: Callbacks = None,
         outer: Outer | None = None,
-        more: Sequence[tuple[str, Runnable[Any, Any]]] = (),
     ) -> None:
-        self.policy = policy
-        self.keys = keys
+        self.guard = guard
         self.primary = primary
-        self.fallback = fallback
+        self.fallbacks = tuple(fallbacks)
+        """The fallbacks' runnables, in the order of ``guard.fallback_keys``."""
         self.tags = tags
         """Tags, metadata and callbacks of the wrapper itself, added to every run."""
         self.metadata = metadata
         self.callbacks = callbacks
         self.outer = outer
-        """The budget and cache, and how calls are described for them; None without
-        either (then the route never builds a request: the hot path is unchanged)."""
+        """How calls are described for the guard's budget and cache; None without either
+        (then the route never builds a request: the hot path is unchanged)."""
         self._markers: dict[tuple[Any, Any], tuple[Any, Any]] = {}
         """The end-marker checks of a stream called without kwargs, by the two options
         (looked up once per route: the first chunk's time is measured)."""
-        self.more = tuple(more)
-        """The fallbacks after the first, each with its circuit key, tried in order."""
+
+    @property
+    def policy(self) -> CallPolicy:
+        return self.guard.policy
 
     def with_runnables(
         self,
         primary: Runnable[Any, Any],
-        fallback: Runnable[Any, Any] | None,
+        fallbacks: Sequence[Runnable[Any, Any]] | None = None,
         *,
         tags: Sequence[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         callbacks: Callbacks = None,
         outer: object = _SAME,
-        more: Sequence[tuple[str, Runnable[Any, Any]]] | None = None,
     ) -> Route:
-        """A route with the same policy and circuits (and budget and cache, unless
-        ``outer`` is given; the further fallbacks, unless ``more`` is), calling other
-        runnables."""
+        """A route with the same guard (and codec, unless ``outer`` is given; the same
+        fallbacks, unless ``fallbacks`` is), calling other runnables."""
         return Route(
-            self.policy,
-            self.keys,
+            self.guard,
             primary,
-            fallback,
+            self.fallbacks if fallbacks is None else fallbacks,
             tags=tags,
             metadata=metadata,
             callbacks=callbacks,
             outer=self.outer if outer is _SAME else cast("Outer | None", outer),
-            more=self.more if more is None else more,
         )
 
     # -- per-call config -----------------------------------------------------------------
-    def key_of(self, kwargs: Mapping[str, Any]) -> str:
-        """The circuit of this call: the primary's, or a per-call ``model=`` override's."""
-        model = kwargs.get("model") if kwargs else None
-        return self.keys.for_model(model) if isinstance(model, str) else self.keys.default
-
     def prepare(self, config: RunnableConfig | None, key: str) -> RunnableConfig:
         """A private copy of the caller's config (with the context's, as LangChain merges
         it), plus the wrapper's own tags, metadata and callbacks, plus the key."""
@@ -167,38 +170,11 @@ class Route:
             state = start.state.value
         else:  # not called by the engine's fallback step: read it
             try:
-                state = self.policy.circuit(key).snapshot().state.value
+                state = self.guard.policy.circuit(key).snapshot().state.value
             except Exception:  # a label must not cost the answer (a store out of reach)
                 state = "unknown"
         cfg["metadata"][META_STATE] = state
         return self.stamp(cfg, FALLBACK, attempt)
-
-    @staticmethod
-    def fallback_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Call kwargs for the fallback: a ``model=`` override names a primary's model."""
-        if "model" not in kwargs:
-            return kwargs
-        return {name: value for name, value in kwargs.items() if name != "model"}
-
-    def fallback_plan(
-        self, on: Callable[[Runnable[Any, Any], str | None], Callable[[], Any]]
-    ) -> tuple[Any, str | None]:
-        """The engine's ``fallback`` and ``fallback_key`` for a call: ``on(runnable, key)``
-        builds one fallback's callable; several fallbacks become a :class:`Fallbacks`
-        list, each under its own circuit."""
-        assert self.fallback is not None
-        first_key = self.keys.fallback
-        first = on(self.fallback, first_key)
-        if not self.more:
-            return first, first_key
-        steps = [(first_key, first), *((key, on(runnable, key)) for key, runnable in self.more)]
-        return Fallbacks(steps), None
-
-    def _listed(self, call_fallback: Callable[..., Any]) -> tuple[Any, str | None]:
-        """The engine's fallback list: ``call_fallback`` bound to each fallback."""
-        return self.fallback_plan(
-            lambda runnable, step: functools.partial(call_fallback, runnable, step)
-        )
 
     @staticmethod
     def served(answer: Any, key: str | None) -> Any:
@@ -209,7 +185,7 @@ class Route:
     # -- invoke --------------------------------------------------------------------------
     def single_attempt(self) -> bool:
         """One attempt and nothing to route: no fallback, no budget or cache, no retry."""
-        return self.fallback is None and self.outer is None and self.policy.retry is None
+        return not self.fallbacks and self.outer is None and self.guard.policy.retry is None
 
     def bare(self) -> bool:
         """True when a call with no config and no kwargs needs nothing but the breaker:
@@ -225,231 +201,157 @@ class Route:
     def bare_config(self) -> RunnableConfig:
         """The run config of a bare call, built in one step: what key_of/prepare/stamp
         would build (the wrapper's metadata, then the stamps), without their calls."""
-        key, metadata = self.keys.default, self.metadata
+        key, metadata = self.guard.key, self.metadata
         if metadata:
             stamped = {**metadata, META_KEY: key, META_ROLE: PRIMARY, META_ATTEMPT: 1}
         else:
             stamped = {META_KEY: key, META_ROLE: PRIMARY, META_ATTEMPT: 1}
         return RunnableConfig(tags=[], metadata=stamped)
 
-    def invoke(self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]) -> Any:
+    def call(
+        self, method: CallMethod, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
+    ) -> Any:
+        """One guarded call of the primary's ``method`` (``"invoke"``: its answer;
+        ``"ainvoke"``: the call's coroutine, from a plain function: one frame fewer for
+        each of thousands of concurrent calls)."""
+        guard = self.guard
+        policy = guard.policy
+        execute = policy.execute if method == "invoke" else policy.aexecute
         if config is None and not kwargs and self.bare():  # a script's, a thread pool's
-            return self.policy.execute(
-                self.keys.default, functools.partial(self.primary.invoke, input, self.bare_config())
-            )
-        key = self.key_of(kwargs)
+            run = getattr(self.primary, method)
+            return execute(guard.key, functools.partial(run, input, self.bare_config()))
+        key = guard.key_of(kwargs)
         cfg = self.prepare(config, key)
-        if not EventRelay.wanted(self.policy, cfg):
+        if not EventRelay.wanted(policy, cfg):
             if self.single_attempt():
-                self.stamp(cfg, PRIMARY, 1)  # one attempt, nothing to route (see ainvoke)
-                return self.policy.execute(
-                    key, functools.partial(self.primary.invoke, input, cfg, **kwargs)
-                )
-            return self._invoke(input, cfg, kwargs, key, None)
+                # One attempt and nothing to route: the engine calls the model's own method
+                # (no closure, cell or extra frame per call in flight, which with 10,000
+                # async calls in flight is memory the collector keeps walking).
+                self.stamp(cfg, PRIMARY, 1)
+                run = getattr(self.primary, method)
+                return execute(key, functools.partial(run, input, cfg, **kwargs))
+            return self._guarded(method, input, cfg, kwargs, key, None)
+        if method == "ainvoke":
+            return self._arelayed_call(input, cfg, kwargs, key)
         relay = EventRelay(cfg)
         try:
-            return self._invoke(input, cfg, kwargs, key, relay)
+            return self._guarded(method, input, cfg, kwargs, key, relay)
         finally:
             relay.flush()
             relay.close()
 
-    def _invoke(
+    async def _arelayed_call(
+        self, input: Any, cfg: RunnableConfig, kwargs: dict[str, Any], key: str
+    ) -> Any:
+        relay = EventRelay(cfg)
+        try:
+            return await self._guarded("ainvoke", input, cfg, kwargs, key, relay)
+        finally:
+            await relay.aflush()
+            relay.close()
+
+    def _guarded(
         self,
+        method: CallMethod,
         input: Any,
         cfg: RunnableConfig,
         kwargs: dict[str, Any],
         key: str,
         relay: EventRelay | None,
     ) -> Any:
-        primary = self.primary
+        """The call through the guard: each attempt labelled (and its events relayed),
+        a fallback's answer marked, the budget and cache given the call's request."""
+        asynchronous = method == "ainvoke"
+        run = getattr(self.primary, method)
         attempt = 0
 
         def call() -> Any:
             nonlocal attempt
             attempt += 1
             if relay is None:
-                return primary.invoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
-            relay.flush()
-            labelled = self.stamp(cfg, PRIMARY, attempt)
-            relay.run_started(labelled)
-            return primary.invoke(input, labelled, **kwargs)
-
-        fallback = self.fallback
-        outer = self.outer
-        if fallback is None and outer is None:
-            return self.policy.execute(key, call)
-
-        # One closure, as a single fallback always needed: the defaults name the first
-        # fallback; a list binds each of its steps (functools.partial) instead.
-        def call_fallback(runnable: Any = fallback, step: str | None = self.keys.fallback) -> Any:
-            nonlocal attempt
-            attempt += 1
-            if relay is not None:
-                relay.flush()
-            labelled = self.stamp_fallback(cfg, key, attempt)
-            if relay is not None:
-                relay.run_started(labelled)
-            answer = runnable.invoke(input, labelled, **self.fallback_kwargs(kwargs))
-            return self.served(answer, step)
-
-        plan: Any = None if fallback is None else call_fallback
-        plan_key = self.keys.fallback
-        if self.more:
-            plan, plan_key = self._listed(call_fallback)
-        if outer is None:
-            return self.policy.execute(key, call, fallback=plan, fallback_key=plan_key)
-        return self.policy.execute(
-            key,
-            call,
-            fallback=plan,
-            fallback_key=plan_key,
-            budget=outer.budget,
-            cache=outer.cache,
-            request=outer.request(self.primary, input, kwargs),
-        )
-
-    def ainvoke(
-        self, input: Any, config: RunnableConfig | None, kwargs: dict[str, Any]
-    ) -> Awaitable[Any]:
-        """The call's coroutine (a plain function returning it: one frame fewer for each
-        of thousands of concurrent calls)."""
-        if config is None and not kwargs and self.bare():  # as in invoke
-            return self.policy.aexecute(
-                self.keys.default,
-                functools.partial(self.primary.ainvoke, input, self.bare_config()),
+                return run(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
+            return _started(
+                relay,
+                asynchronous,
+                lambda: self.stamp(cfg, PRIMARY, attempt),
+                lambda labelled: run(input, labelled, **kwargs),
             )
-        key = self.key_of(kwargs)
-        cfg = self.prepare(config, key)
-        if not EventRelay.wanted(self.policy, cfg):
-            if self.single_attempt():
-                # One attempt and nothing to route: the engine awaits the model's own
-                # coroutine (no closure, cell or extra frame per call in flight, which
-                # with 10,000 calls in flight is memory the collector keeps walking).
-                self.stamp(cfg, PRIMARY, 1)
-                return self.policy.aexecute(
-                    key, functools.partial(self.primary.ainvoke, input, cfg, **kwargs)
+
+        fallback = None
+        if self.fallbacks:
+            fallback_kwargs = self.guard.fallback_kwargs(kwargs)
+
+            def fallback(index: int) -> Any:
+                nonlocal attempt
+                attempt += 1
+                step = self.guard.fallback_keys[index]
+                runnable = getattr(self.fallbacks[index], method)
+                answer = _started(
+                    relay,
+                    asynchronous,
+                    lambda: self.stamp_fallback(cfg, key, attempt),
+                    lambda labelled: runnable(input, labelled, **fallback_kwargs),
                 )
-            return self._ainvoke(input, cfg, kwargs, key, None)
-        return self._ainvoke_relayed(input, cfg, kwargs, key)
+                return aserved(answer, step) if asynchronous else self.served(answer, step)
 
-    async def _ainvoke_relayed(
-        self, input: Any, cfg: RunnableConfig, kwargs: dict[str, Any], key: str
-    ) -> Any:
-        relay = EventRelay(cfg)
-        try:
-            return await self._ainvoke(input, cfg, kwargs, key, relay)
-        finally:
-            await relay.aflush()
-            relay.close()
-
-    async def _ainvoke(
-        self,
-        input: Any,
-        cfg: RunnableConfig,
-        kwargs: dict[str, Any],
-        key: str,
-        relay: EventRelay | None,
-    ) -> Any:
-        primary = self.primary
-        attempt = 0
-
-        async def call() -> Any:
-            nonlocal attempt
-            attempt += 1
-            if relay is None:
-                return await primary.ainvoke(input, self.stamp(cfg, PRIMARY, attempt), **kwargs)
-            await relay.aflush()
-            labelled = self.stamp(cfg, PRIMARY, attempt)
-            relay.run_started(labelled)
-            return await primary.ainvoke(input, labelled, **kwargs)
-
-        fallback = self.fallback
         outer = self.outer
-        if fallback is None and outer is None:
-            return await self.policy.aexecute(key, call)
+        request = None if outer is None else outer.request(self.primary, input, kwargs)
+        execute = self.guard.aexecute if asynchronous else self.guard.execute
+        return execute(key, call, fallback, request)
 
-        async def call_fallback(
-            runnable: Any = fallback, step: str | None = self.keys.fallback
-        ) -> Any:
-            nonlocal attempt
-            attempt += 1
-            if relay is not None:
-                await relay.aflush()
-            labelled = self.stamp_fallback(cfg, key, attempt)
-            if relay is not None:
-                relay.run_started(labelled)
-            answer = await runnable.ainvoke(input, labelled, **self.fallback_kwargs(kwargs))
-            return self.served(answer, step)
+    # -- streams ---------------------------------------------------------------------------
+    def passthrough(
+        self,
+        method: StreamMethod,
+        input: Any,
+        config: RunnableConfig | None,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """The primary's own stream, untouched (``guard_streams=False``); metered by the
+        budget, if any."""
+        chunks = getattr(self.primary, method)(input, config, **kwargs)
+        return chunks if self.outer is None else self.metered(method, chunks, input, kwargs)
 
-        plan: Any = None if fallback is None else call_fallback
-        plan_key = self.keys.fallback
-        if self.more:
-            plan, plan_key = self._listed(call_fallback)
-        if outer is None:
-            return await self.policy.aexecute(key, call, fallback=plan, fallback_key=plan_key)
-        return await self.policy.aexecute(
-            key,
-            call,
-            fallback=plan,
-            fallback_key=plan_key,
-            budget=outer.budget,
-            cache=outer.cache,
-            request=outer.request(self.primary, input, kwargs),
-        )
-
-    # -- streams: metered by the budget, if any -------------------------------------------
     def metered(
         self,
-        chunks: Iterator[Any],
+        method: StreamMethod,
+        chunks: Any,
         input: Any,
         kwargs: dict[str, Any],
         answered: list[str] | None = None,
-    ) -> Iterator[Any]:
+    ) -> Any:
         """``chunks`` as they are, or, with a budget, each chunk (the same object) counted
-        as it passes: the usage it reports, and the stream as one call (under
+        as it passes (the engine's meter; LangChain chunks report usage as deltas, each
+        one added): the usage it reports, and the stream as one call (under
         ``answered[0]``, the key of the model streaming, when given)."""
         outer = self.outer
         if outer is None or outer.budget is None:
             return chunks
-        return metered(
+        budget = outer.budget
+        meter = budget.metered if method == "stream" else budget.ametered
+        return meter(
             chunks,
-            outer.budget,
-            self.key_of(kwargs),
-            lambda: outer.estimate(input),
-            None if answered is None else (lambda _chunk: answered[0]),
+            key=self.guard.key_of(kwargs),
+            usage_of=chunk_usage,
+            estimate=lambda: outer.estimate(input),
+            key_of=None if answered is None else (lambda _chunk: answered[0]),
         )
 
-    def ametered(
+    def stream(
         self,
-        chunks: AsyncIterator[Any],
-        input: Any,
-        kwargs: dict[str, Any],
-        answered: list[str] | None = None,
-    ) -> AsyncIterator[Any]:
-        """Async :meth:`metered`."""
-        outer = self.outer
-        if outer is None or outer.budget is None:
-            return chunks
-        return ametered(
-            chunks,
-            outer.budget,
-            self.key_of(kwargs),
-            lambda: outer.estimate(input),
-            None if answered is None else (lambda _chunk: answered[0]),
-        )
-
-    # -- streams, guarded by the engine ------------------------------------------------------
-    def _stream_calls(
-        self,
-        method: str,
+        method: StreamMethod,
         input: Any,
         config: RunnableConfig | None,
         kwargs: dict[str, Any],
-        finished: StreamFinished,
-        fallback_finished: StreamFinished,
-    ) -> _StreamCalls:
-        """What the engine needs to guard one stream: the key, the two openers (each
-        labels its run as ``invoke``'s attempts are labelled), the end-marker checks."""
+        *,
+        finished: StreamFinished = None,
+        fallback_finished: StreamFinished = None,
+    ) -> Any:
+        """The primary's stream (``method``: ``"stream"`` or ``"astream"``) under the
+        engine's guard (``CallPolicy.stream``): admission, retry and the fallbacks'
+        streams before the first chunk, the chunks untouched, a failure after it counted,
+        a stream cut short (no end marker) an error; metered by the budget, if any."""
+        guard = self.guard
         relay: EventRelay | None = None
         if (
             config is None
@@ -462,158 +364,108 @@ class Route:
             # would build, in one step, as bare_config() does for invoke. Its config has
             # no callbacks, so there is nobody to relay events to (EventRelay.wanted: no).
             # The time to the first chunk is measured (benchmarks/instructions.py).
-            key, metadata = self.keys.default, self.metadata
+            key, metadata = guard.key, self.metadata
             cfg = RunnableConfig(
                 tags=[], metadata={**metadata, META_KEY: key} if metadata else {META_KEY: key}
             )
         else:
-            key = self.key_of(kwargs)
+            key = guard.key_of(kwargs)
             cfg = self.prepare(config, key)
-            if EventRelay.wanted(self.policy, cfg):
+            if EventRelay.wanted(guard.policy, cfg):
                 relay = EventRelay(cfg, active=False)
-        primary, fallback = self.primary, self.fallback
+        run = getattr(self.primary, method)
         attempt = 0
         answered = [key]
 
         def start() -> Any:
             nonlocal attempt
             attempt += 1
-            if relay is not None:
-                relay.flush()
-            labelled = self.stamp(cfg, PRIMARY, attempt)
-            if relay is not None:
-                relay.run_started(labelled)
-            return getattr(primary, method)(input, labelled, **kwargs)
+            return _started(
+                relay,
+                False,  # opening a stream is a plain call, also for astream
+                lambda: self.stamp(cfg, PRIMARY, attempt),
+                lambda labelled: run(input, labelled, **kwargs),
+            )
 
+        fallback = None
+        if self.fallbacks:
+            fallback_kwargs = guard.fallback_kwargs(kwargs)
+
+            def fallback(index: int) -> Any:
+                nonlocal attempt
+                attempt += 1
+                answered[0] = guard.fallback_keys[index]
+                opener = getattr(self.fallbacks[index], method)
+                return _started(
+                    relay,
+                    False,
+                    lambda: self.stamp_fallback(cfg, key, attempt),
+                    lambda labelled: opener(input, labelled, **fallback_kwargs),
+                )
+
+        ends, fallback_ends = self._end_markers(finished, fallback_finished, kwargs)
+        guarded: Callable[..., Any] = guard.stream if method == "stream" else guard.astream
+        chunks = guarded(key, start, fallback, finished=ends, fallback_finished=fallback_ends)
+        if relay is not None:
+            relayed: Callable[..., Any] = _relayed if method == "stream" else _arelayed
+            chunks = relayed(relay, chunks)
+        if self.outer is not None:
+            chunks = self.metered(method, chunks, input, kwargs, answered)
+        return chunks
+
+    def _end_markers(
+        self, finished: StreamFinished, fallback_finished: StreamFinished, kwargs: dict[str, Any]
+    ) -> tuple[Any, Any]:
+        """The end-marker checks of the primary's stream and of each fallback's (chosen for
+        its own model), cached for calls without kwargs."""
         markers = self._markers.get((finished, fallback_finished)) if not kwargs else None
         if markers is None:
+            fallback_kwargs = self.guard.fallback_kwargs(kwargs)
             markers = (
-                end_marker(_model_of(primary), finished, kwargs),
-                self._fallback_markers(fallback_finished, kwargs),
+                end_marker(_model_of(self.primary), finished, kwargs),
+                tuple(
+                    end_marker(_model_of(runnable), fallback_finished, fallback_kwargs)
+                    for runnable in self.fallbacks
+                ),
             )
             if not kwargs:
                 self._markers[finished, fallback_finished] = markers
-        call_fallback = None
-        if fallback is not None:
-            fallback_kwargs = self.fallback_kwargs(kwargs)
-
-            if self.more:  # a list: one opener, bound to each step in turn
-
-                def open_step(runnable: Any, step: str | None) -> Any:
-                    nonlocal attempt
-                    attempt += 1
-                    answered[0] = step or key
-                    if relay is not None:
-                        relay.flush()
-                    labelled = self.stamp_fallback(cfg, key, attempt)
-                    if relay is not None:
-                        relay.run_started(labelled)
-                    return getattr(runnable, method)(input, labelled, **fallback_kwargs)
-
-                plan = self._listed(open_step)[0]
-                return key, start, plan, markers[0], markers[1], relay, answered
-
-            def call_fallback() -> Any:
-                nonlocal attempt
-                attempt += 1
-                answered[0] = self.keys.fallback or key
-                if relay is not None:
-                    relay.flush()
-                labelled = self.stamp_fallback(cfg, key, attempt)
-                if relay is not None:
-                    relay.run_started(labelled)
-                return getattr(fallback, method)(input, labelled, **fallback_kwargs)
-
-        # A plain tuple: a NamedTuple's __new__ is one more Python call per stream.
-        return key, start, call_fallback, markers[0], markers[1], relay, answered
-
-    def _fallback_markers(self, option: StreamFinished, kwargs: dict[str, Any]) -> Any:
-        """The fallbacks' end-marker checks: the one fallback's, or with a list, one per
-        step in order (each chosen for its own model)."""
-        fallback = self.fallback
-        if fallback is None:
-            return None
-        fallback_kwargs = self.fallback_kwargs(kwargs)
-        first = end_marker(_model_of(fallback), option, fallback_kwargs)
-        if not self.more:
-            return first
-        return (
-            first,
-            *(
-                end_marker(_model_of(runnable), option, fallback_kwargs)
-                for _, runnable in self.more
-            ),
-        )
-
-    def stream(
-        self,
-        input: Any,
-        config: RunnableConfig | None,
-        kwargs: dict[str, Any],
-        *,
-        finished: StreamFinished = None,
-        fallback_finished: StreamFinished = None,
-    ) -> Iterator[Any]:
-        """The primary's stream under the engine's guard (``CallPolicy.stream``): admission,
-        retry and the fallback's stream before the first chunk, the chunks untouched, a
-        failure after it counted, a stream cut short (no end marker) an error; metered by
-        the budget, if any."""
-        key, start, call_fallback, ends, fallback_ends, relay, answered = self._stream_calls(
-            "stream", input, config, kwargs, finished, fallback_finished
-        )
-        chunks = self.policy.stream(
-            key,
-            start,
-            fallback=call_fallback,
-            fallback_key=self.keys.fallback,
-            finished=ends,
-            fallback_finished=fallback_ends,
-        )
-        if relay is not None:
-            chunks = _relayed(relay, chunks)
-        if self.outer is not None:
-            chunks = self.metered(chunks, input, kwargs, answered)
-        return chunks
-
-    def astream(
-        self,
-        input: Any,
-        config: RunnableConfig | None,
-        kwargs: dict[str, Any],
-        *,
-        finished: StreamFinished = None,
-        fallback_finished: StreamFinished = None,
-    ) -> AsyncIterator[Any]:
-        """Async :meth:`stream`."""
-        key, start, call_fallback, ends, fallback_ends, relay, answered = self._stream_calls(
-            "astream", input, config, kwargs, finished, fallback_finished
-        )
-        chunks = self.policy.astream(
-            key,
-            start,
-            fallback=call_fallback,
-            fallback_key=self.keys.fallback,
-            finished=ends,
-            fallback_finished=fallback_ends,
-        )
-        if relay is not None:
-            chunks = _arelayed(relay, chunks)
-        if self.outer is not None:
-            chunks = self.ametered(chunks, input, kwargs, answered)
-        return chunks
+        return markers
 
 
-_StreamCalls = tuple[
-    str,  # the key
-    Callable[[], Any],  # opens the primary's stream (an attempt)
-    Callable[[], Any] | Fallbacks[Any] | None,  # opens the fallback's (or a list's steps)
-    Callable[[Any], bool] | None,  # the primary's end-marker check
-    Callable[[Any], bool] | tuple[Callable[[Any], bool] | None, ...] | None,  # the fallback's
-    # (or one per step of a list)
-    EventRelay | None,  # the events of the opening, for the caller's callbacks
-    list[str],  # the key of the model streaming (for the budget's meter)
-]
-"""What :meth:`Route._stream_calls` returns."""
+def _started(
+    relay: EventRelay | None,
+    asynchronous: bool,
+    label: Callable[[], RunnableConfig],
+    run: Callable[[RunnableConfig], Any],
+) -> Any:
+    """Start one attempt: hand the events so far (the previous attempt's) to the caller's
+    callbacks, label the attempt's run and name it (:meth:`EventRelay.run_started`), run
+    it. Async: a coroutine doing the same, the relay awaited."""
+    if relay is None:
+        return run(label())
+    if asynchronous:
+        return _astarted(relay, label, run)
+    relay.flush()
+    labelled = label()
+    relay.run_started(labelled)
+    return run(labelled)
+
+
+async def _astarted(
+    relay: EventRelay,
+    label: Callable[[], RunnableConfig],
+    run: Callable[[RunnableConfig], Awaitable[Any]],
+) -> Any:
+    await relay.aflush()
+    labelled = label()
+    relay.run_started(labelled)
+    return await run(labelled)
+
+
+async def aserved(answer: Awaitable[Any], key: str | None) -> Any:
+    """Async :meth:`Route.served`: the fallback's answer, once awaited, marked."""
+    return Route.served(await answer, key)
 
 
 def _model_of(runnable: Runnable[Any, Any]) -> Any:

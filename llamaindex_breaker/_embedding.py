@@ -32,7 +32,7 @@ from callpolicy import (
     circuit_key,
 )
 from callpolicy._embed import equivalent_fallbacks, fallback_circuits
-from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
+from callpolicy._options import ENGINE_OPTIONS, policy_from_options
 
 from ._models import checked_fallback, fallback_models, model_checker
 

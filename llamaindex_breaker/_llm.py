@@ -51,7 +51,7 @@ from callpolicy import (
     circuit_key,
 )
 from callpolicy._errors import add_note
-from callpolicy._policy import ENGINE_OPTIONS, policy_from_options
+from callpolicy._options import ENGINE_OPTIONS, policy_from_options
 
 from ._calls import ChatCall, CompleteCall, ToolCall, tool_options
 from ._events import relay_events

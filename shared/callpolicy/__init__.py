@@ -21,10 +21,12 @@ from ._budget_store import BudgetExceededError, BudgetStore, MemoryBudgetStore, 
 from ._cache import CacheStats, CacheStatus, ResponseCache
 from ._cache_backend import CacheBackend, MemoryCacheBackend
 from ._cache_key import (
+    ENDPOINT_ARGUMENTS,
     SCHEMA_ARGUMENTS,
     UncacheableRequestError,
     by_type,
     cache_key,
+    describe_arguments,
     key_data,
     key_text,
 )
@@ -47,7 +49,9 @@ from ._errors import (
 )
 from ._events import Event, EventKind, Listener
 from ._fallback import Fallbacks, FallbackStart, fallback_start
+from ._guard import Identity, ModelGuard
 from ._memory import MemoryStore
+from ._options import ENGINE_OPTIONS, EngineOptions, policy_from_options, takes_engine_options
 from ._policy import CallPolicy
 from ._request import CallRequest
 from ._store import Circuit, CircuitStore, Permit, Transition
@@ -63,6 +67,8 @@ from ._types import (
 
 __all__ = [
     "DEFAULT_COUNTED_ERRORS",
+    "ENDPOINT_ARGUMENTS",
+    "ENGINE_OPTIONS",
     "AllModelsFailedError",
     "DEFAULT_RETRYABLE_ERRORS",
     "BreakerConfig",
@@ -85,11 +91,13 @@ __all__ = [
     "Classifier",
     "EmbedKind",
     "EmbeddingGuard",
+    "EngineOptions",
     "ErrorClass",
     "Event",
     "EventKind",
     "FallbackOn",
     "FallbackStart",
+    "Identity",
     "IncompleteStreamError",
     "Fallbacks",
     "KeyMetrics",
@@ -98,6 +106,7 @@ __all__ = [
     "MemoryCacheBackend",
     "MemoryStore",
     "MissingPriceError",
+    "ModelGuard",
     "Outcome",
     "Permit",
     "Price",
@@ -114,11 +123,14 @@ __all__ = [
     "cache_key",
     "circuit_key",
     "classify_error",
+    "describe_arguments",
     "fallback_start",
     "key_data",
     "key_text",
+    "policy_from_options",
     "retry_after_from_headers",
     "split_key",
+    "takes_engine_options",
 ]
 
 __version__ = "0.1.0"

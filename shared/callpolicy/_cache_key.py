@@ -38,16 +38,19 @@ import uuid
 from collections.abc import Callable, Mapping
 from pathlib import PurePath
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 __all__ = [
+    "ENDPOINT_ARGUMENTS",
     "SCHEMA_ARGUMENTS",
     "UncacheableRequestError",
     "by_type",
     "cache_key",
     "canonical_json",
+    "describe_arguments",
     "is_secret_name",
     "key_data",
     "key_text",
@@ -77,6 +80,21 @@ SCHEMA_ARGUMENTS: Final = frozenset(
 for both adapters: they go into a request as :func:`key_text`, so that the secret-name
 filter never drops a part of them (a changed schema of a tool parameter called
 ``password`` or ``token`` would otherwise be a false hit). Schemas hold no credentials."""
+
+ENDPOINT_ARGUMENTS: Final = frozenset(
+    {
+        "anthropic_api_url",
+        "api_base",
+        "azure_endpoint",
+        "base_url",
+        "endpoint",
+        "endpoint_url",
+        "openai_api_base",
+    }
+)
+"""Model settings naming where a request goes: kept in a request (another server may
+answer another model under the same name), as URLs without their credentials (user info,
+query string, fragment)."""
 
 _SECRET_NAMES = frozenset(
     {
@@ -233,6 +251,56 @@ def key_text(value: Any, *, convert: Convert | None = None, opaque: Convert | No
         raise
     except TypeError:  # mapping keys json cannot sort or name (enums, mixed types): walk all
         return _dumps(walked(value))
+
+
+def describe_arguments(
+    arguments: Mapping[Any, Any],
+    *,
+    convert: Convert | None = None,
+    schema_convert: Convert | None = None,
+    opaque: Convert | None = None,
+    where: str = "kwargs",
+) -> dict[str, Any]:
+    """Call arguments or model settings as a part of a request, the one way both adapters
+    describe them: those carrying schemas (:data:`SCHEMA_ARGUMENTS`) as :func:`key_text`
+    (whole: the secret-name filter must not drop a tool parameter called ``password``;
+    ``schema_convert``, else ``convert``, knows the framework's tools), endpoints
+    (:data:`ENDPOINT_ARGUMENTS`) without credentials, the rest as :func:`key_data`. A value
+    with no JSON form raises :class:`UncacheableRequestError` naming
+    ``request[where][name]``.
+
+    >>> describe_arguments({"temperature": 0.2, "tools": [{"name": "f"}]})
+    {'temperature': 0.2, 'tools': '[{"name":"f"}]'}
+    >>> describe_arguments({"base_url": "https://user:pw@api.acme.test/v1?k=1"})
+    {'base_url': 'https://api.acme.test/v1'}
+    """
+    described: dict[str, Any] = {}
+    for name, value in arguments.items():
+        label = name if isinstance(name, str) else key_text(name)
+        try:
+            if name in SCHEMA_ARGUMENTS and value is not None:
+                described[label] = key_text(value, convert=schema_convert or convert)
+            elif name in ENDPOINT_ARGUMENTS and isinstance(value, str):
+                described[label] = _endpoint(value)
+            else:
+                described[label] = key_data(value, convert=convert, opaque=opaque)
+        except UncacheableRequestError as exc:
+            exc.path.append(f"[{label!r}]")
+            exc.path.append(f"[{where!r}]")
+            raise
+    return described
+
+
+def _endpoint(url: str) -> str:
+    """``url`` without its user info, query string and fragment."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<unparsable endpoint>"
+    netloc = host if port is None else f"{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def by_type(value: Any) -> dict[str, str]:

@@ -15,20 +15,32 @@ here, once:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from ._budget import Budget
 from ._embed_cache import EmbedKind, VectorCache
 from ._fallback import Fallbacks
+from ._options import EngineOptions, policy_from_options
 from ._policy import CallPolicy
 from ._request import CallRequest
+from ._types import circuit_key
 
-__all__ = ["EmbeddingGuard", "Embedder", "equivalent_fallbacks", "fallback_circuits"]
+__all__ = [
+    "EmbedIdentity",
+    "Embedder",
+    "EmbeddingGuard",
+    "equivalent_fallbacks",
+    "fallback_circuits",
+]
 
 Embedder = Callable[[list[str]], Sequence[Sequence[float]]]
 """Embeds a list of texts: one vector per text, in order."""
 AsyncEmbedder = Callable[[list[str]], Awaitable[Sequence[Sequence[float]]]]
+EmbedIdentity = Callable[[Any], tuple[str, str, int | None]]
+"""How an adapter reads an embedding model's ``(provider, model name, dimensions or
+None)``."""
+_NO_OPTIONS: Mapping[str, Any] = {}
 
 
 class EmbeddingGuard:
@@ -74,6 +86,44 @@ class EmbeddingGuard:
             for model_key in (key, *self.fallback_keys):
                 if model_key is not None:
                     budget.require_price(model_key)
+
+    @classmethod
+    def of(
+        cls,
+        inner: object,
+        fallbacks: Sequence[object] = (),
+        *,
+        identity: EmbedIdentity,
+        key: str | None = None,
+        fallback_keys: Sequence[str] | None = None,
+        compatible: bool = False,
+        policy: CallPolicy | None = None,
+        options: EngineOptions | Mapping[str, Any] = _NO_OPTIONS,
+        budget: Budget | None = None,
+        cache: VectorCache | None = None,
+        owner: str = "EmbeddingGuard",
+    ) -> EmbeddingGuard:
+        """The guard of an embedding model and its fallbacks, as both adapters build it:
+        keys derived with ``identity`` (or given), fallbacks that could not share an index
+        refused unless ``compatible`` (see :func:`equivalent_fallbacks`), a fallback with
+        a derived key already taken unguarded (see :func:`fallback_circuits`), the policy
+        given or built from the engine ``options``."""
+        fallbacks = list(fallbacks)
+        if any(model is inner for model in fallbacks):
+            raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
+        if not isinstance(compatible, bool):
+            raise TypeError(f"compatible: expected a bool, got {type(compatible).__name__}")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise TypeError(f"key: expected a non-empty string, got {key!r}")
+        provider, name, size = identity(inner)
+        key = key or circuit_key(provider, name)
+        identities = [identity(model) for model in fallbacks]
+        equivalent_fallbacks(
+            (name, size), [(n, s) for _, n, s in identities], compatible=compatible
+        )
+        keys = fallback_circuits(key, [circuit_key(p, n) for p, n, _ in identities], fallback_keys)
+        chosen = policy_from_options(policy, options, owner=owner)
+        return cls(chosen, key, fallback_keys=keys, budget=budget, cache=cache)
 
     # -- sync ------------------------------------------------------------------------------
     def embed(

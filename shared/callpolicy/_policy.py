@@ -29,7 +29,6 @@ from collections.abc import (
     Callable,
     Iterable,
     Iterator,
-    Mapping,
     Sequence,
 )
 from dataclasses import replace
@@ -1104,49 +1103,6 @@ def _anoted(fallback: Callable[[], Awaitable[T]], noted: list[bool]) -> Callable
 def _unless(noted: list[bool]) -> Callable[[object], bool]:
     """A cache ``keep``: store the answer unless the fallback gave it."""
     return lambda _answer: not noted[0]
-
-
-ENGINE_OPTIONS: tuple[str, ...] = (
-    "failure_threshold",
-    "cooldown",
-    "half_open_max_calls",
-    "success_threshold",
-    "failure_rate_threshold",
-    "window_size",
-    "minimum_calls",
-    "cooldown_multiplier",
-    "max_cooldown",
-    "counted_errors",
-    "retry",
-    "fallback_on",
-    "classifier",
-    "listeners",
-    "listener_timeout",
-    "store",
-)
-"""The :class:`CallPolicy` options an adapter takes as its own keyword arguments (and hands
-to :func:`policy_from_options`), so both adapters offer the same ones."""
-
-
-def policy_from_options(
-    policy: CallPolicy | None, options: Mapping[str, Any], *, owner: str
-) -> CallPolicy:
-    """The policy an adapter should use: ``policy`` as given, or one built from ``options``.
-
-    Options left at ``None`` are not passed on (the adapters' fields default to None so
-    that a given ``policy`` can be told apart from explicit options).
-    """
-    chosen = {name: value for name, value in options.items() if value is not None}
-    if policy is not None:
-        if chosen:
-            raise TypeError(
-                f"{owner}: pass either policy= or engine options "
-                f"({', '.join(sorted(chosen))}), not both; the policy carries its own options"
-            )
-        if not isinstance(policy, CallPolicy):
-            raise TypeError(f"policy: expected a CallPolicy, got {type(policy).__name__}")
-        return policy
-    return CallPolicy(**chosen)
 
 
 def _check_markers(fallback: object, markers: object) -> None:

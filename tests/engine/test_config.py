@@ -14,8 +14,8 @@ from callpolicy import (
     ErrorClass,
     MemoryStore,
     RetryPolicy,
+    policy_from_options,
 )
-from callpolicy._policy import policy_from_options
 
 BAD_BREAKER_OPTIONS = [
     pytest.param({"failure_threshold": 0}, "failure_threshold", id="failure_threshold=0"),
