@@ -10,8 +10,7 @@ call for the texts the vector cache misses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from datetime import timedelta
+from collections.abc import Callable
 from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
@@ -21,18 +20,10 @@ from callpolicy import (
     Budget,
     CallPolicy,
     CircuitState,
-    CircuitStore,
-    Classifier,
     EmbeddingGuard,
-    ErrorClass,
-    FallbackOn,
-    Listener,
-    RetryPolicy,
+    EngineOptions,
     VectorCache,
-    circuit_key,
 )
-from callpolicy._embed import equivalent_fallbacks, fallback_circuits
-from callpolicy._options import ENGINE_OPTIONS, policy_from_options
 
 from ._models import checked_fallback, fallback_models, model_checker
 
@@ -59,7 +50,7 @@ def embedding_identity(model: BaseEmbedding) -> tuple[str, str, int | None]:
     return provider, name, size
 
 
-class CircuitBreakerEmbedding(BaseEmbedding):
+class CircuitBreakerEmbedding(BaseEmbedding, EngineOptions):
     """A LlamaIndex embedding model guarded by a circuit breaker, with optional retry,
     equivalent fallbacks, a budget and a per-text vector cache; use it wherever LlamaIndex
     takes an embedding model (``Settings.embed_model``, ``VectorStoreIndex``).
@@ -97,24 +88,7 @@ class CircuitBreakerEmbedding(BaseEmbedding):
     budget: SkipValidation[Budget | None] = Field(default=None, frozen=True, exclude=True)
     cache: SkipValidation[VectorCache | None] = Field(default=None, frozen=True, exclude=True)
 
-    failure_threshold: SkipValidation[int | None] = Field(default=None, frozen=True)
-    cooldown: SkipValidation[float | timedelta | None] = Field(default=None, frozen=True)
-    half_open_max_calls: SkipValidation[int | None] = Field(default=None, frozen=True)
-    success_threshold: SkipValidation[int | None] = Field(default=None, frozen=True)
-    failure_rate_threshold: SkipValidation[float | None] = Field(default=None, frozen=True)
-    window_size: SkipValidation[int | None] = Field(default=None, frozen=True)
-    minimum_calls: SkipValidation[int | None] = Field(default=None, frozen=True)
-    cooldown_multiplier: SkipValidation[float | None] = Field(default=None, frozen=True)
-    max_cooldown: SkipValidation[float | timedelta | None] = Field(default=None, frozen=True)
-    counted_errors: SkipValidation[frozenset[ErrorClass] | None] = Field(default=None, frozen=True)
-    retry: SkipValidation[RetryPolicy | None] = Field(default=None, frozen=True)
-    fallback_on: SkipValidation[FallbackOn | None] = Field(default=None, frozen=True)
-    classifier: SkipValidation[Classifier | None] = Field(default=None, frozen=True, exclude=True)
-    listeners: SkipValidation[Sequence[Listener] | None] = Field(
-        default=None, frozen=True, exclude=True
-    )
-    listener_timeout: SkipValidation[float | None] = Field(default=None, frozen=True)
-    store: SkipValidation[CircuitStore | None] = Field(default=None, frozen=True, exclude=True)
+    # The engine options are EngineOptions' fields.
 
     _guard: EmbeddingGuard = PrivateAttr()
     _fallbacks: tuple[BaseEmbedding, ...] = PrivateAttr(default=())
@@ -140,26 +114,22 @@ class CircuitBreakerEmbedding(BaseEmbedding):
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
-        inner = self.inner
-        fallbacks = fallback_models(self.fallback, inner)
-        if self.key is not None and (not isinstance(self.key, str) or not self.key):
-            raise TypeError(f"key: expected a non-empty string, got {self.key!r}")
-        provider, name, size = embedding_identity(inner)
-        key = self.key or circuit_key(provider, name)
-        identities = [embedding_identity(model) for model in fallbacks]
-        equivalent_fallbacks(
-            (name, size), [(n, s) for _, n, s in identities], compatible=self.compatible
+        fallbacks = fallback_models(self.fallback)
+        self._guard = EmbeddingGuard.of(
+            self.inner,
+            fallbacks,
+            identity=embedding_identity,
+            key=self.key,
+            fallback_keys=self.fallback_keys,
+            compatible=self.compatible,
+            policy=self.policy,
+            options=self,
+            budget=self.budget,
+            cache=self.cache,
+            owner=type(self).__name__,
         )
-        fallback_keys = fallback_circuits(
-            key, [circuit_key(p, n) for p, n, _ in identities], self.fallback_keys
-        )
-        options = {option: getattr(self, option) for option in ENGINE_OPTIONS}
-        policy = policy_from_options(self.policy, options, owner=type(self).__name__)
-        self.__dict__.update(policy=policy, key=key)
+        self.__dict__.update(policy=self._guard.policy, key=self._guard.key)
         self._fallbacks = tuple(fallbacks)
-        self._guard = EmbeddingGuard(
-            policy, key, fallback_keys=fallback_keys, budget=self.budget, cache=self.cache
-        )
 
     @classmethod
     def class_name(cls) -> str:

@@ -1,17 +1,17 @@
 """``CircuitBreakerLLM``: a LlamaIndex LLM whose calls go through a callpolicy engine.
 
-The adapter is thin: it turns each LlamaIndex call into a zero-argument callable for
-:meth:`callpolicy.CallPolicy.execute` / :meth:`~callpolicy.CallPolicy.aexecute`, keyed by the
-model's ``provider::model``, and lets the engine decide (breaker, retry, fallback). It
-never formats prompts or tools itself: the model that answers does, with its own
-conventions.
+The adapter is thin: it builds the engine's :class:`callpolicy.ModelGuard` once (keys and
+their rules, construction checks, the policy from its :class:`callpolicy.EngineOptions`
+fields), turns each LlamaIndex call into callables of the models' own methods (see
+``_calls`` and ``_route``), and lets the engine decide (breaker, retry, fallback, budget,
+cache). It never formats prompts or tools itself: the model that answers does, with its
+own conventions.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from llama_index.core.base.llms.types import (
@@ -40,25 +40,17 @@ from callpolicy import (
     Budget,
     CallPolicy,
     CircuitState,
-    CircuitStore,
-    Classifier,
-    ErrorClass,
-    FallbackOn,
-    Listener,
-    MissingPriceError,
+    EngineOptions,
+    ModelGuard,
     ResponseCache,
-    RetryPolicy,
-    circuit_key,
 )
-from callpolicy._errors import add_note
-from callpolicy._options import ENGINE_OPTIONS, policy_from_options
 
 from ._calls import ChatCall, CompleteCall, ToolCall, tool_options
 from ._events import relay_events
-from ._keys import CircuitKeys, model_identity, model_name_of
+from ._keys import model_identity, model_name_of
 from ._markers import AUTO, StreamFinished, check_option, end_marker
 from ._models import checked_fallback, fallback_models, model_checker
-from ._route import Route, Step
+from ._route import Route
 from ._served import fallback_mark
 from ._spans import unspanned
 
@@ -82,11 +74,8 @@ _INHERITED_FROM_INNER = (
     "query_wrapper_prompt",
 )
 
-# The engine options, handed to policy_from_options() as given (None: not given).
-_ENGINE_OPTIONS = ENGINE_OPTIONS
 
-
-class CircuitBreakerLLM(FunctionCallingLLM):
+class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
     """A LlamaIndex LLM guarded by a circuit breaker per ``provider::model``, with optional
     retry and a fallback model. Use it wherever LlamaIndex takes an LLM.
 
@@ -159,10 +148,12 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             retries (``max_retries=0`` for OpenAI) so the breaker sees every failure, and
             use ``retry=`` instead.
         fallback: answers when the inner model's circuit is open or (per ``fallback_on``)
-            its call failed. It runs once, with the same arguments, under its own circuit
-            (unguarded if its key is the inner model's: another endpoint of the same
-            model must not share the circuit that refused the primary). Prompts were
-            formatted with the wrapper's settings (taken from ``inner``).
+            its call failed. It runs once, with the same arguments, under its own circuit,
+            which must not be the inner model's: sharing it would refuse the fallback
+            whenever the primary is refused, so a fallback whose key is the inner model's
+            (another endpoint of the same model) is refused here; give ``fallback_key=``
+            (or ``key=``) to tell them apart. Prompts were formatted with the wrapper's
+            settings (taken from ``inner``).
         policy: the engine to use; share one between wrappers (LlamaIndex and LangChain)
             to share circuit state. Cannot be combined with the engine options below.
         key: circuit key of the inner model; default ``"<class name, lowercased>::
@@ -210,8 +201,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         callpolicy.MissingPriceError: ``budget`` has ``max_cost_usd`` but no price for
             the inner model or the fallback (the error names the model).
         pydantic.ValidationError: a bad engine option value, ``fallback`` is ``inner``,
-            ``fallback_key`` equals ``key`` or comes without a fallback (the error names
-            the argument).
+            two of the wrapper's models have one circuit key (``fallback_key`` equals
+            ``key``, a fallback derives the inner model's), ``fallback_key`` comes without
+            a fallback (the error names the argument).
 
     ``inner``, ``fallback``, ``policy``, the keys, the engine options, ``budget`` and
     ``cache`` are frozen: build a new wrapper to change them (they are resolved once, at
@@ -235,26 +227,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         default=None, frozen=True, description="Circuit key of the fallback."
     )
 
-    # Engine options: validated by the engine (which names the field), not here, so the
-    # rules (a bool is not a number of seconds, ...) live in one place.
-    failure_threshold: SkipValidation[int | None] = Field(default=None, frozen=True)
-    cooldown: SkipValidation[float | timedelta | None] = Field(default=None, frozen=True)
-    half_open_max_calls: SkipValidation[int | None] = Field(default=None, frozen=True)
-    success_threshold: SkipValidation[int | None] = Field(default=None, frozen=True)
-    failure_rate_threshold: SkipValidation[float | None] = Field(default=None, frozen=True)
-    window_size: SkipValidation[int | None] = Field(default=None, frozen=True)
-    minimum_calls: SkipValidation[int | None] = Field(default=None, frozen=True)
-    cooldown_multiplier: SkipValidation[float | None] = Field(default=None, frozen=True)
-    max_cooldown: SkipValidation[float | timedelta | None] = Field(default=None, frozen=True)
-    counted_errors: SkipValidation[frozenset[ErrorClass] | None] = Field(default=None, frozen=True)
-    retry: SkipValidation[RetryPolicy | None] = Field(default=None, frozen=True)
-    fallback_on: SkipValidation[FallbackOn | None] = Field(default=None, frozen=True)
-    classifier: SkipValidation[Classifier | None] = Field(default=None, frozen=True, exclude=True)
-    listeners: SkipValidation[Sequence[Listener] | None] = Field(
-        default=None, frozen=True, exclude=True
-    )
-    listener_timeout: SkipValidation[float | None] = Field(default=None, frozen=True)
-    store: SkipValidation[CircuitStore | None] = Field(default=None, frozen=True, exclude=True)
+    # The engine options are EngineOptions' fields (validated by the engine, which names
+    # the field, so the rules live in one place).
     guard_streams: bool = Field(
         default=True, description="Guard the stream methods (False: pass them through)."
     )
@@ -313,50 +287,29 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
         inner = self.inner
-        fallbacks = fallback_models(self.fallback, inner)
-        fallback = fallbacks[0] if fallbacks else None
-        if len(fallbacks) > 1 and self.fallback_key is not None:
-            raise TypeError(
-                "fallback_key: names one fallback's circuit; with a list of fallbacks each "
-                "key is derived from its model (give models that differ)"
-            )
-        for name in ("key", "fallback_key"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise TypeError(f"{name}: expected a non-empty string, got {value!r}")
-        if fallback is None and self.fallback_key is not None:
-            raise ValueError("fallback_key: given without a fallback")
-        budget, cache = self.budget, self.cache
-        if budget is not None and not isinstance(budget, Budget):
-            raise TypeError(f"budget: expected a callpolicy.Budget, got {type(budget).__name__}")
-        if cache is not None and not isinstance(cache, ResponseCache):
-            raise TypeError(
-                f"cache: expected a callpolicy.ResponseCache, got {type(cache).__name__}"
-            )
-        keys = CircuitKeys(inner, fallback, key=self.key, fallback_key=self.fallback_key)
-        steps = _steps(keys, fallbacks)
-        if budget is not None:
-            _require_prices(budget, keys, steps)
-        options = {name: getattr(self, name) for name in _ENGINE_OPTIONS}
-        policy = policy_from_options(self.policy, options, owner=type(self).__name__)
-
-        # The values in use, for inspection (the fields are frozen: set them directly).
-        self.__dict__.update(policy=policy, key=keys.default, fallback_key=keys.fallback)
-        route = Route(
-            policy,
-            keys,
+        fallbacks = fallback_models(self.fallback)
+        guard = ModelGuard(
             inner,
-            budget=budget,
-            cache=cache,
-            steps=steps,
-            finished=end_marker(inner, self.stream_finished),
-            fallback_finished=None
-            if fallback is None
-            else end_marker(fallback, self.fallback_stream_finished),
-            step_finished=[end_marker(step[2], self.fallback_stream_finished) for step in steps],
+            fallbacks,
+            identity=model_identity,
+            key=self.key,
+            fallback_key=self.fallback_key,
+            policy=self.policy,
+            options=self,
+            budget=self.budget,
+            cache=self.cache,
+            owner=type(self).__name__,
         )
-        self._route = route
-        relay_events(policy)
+        # The values in use, for inspection (the fields are frozen: set them directly).
+        self.__dict__.update(policy=guard.policy, key=guard.key, fallback_key=guard.fallback_key)
+        self._route = Route(
+            guard,
+            inner,
+            fallbacks,
+            finished=end_marker(inner, self.stream_finished),
+            step_finished=[end_marker(model, self.fallback_stream_finished) for model in fallbacks],
+        )
+        relay_events(guard.policy)
         if self.callback_manager is not inner.callback_manager:  # given, not inherited
             self._share_callback_manager(self.callback_manager)
 
@@ -395,19 +348,19 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         """The circuit key of the inner model by default; of the fallback when
         ``model_name`` is the fallback's ``metadata.model_name``; else of ``model_name`` as
         another model of the inner model's provider (a per-call ``model=`` override)."""
-        keys = _route_of(self).keys
+        guard = _route_of(self).guard
         if (
             model_name is not None
-            and model_name == keys.fallback_model
-            and keys.fallback is not None
-            and model_name != keys.model
+            and guard.fallback_names
+            and model_name == guard.fallback_names[0]
+            and model_name != guard.model
         ):
-            return keys.fallback
-        return keys.for_model(model_name)
+            return guard.fallback_keys[0]
+        return guard.for_model(model_name)
 
     def state_for(self, model_name: str | None = None) -> CircuitState:
         """The state of the circuit :meth:`key_for` names (the inner model's by default)."""
-        return _route_of(self).policy.state(self.key_for(model_name))
+        return _route_of(self).guard.policy.state(self.key_for(model_name))
 
     # -- the guarded calls: the route drives them, sync or async ------------------------
     @unspanned
@@ -562,7 +515,11 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         model: LLM = self.inner
         mark = fallback_mark(response)
         if mark is not None:
-            for key, name, fallback in _route_of(self).steps:
+            route = _route_of(self)
+            guard = route.guard
+            for key, name, fallback in zip(
+                guard.fallback_keys, guard.fallback_names, route.fallbacks, strict=True
+            ):
                 if mark.get("key") == key and mark.get("model") == name:
                     model = fallback
                     break
@@ -601,43 +558,6 @@ def _deprecated_alias(value: Any, guard_streams: Any, *, stacklevel: int) -> Any
             "(guard_stream_start is a deprecated alias of guard_streams)"
         )
     return value
-
-
-def _steps(keys: CircuitKeys, fallbacks: list[LLM]) -> list[Step]:
-    """Each fallback with its circuit key and model name. The first's key is the keys'
-    (given or derived); the others' are derived, and a fallback with the inner model's
-    very key runs unguarded (as a single one does). Two fallbacks may not share a key."""
-    if not fallbacks:
-        return []
-    steps: list[Step] = [(keys.fallback, keys.fallback_model or "unknown", fallbacks[0])]
-    taken = {keys.fallback}
-    for index, model in enumerate(fallbacks[1:], start=1):
-        derived = circuit_key(*model_identity(model))
-        key = None if derived == keys.default else derived
-        if key is not None and key in taken:
-            raise ValueError(
-                f"fallback[{index}]: its circuit key {key!r} is another fallback's too; "
-                "one circuit cannot guard both (give models that differ)"
-            )
-        taken.add(key)
-        steps.append((key, model_name_of(model), model))
-    return steps
-
-
-def _require_prices(budget: Budget, keys: CircuitKeys, steps: list[Step]) -> None:
-    """With ``max_cost_usd``, every model the wrapper meters must have a price: fail now,
-    naming the model, rather than at its first call."""
-    named: list[tuple[str, str | None]] = [("inner", keys.default)]
-    for index, step in enumerate(steps):
-        named.append((f"fallback[{index}]" if len(steps) > 1 else "fallback", step[0]))
-    for argument, key in named:
-        if key is None:
-            continue
-        try:
-            budget.require_price(key)
-        except MissingPriceError as exc:
-            add_note(exc, f"budget: the {argument} model of CircuitBreakerLLM has no price")
-            raise
 
 
 _checked_llm: Callable[[str, Any], LLM] = model_checker(

@@ -41,11 +41,8 @@ def checked_fallback(value: Any, checked: Callable[[str, Any], M]) -> M | list[M
     return checked("fallback", value)
 
 
-def fallback_models(fallback: M | list[M] | None, inner: object = None) -> list[M]:
-    """The fallbacks, in order (none, one, or a list); refused if ``inner`` is among them."""
+def fallback_models(fallback: M | list[M] | None) -> list[M]:
+    """The fallbacks, in order (none, one, or a list)."""
     if fallback is None:
         return []
-    models = list(fallback) if isinstance(fallback, list) else [fallback]
-    if inner is not None and any(model is inner for model in models):
-        raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
-    return models
+    return list(fallback) if isinstance(fallback, list) else [fallback]

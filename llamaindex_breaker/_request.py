@@ -49,7 +49,6 @@ from collections.abc import (
     Sequence,
 )
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -62,12 +61,12 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from callpolicy import (
-    SCHEMA_ARGUMENTS,
     Budget,
     CallRequest,
     UncacheableRequestError,
     Usage,
     by_type,
+    describe_arguments,
     key_data,
     key_text,
 )
@@ -120,9 +119,6 @@ _TRANSPORT: Final = frozenset(
         "timeout",
     }
 )
-# Model settings naming where the request goes: kept, without credentials (user info,
-# query string): another endpoint may serve another model under the same name.
-_ENDPOINTS: Final = frozenset({"api_base", "azure_endpoint", "base_url", "endpoint"})
 # Tool-call options that do not change the answer.
 _QUIET_OPTIONS: Final = frozenset({"verbose"})
 
@@ -163,39 +159,16 @@ def _tool_class() -> type[BaseTool]:
     return BaseTool
 
 
-def _endpoint(value: Any) -> Any:
-    """An endpoint URL without its credentials (user info, query string, fragment)."""
-    if not isinstance(value, str):
-        return jsonable(value)
-    try:
-        parts = urlsplit(value)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "<unparsable endpoint>"
-    netloc = host if port is None else f"{host}:{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def describe_arguments(arguments: Mapping[str, Any], *, settings: bool = False) -> dict[str, Any]:
-    """Settings or call arguments for the key: schemas (:data:`callpolicy.SCHEMA_ARGUMENTS`)
-    as JSON text, endpoints without credentials, the rest as JSON data (see
-    :func:`jsonable` for ``settings``)."""
-    described: dict[str, Any] = {}
-    for name, value in arguments.items():
-        key = name if isinstance(name, str) else json_text(name)
-        try:
-            if name in SCHEMA_ARGUMENTS and value is not None:
-                described[key] = json_text(value)
-            elif name in _ENDPOINTS:
-                described[key] = _endpoint(value)
-            else:
-                described[key] = jsonable(value, settings=settings)
-        except UncacheableRequestError as exc:
-            exc.path.append(f"[{key!r}]")
-            exc.path.append("['settings']" if settings else "['kwargs']")
-            raise
-    return described
+def _arguments(arguments: Mapping[str, Any], *, settings: bool = False) -> dict[str, Any]:
+    """Settings or call arguments for the key, the engine's one way
+    (:func:`callpolicy.describe_arguments`): schemas as JSON text, endpoints without
+    credentials, the rest as JSON data (see :func:`jsonable` for ``settings``)."""
+    return describe_arguments(
+        arguments,
+        convert=_convert,
+        opaque=by_type if settings else None,
+        where="settings" if settings else "kwargs",
+    )
 
 
 def describe_model(llm: LLM) -> dict[str, Any]:
@@ -207,11 +180,11 @@ def describe_model(llm: LLM) -> dict[str, Any]:
             settings[name] = getattr(llm, name, None)
     extra = settings.get("additional_kwargs")
     if isinstance(extra, Mapping):
-        settings["additional_kwargs"] = describe_arguments(extra, settings=True)
+        settings["additional_kwargs"] = _arguments(extra, settings=True)
     return {
         "class": type(llm).__qualname__,
         "model_name": model_name_of(llm),
-        "settings": describe_arguments(settings, settings=True),
+        "settings": _arguments(settings, settings=True),
     }
 
 
@@ -261,7 +234,7 @@ def chat_request(
             "call": "chat",
             "model": describe_model(model),
             "messages": describe_messages(messages),
-            "kwargs": describe_arguments(kwargs),
+            "kwargs": _arguments(kwargs),
         }
 
     return CallRequest(
@@ -285,7 +258,7 @@ def complete_request(
             "model": describe_model(model),
             "prompt": prompt,
             "formatted": formatted,
-            "kwargs": describe_arguments(kwargs),
+            "kwargs": _arguments(kwargs),
         }
 
     return CallRequest(
@@ -336,7 +309,7 @@ def tools_request(
             "model": describe_model(model),
             "messages": describe_messages(messages),
             "tools": [_tool_text(tool) for tool in tools],
-            "kwargs": describe_arguments(chosen),
+            "kwargs": _arguments(chosen),
         }
 
     return CallRequest(

@@ -1,36 +1,26 @@
-"""One wrapper's way through the engine: which circuit a call counts against, and how a
-call and its fallbacks (or a stream and its fallbacks' streams) are handed to the policy.
+"""One wrapper's way through the engine: how a call and its fallbacks (or a stream and
+its fallbacks' streams) are handed to the wrapper's :class:`callpolicy.ModelGuard`.
 
 A :class:`~llamaindex_breaker._calls.Call` names the model method to call; the route
-turns it into zero-argument callables that call a model's *own* method (``inner.chat``,
-``fallback.achat_with_tools``, ...), hands them to :meth:`callpolicy.CallPolicy.execute`
-(``aexecute``, ``stream``, ``astream``) and marks what a fallback returns. What to hand
-over is decided once for sync and async (:meth:`Route._plan`); the four drivers only
-acquire the rate limiter and call the engine.
+turns it into callables that call a model's *own* method (``inner.chat``,
+``fallback.achat_with_tools``, ...) and mark what a fallback returns, and hands them to
+the guard, which owns the keys, the fallbacks' plan, the budget and the cache. What to
+hand over is decided once for sync and async (:meth:`Route._plan`); the four drivers
+only acquire the rate limiter and call the guard.
 """
 
 from __future__ import annotations
 
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    Awaitable,
-    Callable,
-    Generator,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from llama_index.core.base.llms.types import ChatResponse, CompletionResponse
 from llama_index.core.llms import LLM
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 
-from callpolicy import Budget, CallPolicy, Fallbacks, ResponseCache
+from callpolicy import ModelGuard
 
 from ._calls import Call
-from ._keys import CircuitKeys
 from ._markers import EndMarker
 from ._request import meter_stream
 from ._served import mark_fallback
@@ -38,142 +28,87 @@ from ._served import mark_fallback
 if TYPE_CHECKING:
     from ._llm import CircuitBreakerLLM
 
-__all__ = ["Route", "Step"]
+__all__ = ["Route"]
 
 R = TypeVar("R", ChatResponse, CompletionResponse)
 
-
-Step = tuple["str | None", str, LLM]
-"""One fallback: its circuit key (None: unguarded), its model name, the model."""
-
-Wrap = Callable[[Callable[[LLM], Any], Step], Callable[[], Any]]
-"""Makes one fallback's zero-argument callable for the engine from ``on(model)``."""
+Mark = Callable[[Any, str, str], Any]
+"""Marks a fallback's answer (or stream) with its key and model name."""
 
 
 class Route:
-    """The policy, circuit keys, fallbacks, budget and cache of one wrapper, resolved once
-    at construction."""
+    """The guard, models and stream end markers of one wrapper, resolved once at
+    construction."""
 
-    __slots__ = (
-        "budget",
-        "cache",
-        "described",
-        "fallback_finished",
-        "finished",
-        "inner",
-        "keys",
-        "policy",
-        "step_finished",
-        "steps",
-        "tool_finished",
-        "tool_steps",
-    )
+    __slots__ = ("fallbacks", "finished", "guard", "inner", "step_finished", "tool_indices")
 
     def __init__(
         self,
-        policy: CallPolicy,
-        keys: CircuitKeys,
+        guard: ModelGuard,
         inner: LLM,
+        fallbacks: Sequence[LLM] = (),
         *,
-        budget: Budget | None = None,
-        cache: ResponseCache | None = None,
         finished: EndMarker | None = None,
-        fallback_finished: EndMarker | None = None,
-        steps: Sequence[Step] = (),
         step_finished: Sequence[EndMarker | None] = (),
     ) -> None:
-        self.policy = policy
-        self.keys = keys
+        self.guard = guard
         self.inner = inner
-        self.budget = budget
-        self.cache = cache
-        self.described = budget is not None or cache is not None
-        """Whether calls need a CallRequest (only for a budget or a cache: the plain path
-        never builds one)."""
+        self.fallbacks: tuple[LLM, ...] = tuple(fallbacks)
+        """The fallbacks, in the order of ``guard.fallback_keys``."""
         self.finished = finished
         """The inner model's stream end marker (None: its integration reports none)."""
-        self.fallback_finished = fallback_finished
-        """The fallback's."""
-        self.steps: tuple[Step, ...] = tuple(steps)
-        """The fallbacks, in order (empty without one)."""
-        self.tool_steps: tuple[Step, ...] = tuple(
-            step
-            for step in self.steps
-            if isinstance(step[2], FunctionCallingLLM)
-            and step[2].metadata.is_function_calling_model
-        )
-        """The fallbacks that can call tools, in order."""
-        self.step_finished: tuple[EndMarker | None, ...] = tuple(step_finished) or (
-            (fallback_finished,) * len(self.steps)
-        )
-        """Each fallback's stream end marker, aligned with :attr:`steps`."""
-        if len(self.step_finished) != len(self.steps):
+        self.step_finished: tuple[EndMarker | None, ...] = tuple(step_finished)
+        """Each fallback's stream end marker, aligned with :attr:`fallbacks`."""
+        if len(self.step_finished) != len(self.fallbacks):
             raise ValueError("step_finished: expected one end marker per fallback")
-        self.tool_finished: tuple[EndMarker | None, ...] = tuple(
-            marker
-            for step, marker in zip(self.steps, self.step_finished, strict=True)
-            if any(step is tool_step for tool_step in self.tool_steps)
+        self.tool_indices: tuple[int, ...] = tuple(
+            index
+            for index, model in enumerate(self.fallbacks)
+            if isinstance(model, FunctionCallingLLM) and model.metadata.is_function_calling_model
         )
-        """The tool-calling fallbacks' end markers, aligned with :attr:`tool_steps`."""
-
-    def key_of(self, kwargs: Mapping[str, Any]) -> str:
-        """The circuit of this call: the inner model's, or a per-call ``model=`` override's."""
-        model = kwargs.get("model") if kwargs else None
-        return self.keys.for_model(model) if isinstance(model, str) else self.keys.default
-
-    @staticmethod
-    def fallback_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Call kwargs for the fallback: a ``model=`` override names an inner model."""
-        if "model" not in kwargs:
-            return kwargs
-        return {name: value for name, value in kwargs.items() if name != "model"}
+        """The fallbacks that can call tools (their indices), in order."""
 
     def _model(self, llm: CircuitBreakerLLM, call: Call[Any]) -> LLM:
         """The inner model, checked for tool calling when ``call`` needs it."""
         return llm._tool_model() if call.calls_tools else self.inner
 
-    # -- what to hand the engine: decided once for sync and async ------------------------
+    # -- what to hand the guard: decided once for sync and async -------------------------
     def _plan(
-        self, llm: CircuitBreakerLLM, method: str, call: Call[Any], wrap: Wrap, *, stream: bool
+        self,
+        llm: CircuitBreakerLLM,
+        method: str,
+        call: Call[Any],
+        *,
+        asynchronous: bool,
+        mark: Mark,
+        stream: bool,
     ) -> tuple[str, Callable[[], Any], dict[str, Any]]:
-        """The key, the inner model's call and the engine's keyword arguments for ``call``:
-        the fallbacks (the tool-calling ones for a tool call) each wrapped by ``wrap``, a
-        single one with its key (one closure per call), several as a :class:`Fallbacks`
-        list; for a stream the end-marker checks, else the budget, cache and request."""
-        inner = self._model(llm, call)
-        kwargs = call.kwargs
+        """The key, the inner model's call and the guard's keyword arguments for ``call``:
+        the fallbacks (the tool-calling ones for a tool call), each answer marked by
+        ``mark``; for a stream the end-marker checks, else the request (with a budget or
+        a cache)."""
+        guard, inner, kwargs = self.guard, self._model(llm, call), call.kwargs
         options: dict[str, Any] = {}
         if stream:
-            options["finished"] = self.finished
-        elif self.described:
-            options.update(budget=self.budget, cache=self.cache, request=call.request(inner))
-        steps = self.tool_steps if call.calls_tools else self.steps
-        if steps:
-            fallback_kwargs = self.fallback_kwargs
-
-            def on(model: LLM) -> Any:
-                return call.on(model, method, fallback_kwargs(kwargs))
-
-            markers = self.tool_finished if call.calls_tools else self.step_finished
-            if len(steps) == 1:
-                options["fallback"], options["fallback_key"] = wrap(on, steps[0]), steps[0][0]
-                if stream:
-                    options["fallback_finished"] = markers[0]
-            else:
-                options["fallback"] = Fallbacks([(step[0], wrap(on, step)) for step in steps])
-                if stream:
-                    options["fallback_finished"] = markers
-        return self.key_of(kwargs), lambda: call.on(inner, method, kwargs), options
+            options.update(finished=self.finished, fallback_finished=self.step_finished)
+        elif guard.described:
+            options["request"] = call.request(inner)
+        if self.fallbacks:
+            factory = _afallback if asynchronous else _fallback
+            options["fallback"] = factory(self, call, method, mark)
+            if call.calls_tools:
+                options["indices"] = self.tool_indices
+        return guard.key_of(kwargs), lambda: call.on(inner, method, kwargs), options
 
     # -- the drivers -----------------------------------------------------------------------
     def run(self, llm: CircuitBreakerLLM, method: str, call: Call[R]) -> R:
-        """``inner.<method>(...)`` through the engine: breaker, retry, each fallback in turn
+        """``inner.<method>(...)`` through the guard: breaker, retry, each fallback in turn
         (its answer marked), and the cache and budget when the wrapper has them."""
         limiter = llm.rate_limiter
         if limiter is not None:
             limiter.acquire()
-        key, primary, options = self._plan(llm, method, call, _answer, stream=False)
-        answer: R = self.policy.execute(key, primary, **options)
+        plan = self._plan(llm, method, call, asynchronous=False, mark=mark_fallback, stream=False)
+        answer: R = self.guard.execute(plan[0], plan[1], **plan[2])
         return answer
 
     async def arun(self, llm: CircuitBreakerLLM, method: str, call: Call[R]) -> R:
@@ -181,24 +116,24 @@ class Route:
         limiter = llm.rate_limiter
         if limiter is not None:
             await limiter.async_acquire()
-        key, primary, options = self._plan(llm, method, call, _aanswer, stream=False)
-        answer: R = await self.policy.aexecute(key, primary, **options)
+        plan = self._plan(llm, method, call, asynchronous=True, mark=mark_fallback, stream=False)
+        answer: R = await self.guard.aexecute(plan[0], plan[1], **plan[2])
         return answer
 
     def stream(
         self, llm: CircuitBreakerLLM, method: str, call: Call[R]
     ) -> Generator[R, None, None]:
-        """``inner.<method>(...)``'s stream guarded by the engine as one call
-        (:meth:`callpolicy.CallPolicy.stream`): admission, retry and each fallback's stream
-        in turn (its chunks marked) until the first chunk; after it, a failure counts and
-        propagates; a stream cut short (no end marker, where the model reports one) raises
+        """``inner.<method>(...)``'s stream guarded as one call (:meth:`ModelGuard.stream`):
+        admission, retry and each fallback's stream in turn (its chunks marked) until the
+        first chunk; after it, a failure counts and propagates; a stream cut short (no end
+        marker, where the model reports one) raises
         :class:`callpolicy.IncompleteStreamError`. Nothing starts until it is iterated.
         Untouched with ``guard_streams=False``; with a budget, metered as it passes."""
         limiter = llm.rate_limiter
         if limiter is not None:
             limiter.acquire()
         key, start, options, meter = self._stream_plan(llm, method, call, asynchronous=False)
-        chunks = start() if options is None else self.policy.stream(key, start, **options)
+        chunks = start() if options is None else self.guard.stream(key, start, **options)
         return cast("Generator[R, None, None]", chunks if meter is None else meter(chunks))
 
     async def astream(
@@ -210,25 +145,27 @@ class Route:
         if limiter is not None:
             await limiter.async_acquire()
         key, start, options, meter = self._stream_plan(llm, method, call, asynchronous=True)
-        chunks = await start() if options is None else self.policy.astream(key, start, **options)
+        chunks = await start() if options is None else self.guard.astream(key, start, **options)
         return cast("AsyncGenerator[R, None]", chunks if meter is None else meter(chunks))
 
     def _stream_plan(
         self, llm: CircuitBreakerLLM, method: str, call: Call[Any], *, asynchronous: bool
     ) -> tuple[str, Callable[[], Any], dict[str, Any] | None, Callable[[Any], Any] | None]:
-        """The key, the stream's opener, the engine's options (None with
+        """The key, the stream's opener, the guard's options (None with
         ``guard_streams=False``: the opener's stream is passed through) and, with a budget,
         the meter to pass the stream through."""
         start: Callable[[], Any]
         options: dict[str, Any] | None
         if llm.guard_streams:
-            wrap = _achunks if asynchronous else _chunks
-            key, start, options = self._plan(llm, method, call, wrap, stream=True)
+            mark = _amarked if asynchronous else _marked
+            key, start, options = self._plan(
+                llm, method, call, asynchronous=asynchronous, mark=mark, stream=True
+            )
         else:
             inner = self._model(llm, call)
-            key, options = self.key_of(call.kwargs), None
+            key, options = self.guard.key_of(call.kwargs), None
             start = lambda: call.untouched(inner, method)  # noqa: E731
-        budget = self.budget
+        budget = self.guard.budget
         if budget is None:
             return key, start, options, None
         # The input as it is now, before the stream opens: an integration may append to
@@ -242,38 +179,28 @@ class Route:
         )
 
 
-# -- a fallback's callable for the engine, its answer (or each chunk) marked ----------------
-def _answer(on: Callable[[LLM], Any], step: Step) -> Callable[[], Any]:
-    key, name, model = step
-    return lambda: mark_fallback(on(model), key, name)
+# -- fallback number ``index`` of a call, its answer (or stream) marked as its -------------
+def _fallback(route: Route, call: Call[Any], method: str, mark: Mark) -> Callable[[int], Any]:
+    models, guard, kwargs = route.fallbacks, route.guard, call.kwargs
+
+    def on(index: int) -> Any:
+        answer = call.on(models[index], method, guard.fallback_kwargs(kwargs))
+        return mark(answer, guard.fallback_keys[index], guard.fallback_names[index])
+
+    return on
 
 
-def _aanswer(on: Callable[[LLM], Awaitable[Any]], step: Step) -> Callable[[], Awaitable[Any]]:
-    key, name, model = step
+def _afallback(route: Route, call: Call[Any], method: str, mark: Mark) -> Callable[[int], Any]:
+    models, guard, kwargs = route.fallbacks, route.guard, call.kwargs
 
-    async def answer() -> Any:
-        return mark_fallback(await on(model), key, name)
+    async def on(index: int) -> Any:
+        answer = await call.on(models[index], method, guard.fallback_kwargs(kwargs))
+        return mark(answer, guard.fallback_keys[index], guard.fallback_names[index])
 
-    return answer
-
-
-def _chunks(on: Callable[[LLM], Iterable[Any]], step: Step) -> Callable[[], Iterable[Any]]:
-    key, name, model = step
-    return lambda: _marked(on(model), key, name)
+    return on
 
 
-def _achunks(
-    on: Callable[[LLM], Awaitable[AsyncIterable[Any]]], step: Step
-) -> Callable[[], Awaitable[AsyncIterable[Any]]]:
-    key, name, model = step
-
-    async def chunks() -> AsyncIterable[Any]:
-        return _amarked(await on(model), key, name)
-
-    return chunks
-
-
-def _marked(chunks: Iterable[R], key: str | None, model: str) -> Generator[R, None, None]:
+def _marked(chunks: Iterable[R], key: str, model: str) -> Generator[R, None, None]:
     """The fallback's chunks, each marked as the fallback's; closing this closes them."""
     iterator = iter(chunks)
     try:
@@ -285,9 +212,7 @@ def _marked(chunks: Iterable[R], key: str | None, model: str) -> Generator[R, No
             close()
 
 
-async def _amarked(
-    chunks: AsyncIterable[R], key: str | None, model: str
-) -> AsyncGenerator[R, None]:
+async def _amarked(chunks: AsyncIterable[R], key: str, model: str) -> AsyncGenerator[R, None]:
     """Async :func:`_marked`."""
     iterator = aiter(chunks)
     try:
