@@ -2,14 +2,15 @@
 
 ``chat``, ``achat``, ``stream_chat`` and ``astream_chat`` take the same arguments and
 differ only in the model method they call, so a call is its arguments plus the name of
-that method: the route calls ``getattr(model, method)`` on the inner model and on each
-fallback, and asks the call for what the engine's cache and budget need to know (its
-:class:`callpolicy.CallRequest`, the text of its input). The sync and async drivers in
-``_route`` then share everything but their ``await``.
+that method: the route has the call bound to the inner model (:meth:`Call.bound`) or made
+on a fallback (:meth:`Call.on`), and asks it for what the engine's cache and budget need
+to know (its :class:`callpolicy.CallRequest`, the text of its input). The sync and async
+drivers in ``_route`` then share everything but their ``await``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -39,22 +40,28 @@ class Call(Generic[R]):
     """The arguments of one call, for any model and any of its four methods (``R``: the
     answer, or each chunk of a stream)."""
 
-    __slots__ = ("kwargs",)
+    __slots__ = ("kwargs", "method")
 
     calls_tools: ClassVar[bool] = False
     """Whether only tool-calling models can answer it (``chat_with_tools`` and its kin)."""
 
-    def __init__(self, kwargs: dict[str, Any]) -> None:
+    def __init__(self, method: str, kwargs: dict[str, Any]) -> None:
+        self.method = method
+        """The model method it calls (``"chat"``, ``"astream_chat"``, ...)."""
         self.kwargs = kwargs
         """The call's keyword arguments: a ``model=`` among them keys the call."""
 
-    def on(self, model: LLM, method: str, kwargs: dict[str, Any]) -> Any:
+    def on(self, model: LLM, kwargs: dict[str, Any]) -> Any:
         """``model.<method>(...)`` with this call's arguments and ``kwargs``."""
         raise NotImplementedError
 
-    def untouched(self, model: LLM, method: str) -> Any:
+    def bound(self, model: LLM) -> Callable[[], Any]:
+        """The call on ``model`` (the inner model), to be made once per attempt."""
+        return functools.partial(self.on, model, self.kwargs)
+
+    def untouched(self, model: LLM) -> Any:
         """The call as the caller made it (for a stream that is not guarded)."""
-        return self.on(model, method, self.kwargs)
+        return self.on(model, self.kwargs)
 
     def request(self, model: LLM) -> CallRequest[R]:
         """What the cache and the budget see of the call, ``model`` answering it."""
@@ -71,12 +78,19 @@ class ChatCall(Call[ChatResponse]):
 
     __slots__ = ("messages",)
 
-    def __init__(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, method: str, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
+    ) -> None:
+        self.method = method
         self.messages = messages
         self.kwargs = kwargs
 
-    def on(self, model: LLM, method: str, kwargs: dict[str, Any]) -> Any:
-        return getattr(model, method)(self.messages, **kwargs)
+    def on(self, model: LLM, kwargs: dict[str, Any]) -> Any:
+        return getattr(model, self.method)(self.messages, **kwargs)
+
+    def bound(self, model: LLM) -> Callable[[], Any]:
+        # No frame of ours between the engine and the model's method on the hot path.
+        return functools.partial(getattr(model, self.method), self.messages, **self.kwargs)
 
     def request(self, model: LLM) -> CallRequest[ChatResponse]:
         return chat_request(model, self.messages, self.kwargs)
@@ -91,13 +105,18 @@ class CompleteCall(Call[CompletionResponse]):
 
     __slots__ = ("formatted", "prompt")
 
-    def __init__(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> None:
+    def __init__(self, method: str, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> None:
+        self.method = method
         self.prompt = prompt
         self.formatted = formatted
         self.kwargs = kwargs
 
-    def on(self, model: LLM, method: str, kwargs: dict[str, Any]) -> Any:
-        return getattr(model, method)(self.prompt, formatted=self.formatted, **kwargs)
+    def on(self, model: LLM, kwargs: dict[str, Any]) -> Any:
+        return getattr(model, self.method)(self.prompt, formatted=self.formatted, **kwargs)
+
+    def bound(self, model: LLM) -> Callable[[], Any]:
+        method = getattr(model, self.method)
+        return functools.partial(method, self.prompt, formatted=self.formatted, **self.kwargs)
 
     def request(self, model: LLM) -> CallRequest[CompletionResponse]:
         return complete_request(model, self.prompt, self.formatted, self.kwargs)
@@ -117,29 +136,31 @@ class ToolCall(Call[ChatResponse]):
 
     def __init__(
         self,
+        method: str,
         tools: Sequence[BaseTool],
         user_msg: str | ChatMessage | None,
         chat_history: list[ChatMessage] | None,
         options: dict[str, Any],
     ) -> None:
+        self.method = method
         self.tools = tools
         self.user_msg = user_msg
         self.chat_history = chat_history
         self.kwargs = options
 
-    def on(self, model: LLM, method: str, kwargs: dict[str, Any]) -> Any:
+    def on(self, model: LLM, kwargs: dict[str, Any]) -> Any:
         # Integrations append user_msg to chat_history in place (OpenAI does): every
         # attempt gets its own copy, or a retry or the fallback would see it twice.
         history = self.chat_history
-        return getattr(model, method)(
+        return getattr(model, self.method)(
             self.tools,
             user_msg=self.user_msg,
             chat_history=None if history is None else list(history),
             **kwargs,
         )
 
-    def untouched(self, model: LLM, method: str) -> Any:
-        return getattr(model, method)(
+    def untouched(self, model: LLM) -> Any:
+        return getattr(model, self.method)(
             self.tools, user_msg=self.user_msg, chat_history=self.chat_history, **self.kwargs
         )
 

@@ -365,49 +365,49 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
     # -- the guarded calls: the route drives them, sync or async ------------------------
     @unspanned
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return _route_of(self).run(self, "chat", ChatCall(messages, kwargs))
+        return _route_of(self).run(self, ChatCall("chat", messages, kwargs))
 
     @unspanned
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await _route_of(self).arun(self, "achat", ChatCall(messages, kwargs))
+        return await _route_of(self).arun(self, ChatCall("achat", messages, kwargs))
 
     @unspanned
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        call = CompleteCall(prompt, formatted, kwargs)
-        return _route_of(self).run(self, "complete", call)
+        call = CompleteCall("complete", prompt, formatted, kwargs)
+        return _route_of(self).run(self, call)
 
     @unspanned
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        call = CompleteCall(prompt, formatted, kwargs)
-        return await _route_of(self).arun(self, "acomplete", call)
+        call = CompleteCall("acomplete", prompt, formatted, kwargs)
+        return await _route_of(self).arun(self, call)
 
     # -- streams: guarded by the engine, unless guard_streams=False ----------------------
     @unspanned
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        return _route_of(self).stream(self, "stream_chat", ChatCall(messages, kwargs))
+        return _route_of(self).stream(self, ChatCall("stream_chat", messages, kwargs))
 
     @unspanned
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
-        call = ChatCall(messages, kwargs)
-        return await _route_of(self).astream(self, "astream_chat", call)
+        call = ChatCall("astream_chat", messages, kwargs)
+        return await _route_of(self).astream(self, call)
 
     @unspanned
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
-        call = CompleteCall(prompt, formatted, kwargs)
-        return _route_of(self).stream(self, "stream_complete", call)
+        call = CompleteCall("stream_complete", prompt, formatted, kwargs)
+        return _route_of(self).stream(self, call)
 
     @unspanned
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        call = CompleteCall(prompt, formatted, kwargs)
-        return await _route_of(self).astream(self, "astream_complete", call)
+        call = CompleteCall("astream_complete", prompt, formatted, kwargs)
+        return await _route_of(self).astream(self, call)
 
     # -- tool calling --------------------------------------------------------------------
     def _tool_model(self) -> FunctionCallingLLM:
@@ -432,8 +432,8 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
         """``inner.chat_with_tools`` through the engine; the fallback (when it can call
         tools) prepares the tools its own way."""
         options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        call = ToolCall(tools, user_msg, chat_history, options)
-        return _route_of(self).run(self, "chat_with_tools", call)
+        call = ToolCall("chat_with_tools", tools, user_msg, chat_history, options)
+        return _route_of(self).run(self, call)
 
     async def achat_with_tools(
         self,
@@ -447,8 +447,8 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
     ) -> ChatResponse:
         """Async :meth:`chat_with_tools`."""
         options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        call = ToolCall(tools, user_msg, chat_history, options)
-        return await _route_of(self).arun(self, "achat_with_tools", call)
+        call = ToolCall("achat_with_tools", tools, user_msg, chat_history, options)
+        return await _route_of(self).arun(self, call)
 
     def stream_chat_with_tools(
         self,
@@ -463,8 +463,8 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
         """``inner.stream_chat_with_tools`` guarded as one call (its chunks untouched), or
         the fallback's when it can call tools; untouched with ``guard_streams=False``."""
         options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        call = ToolCall(tools, user_msg, chat_history, options)
-        return _route_of(self).stream(self, "stream_chat_with_tools", call)
+        call = ToolCall("stream_chat_with_tools", tools, user_msg, chat_history, options)
+        return _route_of(self).stream(self, call)
 
     async def astream_chat_with_tools(
         self,
@@ -478,8 +478,8 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
     ) -> ChatResponseAsyncGen:
         """Async :meth:`stream_chat_with_tools`."""
         options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        call = ToolCall(tools, user_msg, chat_history, options)
-        return await _route_of(self).astream(self, "astream_chat_with_tools", call)
+        call = ToolCall("astream_chat_with_tools", tools, user_msg, chat_history, options)
+        return await _route_of(self).astream(self, call)
 
     @unspanned
     def _prepare_chat_with_tools(

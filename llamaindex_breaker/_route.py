@@ -5,12 +5,14 @@ A :class:`~llamaindex_breaker._calls.Call` names the model method to call; the r
 turns it into callables that call a model's *own* method (``inner.chat``,
 ``fallback.achat_with_tools``, ...) and mark what a fallback returns, and hands them to
 the guard, which owns the keys, the fallbacks' plan, the budget and the cache. What to
-hand over is decided once for sync and async (:meth:`Route._plan`); the four drivers
-only acquire the rate limiter and call the guard.
+hand over is decided once for sync and async (:meth:`Route._execute`,
+:meth:`Route._guarded`); the four drivers only acquire the rate limiter, await what is
+awaited and meter a stream.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -40,7 +42,15 @@ class Route:
     """The guard, models and stream end markers of one wrapper, resolved once at
     construction."""
 
-    __slots__ = ("fallbacks", "finished", "guard", "inner", "step_finished", "tool_indices")
+    __slots__ = (
+        "fallbacks",
+        "finished",
+        "guard",
+        "inner",
+        "marks",
+        "step_finished",
+        "tool_indices",
+    )
 
     def __init__(
         self,
@@ -55,11 +65,15 @@ class Route:
         self.inner = inner
         self.fallbacks: tuple[LLM, ...] = tuple(fallbacks)
         """The fallbacks, in the order of ``guard.fallback_keys``."""
+        self.marks: tuple[tuple[str, str], ...] = tuple(
+            zip(guard.fallback_keys, guard.fallback_names, strict=True)
+        )
+        """Each fallback's mark on what it serves: its circuit key and model name."""
         self.finished = finished
         """The inner model's stream end marker (None: its integration reports none)."""
         self.step_finished: tuple[EndMarker | None, ...] = tuple(step_finished)
         """Each fallback's stream end marker, aligned with :attr:`fallbacks`."""
-        if len(self.step_finished) != len(self.fallbacks):
+        if not len(self.step_finished) == len(self.fallbacks) == len(self.marks):
             raise ValueError("step_finished: expected one end marker per fallback")
         self.tool_indices: tuple[int, ...] = tuple(
             index
@@ -68,62 +82,54 @@ class Route:
         )
         """The fallbacks that can call tools (their indices), in order."""
 
-    def _model(self, llm: CircuitBreakerLLM, call: Call[Any]) -> LLM:
+    def model(self, llm: CircuitBreakerLLM, call: Call[Any]) -> LLM:
         """The inner model, checked for tool calling when ``call`` needs it."""
         return llm._tool_model() if call.calls_tools else self.inner
 
-    # -- what to hand the guard: decided once for sync and async -------------------------
-    def _plan(
-        self,
-        llm: CircuitBreakerLLM,
-        method: str,
-        call: Call[Any],
-        *,
-        asynchronous: bool,
-        mark: Mark,
-        stream: bool,
-    ) -> tuple[str, Callable[[], Any], dict[str, Any]]:
-        """The key, the inner model's call and the guard's keyword arguments for ``call``:
-        the fallbacks (the tool-calling ones for a tool call), each answer marked by
-        ``mark``; for a stream the end-marker checks, else the request (with a budget or
-        a cache)."""
-        guard, inner, kwargs = self.guard, self._model(llm, call), call.kwargs
-        options: dict[str, Any] = {}
-        if stream:
-            options.update(finished=self.finished, fallback_finished=self.step_finished)
-        elif guard.described:
-            options["request"] = call.request(inner)
-        if self.fallbacks:
-            factory = _afallback if asynchronous else _fallback
-            options["fallback"] = factory(self, call, method, mark)
-            if call.calls_tools:
-                options["indices"] = self.tool_indices
-        return guard.key_of(kwargs), lambda: call.on(inner, method, kwargs), options
-
-    # -- the drivers -----------------------------------------------------------------------
-    def run(self, llm: CircuitBreakerLLM, method: str, call: Call[R]) -> R:
-        """``inner.<method>(...)`` through the guard: breaker, retry, each fallback in turn
-        (its answer marked), and the cache and budget when the wrapper has them."""
+    # -- calls -------------------------------------------------------------------------
+    def run(self, llm: CircuitBreakerLLM, call: Call[R]) -> R:
+        """The call on the inner model through the guard: breaker, retry, each fallback in
+        turn (its answer marked), and the cache and budget when the wrapper has them."""
         limiter = llm.rate_limiter
         if limiter is not None:
             limiter.acquire()
-        plan = self._plan(llm, method, call, asynchronous=False, mark=mark_fallback, stream=False)
-        answer: R = self.guard.execute(plan[0], plan[1], **plan[2])
+        answer: R = self._execute(llm, call, self.guard.execute, self._answer)
         return answer
 
-    async def arun(self, llm: CircuitBreakerLLM, method: str, call: Call[R]) -> R:
-        """Async :meth:`run`: ``method`` returns an awaitable."""
+    async def arun(self, llm: CircuitBreakerLLM, call: Call[R]) -> R:
+        """Async :meth:`run`: the call's method returns an awaitable."""
         limiter = llm.rate_limiter
         if limiter is not None:
             await limiter.async_acquire()
-        plan = self._plan(llm, method, call, asynchronous=True, mark=mark_fallback, stream=False)
-        answer: R = await self.guard.aexecute(plan[0], plan[1], **plan[2])
+        answer: R = await self._execute(llm, call, self.guard.aexecute, self._aanswer)
         return answer
 
-    def stream(
-        self, llm: CircuitBreakerLLM, method: str, call: Call[R]
-    ) -> Generator[R, None, None]:
-        """``inner.<method>(...)``'s stream guarded as one call (:meth:`ModelGuard.stream`):
+    def _execute(
+        self,
+        llm: CircuitBreakerLLM,
+        call: Call[Any],
+        execute: Callable[..., Any],
+        answer: Callable[[Mark, Call[Any], int], Any],
+    ) -> Any:
+        """One body for both: ``execute`` is the guard's execute (the answer) or aexecute
+        (its awaitable); ``answer`` makes a fallback's call and marks its answer."""
+        guard, kwargs = self.guard, call.kwargs
+        inner = llm._tool_model() if call.calls_tools else self.inner
+        key = guard.key_of(kwargs) if kwargs else guard.key
+        request = call.request(inner) if guard.described else None
+        if not self.fallbacks:
+            return execute(key, call.bound(inner), None, request)
+        return execute(
+            key,
+            call.bound(inner),
+            functools.partial(answer, mark_fallback, call),
+            request,
+            indices=self.tool_indices if call.calls_tools else None,
+        )
+
+    # -- streams -----------------------------------------------------------------------
+    def stream(self, llm: CircuitBreakerLLM, call: Call[R]) -> Generator[R, None, None]:
+        """The call's stream guarded as one call (:meth:`callpolicy.ModelGuard.stream`):
         admission, retry and each fallback's stream in turn (its chunks marked) until the
         first chunk; after it, a failure counts and propagates; a stream cut short (no end
         marker, where the model reports one) raises
@@ -132,72 +138,71 @@ class Route:
         limiter = llm.rate_limiter
         if limiter is not None:
             limiter.acquire()
-        key, start, options, meter = self._stream_plan(llm, method, call, asynchronous=False)
-        chunks = start() if options is None else self.guard.stream(key, start, **options)
+        key, meter = self._meter(call, asynchronous=False)
+        if llm.guard_streams:
+            chunks = self._guarded(llm, call, key, self.guard.stream, self._answer, _marked)
+        else:
+            chunks = call.untouched(self.model(llm, call))
         return cast("Generator[R, None, None]", chunks if meter is None else meter(chunks))
 
-    async def astream(
-        self, llm: CircuitBreakerLLM, method: str, call: Call[R]
-    ) -> AsyncGenerator[R, None]:
-        """Async :meth:`stream`: ``method`` is a LlamaIndex ``astream_*`` method (a
+    async def astream(self, llm: CircuitBreakerLLM, call: Call[R]) -> AsyncGenerator[R, None]:
+        """Async :meth:`stream`: the call's method is a LlamaIndex ``astream_*`` method (a
         coroutine that returns the stream)."""
         limiter = llm.rate_limiter
         if limiter is not None:
             await limiter.async_acquire()
-        key, start, options, meter = self._stream_plan(llm, method, call, asynchronous=True)
-        chunks = await start() if options is None else self.guard.astream(key, start, **options)
+        key, meter = self._meter(call, asynchronous=True)
+        if llm.guard_streams:
+            chunks = self._guarded(llm, call, key, self.guard.astream, self._aanswer, _amarked)
+        else:
+            chunks = await call.untouched(self.model(llm, call))
         return cast("AsyncGenerator[R, None]", chunks if meter is None else meter(chunks))
 
-    def _stream_plan(
-        self, llm: CircuitBreakerLLM, method: str, call: Call[Any], *, asynchronous: bool
-    ) -> tuple[str, Callable[[], Any], dict[str, Any] | None, Callable[[Any], Any] | None]:
-        """The key, the stream's opener, the guard's options (None with
-        ``guard_streams=False``: the opener's stream is passed through) and, with a budget,
-        the meter to pass the stream through."""
-        start: Callable[[], Any]
-        options: dict[str, Any] | None
-        if llm.guard_streams:
-            mark = _amarked if asynchronous else _marked
-            key, start, options = self._plan(
-                llm, method, call, asynchronous=asynchronous, mark=mark, stream=True
-            )
-        else:
-            inner = self._model(llm, call)
-            key, options = self.guard.key_of(call.kwargs), None
-            start = lambda: call.untouched(inner, method)  # noqa: E731
-        budget = self.guard.budget
-        if budget is None:
-            return key, start, options, None
-        # The input as it is now, before the stream opens: an integration may append to
-        # the arguments in place.
-        text = call.input_text()
-        return (
+    def _guarded(
+        self,
+        llm: CircuitBreakerLLM,
+        call: Call[Any],
+        key: str,
+        stream: Callable[..., Any],
+        answer: Callable[[Mark, Call[Any], int], Any],
+        mark: Mark,
+    ) -> Any:
+        """One body for both: ``stream`` is the guard's stream or astream; ``answer`` opens
+        a fallback's stream, ``mark`` marks its chunks."""
+        start = call.bound(self.model(llm, call))
+        if not self.fallbacks:
+            return stream(key, start, finished=self.finished)
+        return stream(
             key,
             start,
-            options,
-            lambda chunks: meter_stream(chunks, budget, key, text, asynchronous=asynchronous),
+            functools.partial(answer, mark, call),
+            finished=self.finished,
+            fallback_finished=self.step_finished,
+            indices=self.tool_indices if call.calls_tools else None,
         )
 
+    def _meter(
+        self, call: Call[Any], *, asynchronous: bool
+    ) -> tuple[str, Callable[[Any], Any] | None]:
+        """The stream's key and, with a budget, the meter to pass it through, which counts
+        the input as it is now, before the stream opens (an integration may append to the
+        arguments in place)."""
+        key, budget = self.guard.key_of(call.kwargs), self.guard.budget
+        if budget is None:
+            return key, None
+        text = call.input_text()
+        return key, lambda chunks: meter_stream(
+            chunks, budget, key, text, asynchronous=asynchronous
+        )
 
-# -- fallback number ``index`` of a call, its answer (or stream) marked as its -------------
-def _fallback(route: Route, call: Call[Any], method: str, mark: Mark) -> Callable[[int], Any]:
-    models, guard, kwargs = route.fallbacks, route.guard, call.kwargs
+    # -- a fallback's call, its answer (or stream) marked as its -------------------------
+    def _answer(self, mark: Mark, call: Call[Any], index: int) -> Any:
+        model, kwargs = self.fallbacks[index], self.guard.fallback_kwargs(call.kwargs)
+        return mark(call.on(model, kwargs), *self.marks[index])
 
-    def on(index: int) -> Any:
-        answer = call.on(models[index], method, guard.fallback_kwargs(kwargs))
-        return mark(answer, guard.fallback_keys[index], guard.fallback_names[index])
-
-    return on
-
-
-def _afallback(route: Route, call: Call[Any], method: str, mark: Mark) -> Callable[[int], Any]:
-    models, guard, kwargs = route.fallbacks, route.guard, call.kwargs
-
-    async def on(index: int) -> Any:
-        answer = await call.on(models[index], method, guard.fallback_kwargs(kwargs))
-        return mark(answer, guard.fallback_keys[index], guard.fallback_names[index])
-
-    return on
+    async def _aanswer(self, mark: Mark, call: Call[Any], index: int) -> Any:
+        model, kwargs = self.fallbacks[index], self.guard.fallback_kwargs(call.kwargs)
+        return mark(await call.on(model, kwargs), *self.marks[index])
 
 
 def _marked(chunks: Iterable[R], key: str, model: str) -> Generator[R, None, None]:
