@@ -31,7 +31,7 @@ from ._request import (
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
 
-__all__ = ["Call", "ChatCall", "CompleteCall", "ToolCall", "tool_options"]
+__all__ = ["Call", "Chat", "Completion", "ToolChat", "tool_options"]
 
 R = TypeVar("R", ChatResponse, CompletionResponse)
 
@@ -73,7 +73,7 @@ class Call(Generic[R]):
         raise NotImplementedError
 
 
-class ChatCall(Call[ChatResponse]):
+class Chat(Call[ChatResponse]):
     """``chat(messages, **kwargs)``."""
 
     __slots__ = ("messages",)
@@ -100,7 +100,7 @@ class ChatCall(Call[ChatResponse]):
         return lambda: messages_text(messages)
 
 
-class CompleteCall(Call[CompletionResponse]):
+class Completion(Call[CompletionResponse]):
     """``complete(prompt, formatted=..., **kwargs)``."""
 
     __slots__ = ("formatted", "prompt")
@@ -126,7 +126,7 @@ class CompleteCall(Call[CompletionResponse]):
         return lambda: prompt
 
 
-class ToolCall(Call[ChatResponse]):
+class ToolChat(Call[ChatResponse]):
     """``chat_with_tools(tools, user_msg=..., chat_history=..., **options)``; ``kwargs``
     holds the options (``verbose``, ``allow_parallel_tool_calls``, ...)."""
 
@@ -142,11 +142,8 @@ class ToolCall(Call[ChatResponse]):
         chat_history: list[ChatMessage] | None,
         options: dict[str, Any],
     ) -> None:
-        self.method = method
-        self.tools = tools
-        self.user_msg = user_msg
-        self.chat_history = chat_history
-        self.kwargs = options
+        super().__init__(method, options)
+        self.tools, self.user_msg, self.chat_history = tools, user_msg, chat_history
 
     def on(self, model: LLM, kwargs: dict[str, Any]) -> Any:
         # Integrations append user_msg to chat_history in place (OpenAI does): every

@@ -39,15 +39,12 @@ def embedding_identity(model: BaseEmbedding) -> tuple[str, str, int | None]:
     cls = type(model).__name__
     provider = cls.lower().removesuffix("embeddings").removesuffix("embedding") or cls.lower()
     name = model.model_name if isinstance(model.model_name, str) and model.model_name else cls
-    size = next(
-        (
-            value
-            for value in (getattr(model, attr, None) for attr in _SIZE_ATTRIBUTES)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0
-        ),
-        None,
-    )
+    size = next(filter(_is_size, (getattr(model, attr, None) for attr in _SIZE_ATTRIBUTES)), None)
     return provider, name, size
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class CircuitBreakerEmbedding(BaseEmbedding, EngineOptions):

@@ -45,7 +45,7 @@ from callpolicy import (
     ResponseCache,
 )
 
-from ._calls import ChatCall, CompleteCall, ToolCall, tool_options
+from ._calls import Chat, Completion, ToolChat, tool_options
 from ._events import relay_events
 from ._keys import model_identity, model_name_of
 from ._markers import AUTO, StreamFinished, check_option, end_marker
@@ -365,49 +365,48 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
     # -- the guarded calls: the route drives them, sync or async ------------------------
     @unspanned
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return _route_of(self).run(self, ChatCall("chat", messages, kwargs))
+        return _route_of(self).run(self, Chat("chat", messages, kwargs))
 
     @unspanned
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await _route_of(self).arun(self, ChatCall("achat", messages, kwargs))
+        return await _route_of(self).arun(self, Chat("achat", messages, kwargs))
 
     @unspanned
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        call = CompleteCall("complete", prompt, formatted, kwargs)
-        return _route_of(self).run(self, call)
+        return _route_of(self).run(self, Completion("complete", prompt, formatted, kwargs))
 
     @unspanned
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        call = CompleteCall("acomplete", prompt, formatted, kwargs)
-        return await _route_of(self).arun(self, call)
+        return await _route_of(self).arun(self, Completion("acomplete", prompt, formatted, kwargs))
 
     # -- streams: guarded by the engine, unless guard_streams=False ----------------------
     @unspanned
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        return _route_of(self).stream(self, ChatCall("stream_chat", messages, kwargs))
+        return _route_of(self).stream(self, Chat("stream_chat", messages, kwargs))
 
     @unspanned
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
-        call = ChatCall("astream_chat", messages, kwargs)
-        return await _route_of(self).astream(self, call)
+        return await _route_of(self).astream(self, Chat("astream_chat", messages, kwargs))
 
     @unspanned
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
-        call = CompleteCall("stream_complete", prompt, formatted, kwargs)
-        return _route_of(self).stream(self, call)
+        return _route_of(self).stream(
+            self, Completion("stream_complete", prompt, formatted, kwargs)
+        )
 
     @unspanned
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        call = CompleteCall("astream_complete", prompt, formatted, kwargs)
-        return await _route_of(self).astream(self, call)
+        return await _route_of(self).astream(
+            self, Completion("astream_complete", prompt, formatted, kwargs)
+        )
 
     # -- tool calling --------------------------------------------------------------------
     def _tool_model(self) -> FunctionCallingLLM:
@@ -432,7 +431,7 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
         """``inner.chat_with_tools`` through the engine; the fallback (when it can call
         tools) prepares the tools its own way."""
         options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        call = ToolCall("chat_with_tools", tools, user_msg, chat_history, options)
+        call = ToolChat("chat_with_tools", tools, user_msg, chat_history, options)
         return _route_of(self).run(self, call)
 
     async def achat_with_tools(
@@ -447,7 +446,7 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
     ) -> ChatResponse:
         """Async :meth:`chat_with_tools`."""
         options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        call = ToolCall("achat_with_tools", tools, user_msg, chat_history, options)
+        call = ToolChat("achat_with_tools", tools, user_msg, chat_history, options)
         return await _route_of(self).arun(self, call)
 
     def stream_chat_with_tools(
@@ -463,7 +462,7 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
         """``inner.stream_chat_with_tools`` guarded as one call (its chunks untouched), or
         the fallback's when it can call tools; untouched with ``guard_streams=False``."""
         options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        call = ToolCall("stream_chat_with_tools", tools, user_msg, chat_history, options)
+        call = ToolChat("stream_chat_with_tools", tools, user_msg, chat_history, options)
         return _route_of(self).stream(self, call)
 
     async def astream_chat_with_tools(
@@ -478,7 +477,7 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
     ) -> ChatResponseAsyncGen:
         """Async :meth:`stream_chat_with_tools`."""
         options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        call = ToolCall("astream_chat_with_tools", tools, user_msg, chat_history, options)
+        call = ToolChat("astream_chat_with_tools", tools, user_msg, chat_history, options)
         return await _route_of(self).astream(self, call)
 
     @unspanned

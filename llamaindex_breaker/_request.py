@@ -31,8 +31,7 @@ only when the wrapper has a budget or a cache, so the plain path never pays for 
 - **mark**: a cached answer carries ``additional_kwargs["callpolicy"]["cache"]`` (``"hit"``,
   ``"shared"`` or ``"stale"``) on the response, next to a fallback's mark (see
   ``_served``).
-- **usage**: from ``raw`` (OpenAI's ``usage``, Anthropic's, ...), else the response's
-  ``additional_kwargs`` (``prompt_tokens``/``completion_tokens``); None when neither says.
+- **usage**: see ``_usage``.
 """
 
 from __future__ import annotations
@@ -41,10 +40,7 @@ import functools
 import importlib
 import logging
 from collections.abc import (
-    AsyncIterator,
-    Callable,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -61,10 +57,8 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from callpolicy import (
-    Budget,
     CallRequest,
     UncacheableRequestError,
-    Usage,
     by_type,
     describe_arguments,
     key_data,
@@ -72,7 +66,8 @@ from callpolicy import (
 )
 
 from ._keys import model_name_of
-from ._served import SERVED_BY_KEY, fallback_mark, mark_cached
+from ._served import SERVED_BY_KEY, mark_cached
+from ._usage import usage_of
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -88,11 +83,9 @@ __all__ = [
     "encode_chat",
     "encode_completion",
     "messages_text",
-    "meter_stream",
     "tool_messages",
     "tools_request",
     "tools_text",
-    "usage_of",
 ]
 
 logger = logging.getLogger("callpolicy")
@@ -456,52 +449,4 @@ def decode_completion(payload: dict[str, Any]) -> CompletionResponse:
         delta=payload.get("delta"),
         logprobs=payload.get("logprobs"),
         additional_kwargs=_unpack(payload.get("additional_kwargs") or {}),
-    )
-
-
-# -- usage -------------------------------------------------------------------------------
-def usage_of(response: ChatResponse | CompletionResponse) -> Usage | None:
-    """The tokens ``response`` reports: from ``raw`` (OpenAI's ``usage``, ...), else the
-    response's ``additional_kwargs`` (``prompt_tokens``/``completion_tokens``, as
-    llama-index-llms-openai sets them); None when neither says. Never raises."""
-    try:
-        raw = response.raw
-        found = None if raw is None else Usage.from_report(raw)
-        if found is None and response.additional_kwargs:
-            found = Usage.from_report(response.additional_kwargs)
-        return found
-    except Exception:  # a strange raw object must not fail a call that succeeded
-        logger.debug("callpolicy budget: could not read usage", exc_info=True)
-        return None
-
-
-# -- streams: counted as they pass, never altered -----------------------------------------
-def _answered_by(chunk: ChatResponse | CompletionResponse) -> str | None:
-    """The key of the fallback that produced ``chunk``, or None (the primary)."""
-    mark = fallback_mark(chunk)
-    key = mark.get("key") if mark is not None else None
-    return key if isinstance(key, str) else None
-
-
-def meter_stream(
-    chunks: Iterator[R] | AsyncIterator[R],
-    budget: Budget,
-    key: str,
-    input_text: Callable[[], str],
-    *,
-    asynchronous: bool,
-) -> Any:
-    """``chunks``, each unchanged, with the stream and its reported usage counted (the
-    engine's meter: ``Budget.metered``, or ``ametered`` for an ``asynchronous`` stream).
-    Providers report a stream's usage once at its end (OpenAI) or as running totals
-    (Anthropic's output count, Gemini's every chunk), so a report is read as the stream's
-    usage so far: ``cumulative=True``."""
-    meter: Any = budget.ametered if asynchronous else budget.metered
-    return meter(
-        chunks,
-        key=key,
-        usage_of=usage_of,
-        estimate=lambda: budget.estimate(input_text()),
-        cumulative=True,
-        key_of=_answered_by,
     )

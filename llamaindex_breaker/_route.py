@@ -24,8 +24,8 @@ from callpolicy import ModelGuard
 
 from ._calls import Call
 from ._markers import EndMarker
-from ._request import meter_stream
 from ._served import mark_fallback
+from ._usage import meter_stream
 
 if TYPE_CHECKING:
     from ._llm import CircuitBreakerLLM

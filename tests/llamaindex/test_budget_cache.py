@@ -41,7 +41,8 @@ from callpolicy import (
 )
 from callpolicy._cache_key import canonical_json
 from llamaindex_breaker import CircuitBreakerLLM, cache_status, served_by
-from llamaindex_breaker._request import chat_request, meter_stream
+from llamaindex_breaker._request import chat_request
+from llamaindex_breaker._usage import meter_stream
 from tests.support.http_clients import HttpClients
 from tests.support.openai_server import OpenAICompatServer, Reply
 
