@@ -45,7 +45,7 @@ from ._guarded import GuardedRunnable
 from ._keys import model_identity
 from ._outer import TRACING_KWARGS, ChatCodec, Outer, StructuredCodec, unbind
 from ._route import Route, aserved
-from ._stream_end import AUTO, StreamFinished, check_option
+from ._stream_end import AUTO, StreamFinished
 
 __all__ = ["CircuitBreakerChatModel"]
 
@@ -233,19 +233,12 @@ class CircuitBreakerChatModel(BaseChatModel, EngineOptions):
     @field_validator("stream_finished", "fallback_stream_finished", mode="before")
     @classmethod
     def _check_stream_finished(cls, value: Any, info: ValidationInfo) -> Any:
-        return check_option(str(info.field_name), value)
+        return ModelGuard.check_finished(str(info.field_name), value)
 
     @field_validator("inner", "fallback", mode="before")
     @classmethod
     def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is None and info.field_name == "fallback":
-            return None
-        if info.field_name == "fallback" and isinstance(value, (list, tuple)):
-            models = [_checked_model(f"fallback[{i}]", item) for i, item in enumerate(value)]
-            if not models:
-                raise ValueError("fallback: an empty list; give None for no fallback")
-            return models[0] if len(models) == 1 else models
-        return _checked_model(str(info.field_name), value)
+        return ModelGuard.fallback_argument(str(info.field_name), value, _checked_model)
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -282,7 +275,7 @@ class CircuitBreakerChatModel(BaseChatModel, EngineOptions):
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
         self._add_version("callpolicy", callpolicy_version)
-        inner, fallbacks = self.inner, _fallback_models(self.fallback)
+        inner, fallbacks = self.inner, ModelGuard.fallback_models(self.fallback)
         guard = ModelGuard(
             inner,
             fallbacks,
@@ -349,7 +342,7 @@ class CircuitBreakerChatModel(BaseChatModel, EngineOptions):
     def _each_model(self, build: Callable[[str, BaseChatModel], Any]) -> tuple[Any, list[Any]]:
         """``build(argument, model)`` on the inner model and each fallback (``argument``
         names it in an error: ``inner``, ``fallback``, ``fallback[1]``, ...)."""
-        fallbacks = _fallback_models(self.fallback)
+        fallbacks = ModelGuard.fallback_models(self.fallback)
         built = [
             build("fallback" if index == 0 else f"fallback[{index}]", model)
             for index, model in enumerate(fallbacks)
@@ -368,7 +361,7 @@ class CircuitBreakerChatModel(BaseChatModel, EngineOptions):
         policy = self._route.guard.policy
         described = [
             {"_type": model._llm_type, **model._identifying_params}
-            for model in _fallback_models(self.fallback)
+            for model in ModelGuard.fallback_models(self.fallback)
         ]
         return {
             "inner": {"_type": self.inner._llm_type, **self.inner._identifying_params},
@@ -709,13 +702,6 @@ def _checked_model(argument: str, value: Any) -> BaseChatModel:
         f"{argument}: expected a LangChain chat model (a BaseChatModel such "
         f"as ChatOpenAI), got {type(value).__name__}{hint}"
     )
-
-
-def _fallback_models(fallback: BaseChatModel | list[BaseChatModel] | None) -> list[BaseChatModel]:
-    """The fallbacks, in order (none, one, or a list)."""
-    if fallback is None:
-        return []
-    return list(fallback) if isinstance(fallback, list) else [fallback]
 
 
 _Legacy = tuple[BaseChatModel, dict[str, Any]]

@@ -32,25 +32,7 @@ def embeddings_identity(model: Embeddings) -> tuple[str, str, int | None]:
     class name lowercased without its ``Embeddings`` suffix (``OpenAIEmbeddings`` ->
     ``openai``), its ``model``/``model_name``/``deployment`` attribute (else its class
     name), and its ``dimensions``/``size`` attribute when it has one."""
-    cls = type(model).__name__
-    provider = cls.lower().removesuffix("embeddings").removesuffix("embedding") or cls.lower()
-    name = next(
-        (
-            value
-            for value in (getattr(model, attr, None) for attr in _NAME_ATTRIBUTES)
-            if isinstance(value, str) and value
-        ),
-        cls,
-    )
-    size = next(
-        (
-            value
-            for value in (getattr(model, attr, None) for attr in _SIZE_ATTRIBUTES)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0
-        ),
-        None,
-    )
-    return provider, name, size
+    return EmbeddingGuard.identity_of(model, names=_NAME_ATTRIBUTES, sizes=_SIZE_ATTRIBUTES)
 
 
 class CircuitBreakerEmbeddings(Embeddings):
@@ -122,12 +104,12 @@ class CircuitBreakerEmbeddings(Embeddings):
             identity=embeddings_identity,
             key=key,
             fallback_keys=fallback_keys,
+            owner=type(self).__name__,
             compatible=compatible,
             policy=policy,
             options=options,
             budget=budget,
             cache=cache,
-            owner=type(self).__name__,
         )
         self.inner = inner
         self.fallbacks: tuple[Embeddings, ...] = tuple(fallbacks)

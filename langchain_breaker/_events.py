@@ -119,6 +119,21 @@ class EventRelay:
                     raise
                 return
 
+    def finish(self) -> None:
+        """Hand the events left to the callbacks, then stop collecting (also when handing
+        them over failed: the context variable must not outlive the call)."""
+        try:
+            self.flush()
+        finally:
+            self.close()
+
+    async def afinish(self) -> None:
+        """Async :meth:`finish`."""
+        try:
+            await self.aflush()
+        finally:
+            self.close()
+
     def close(self) -> None:
         if self._token is not None:
             _pending.reset(self._token)

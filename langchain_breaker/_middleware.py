@@ -13,6 +13,7 @@ use of the name, so ``langchain_breaker`` itself works without it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -125,25 +126,9 @@ class CircuitBreakerMiddleware(AgentMiddleware):
 
     # -- the guarded model call ----------------------------------------------------------
     def wrap_model_call(self, request: ModelRequest, handler: Callable[..., Any]) -> Any:
-        key = self.key_for(request.model)
-
-        def call() -> Any:
-            try:
-                return handler(request)
-            except GraphBubbleUp as interrupt:
-                raise _Interrupt(interrupt) from None
-
+        key, call, options = self._plan(request, handler, asynchronous=False)
         try:
-            if not self.fallbacks:
-                return self.policy.execute(key, call)
-            steps = [
-                (step, self._fallback_call(request, handler, model, step))
-                for model, step in self._steps(key)
-            ]
-            if len(steps) == 1:
-                fb_key, fb_call = steps[0]
-                return self.policy.execute(key, call, fallback=fb_call, fallback_key=fb_key)
-            return self.policy.execute(key, call, fallback=Fallbacks(steps))
+            return self.policy.execute(key, call, **options)
         except _Interrupt as carried:
             interrupt = carried.interrupt
         raise interrupt  # outside the except block: the interrupt is raised as it was
@@ -153,28 +138,31 @@ class CircuitBreakerMiddleware(AgentMiddleware):
         request: ModelRequest,
         handler: Callable[..., Awaitable[Any]],
     ) -> Any:
-        key = self.key_for(request.model)
-
-        async def call() -> Any:
-            try:
-                return await handler(request)
-            except GraphBubbleUp as interrupt:
-                raise _Interrupt(interrupt) from None
-
+        key, call, options = self._plan(request, handler, asynchronous=True)
         try:
-            if not self.fallbacks:
-                return await self.policy.aexecute(key, call)
-            steps = [
-                (step, self._afallback_call(request, handler, model, step))
-                for model, step in self._steps(key)
-            ]
-            if len(steps) == 1:
-                fb_key, fb_call = steps[0]
-                return await self.policy.aexecute(key, call, fallback=fb_call, fallback_key=fb_key)
-            return await self.policy.aexecute(key, call, fallback=Fallbacks(steps))
+            return await self.policy.aexecute(key, call, **options)
         except _Interrupt as carried:
             interrupt = carried.interrupt
         raise interrupt
+
+    def _plan(
+        self, request: ModelRequest, handler: Callable[..., Any], *, asynchronous: bool
+    ) -> tuple[str, Callable[[], Any], dict[str, Any]]:
+        """The called model's key, its call, and the engine's fallback options: each
+        fallback called through the agent's handler with the request's model replaced
+        (async: the callables return coroutines)."""
+        key = self.key_for(request.model)
+        carried = _acarried if asynchronous else _carried
+        call = functools.partial(carried, handler, request)
+        steps = [
+            (step, self._fallback_call(request, handler, model, step, asynchronous))
+            for model, step in self._steps(key)
+        ]
+        if not steps:
+            return key, call, {}
+        if len(steps) == 1:
+            return key, call, {"fallback": steps[0][1], "fallback_key": steps[0][0]}
+        return key, call, {"fallback": Fallbacks(steps)}
 
     def _steps(self, key: str) -> list[tuple[BaseChatModel, str | None]]:
         """The fallbacks and their circuits for a call of ``key``'s model: a fallback with
@@ -191,31 +179,15 @@ class CircuitBreakerMiddleware(AgentMiddleware):
         handler: Callable[..., Any],
         model: BaseChatModel,
         key: str | None,
+        asynchronous: bool,
     ) -> Callable[[], Any]:
         def call() -> Any:
+            # Read as the engine hands over (inside its fallback step): why it was called.
             mark = served_mark(key, model_identity(model)[1])
-            try:
-                answer = handler(_sanitized(request, model).override(model=model))
-            except GraphBubbleUp as interrupt:
-                raise _Interrupt(interrupt) from None
-            return mark_served(answer, mark)
-
-        return call
-
-    def _afallback_call(
-        self,
-        request: ModelRequest,
-        handler: Callable[..., Awaitable[Any]],
-        model: BaseChatModel,
-        key: str | None,
-    ) -> Callable[[], Awaitable[Any]]:
-        async def call() -> Any:
-            mark = served_mark(key, model_identity(model)[1])
-            try:
-                answer = await handler(_sanitized(request, model).override(model=model))
-            except GraphBubbleUp as interrupt:
-                raise _Interrupt(interrupt) from None
-            return mark_served(answer, mark)
+            fallback_request = _sanitized(request, model).override(model=model)
+            if asynchronous:
+                return _amarked(_acarried(handler, fallback_request), mark)
+            return mark_served(_carried(handler, fallback_request), mark)
 
         return call
 
@@ -224,6 +196,26 @@ class CircuitBreakerMiddleware(AgentMiddleware):
             f"CircuitBreakerMiddleware(fallbacks={list(self._fallback_keys)!r}, "
             f"policy={type(self.policy).__name__})"
         )
+
+
+def _carried(handler: Callable[..., Any], request: ModelRequest) -> Any:
+    """``handler(request)``, a LangGraph interrupt carried through the engine."""
+    try:
+        return handler(request)
+    except GraphBubbleUp as interrupt:
+        raise _Interrupt(interrupt) from None
+
+
+async def _acarried(handler: Callable[..., Awaitable[Any]], request: ModelRequest) -> Any:
+    """Async :func:`_carried`."""
+    try:
+        return await handler(request)
+    except GraphBubbleUp as interrupt:
+        raise _Interrupt(interrupt) from None
+
+
+async def _amarked(answer: Awaitable[Any], mark: dict[str, Any]) -> Any:
+    return mark_served(await answer, mark)
 
 
 def _sanitized(request: ModelRequest, model: BaseChatModel) -> ModelRequest:

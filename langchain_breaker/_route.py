@@ -24,7 +24,7 @@ from langchain_core.runnables.config import (
     var_child_runnable_config,
 )
 
-from callpolicy import CallPolicy, ModelGuard, fallback_start, split_key
+from callpolicy import ModelGuard, fallback_start, split_key
 
 from ._events import EventRelay
 from ._outer import Outer, chunk_usage, unbind
@@ -104,10 +104,6 @@ class Route:
         self._markers: dict[tuple[Any, Any], tuple[Any, Any]] = {}
         """The end-marker checks of a stream called without kwargs, by the two options
         (looked up once per route: the first chunk's time is measured)."""
-
-    @property
-    def policy(self) -> CallPolicy:
-        return self.guard.policy
 
     def with_runnables(
         self,
@@ -237,8 +233,7 @@ class Route:
         try:
             return self._guarded(method, input, cfg, kwargs, key, relay)
         finally:
-            relay.flush()
-            relay.close()
+            relay.finish()
 
     async def _arelayed_call(
         self, input: Any, cfg: RunnableConfig, kwargs: dict[str, Any], key: str
@@ -247,8 +242,7 @@ class Route:
         try:
             return await self._guarded("ainvoke", input, cfg, kwargs, key, relay)
         finally:
-            await relay.aflush()
-            relay.close()
+            await relay.afinish()
 
     def _guarded(
         self,
@@ -483,10 +477,7 @@ def _relayed(relay: EventRelay, chunks: Iterator[Any]) -> Iterator[Any]:
     try:
         first = next(chunks, _NOTHING)
     finally:
-        try:
-            relay.flush()
-        finally:
-            relay.close()
+        relay.finish()
     if first is _NOTHING:
         return
     try:
@@ -505,10 +496,7 @@ async def _arelayed(relay: EventRelay, chunks: AsyncIterator[Any]) -> AsyncItera
     try:
         first = await anext(chunks, _NOTHING)
     finally:
-        try:
-            await relay.aflush()
-        finally:
-            relay.close()
+        await relay.afinish()
     if first is _NOTHING:
         return
     try:

@@ -93,13 +93,3 @@ def end_marker(
         if not on:
             return None
     return finished
-
-
-def check_option(name: str, value: Any) -> Any:
-    """Validate a ``stream_finished`` option, naming it."""
-    if value is None or value == AUTO or callable(value):
-        return value
-    raise TypeError(
-        f'{name}: expected "auto", None or a function of one chunk returning True for the '
-        f"chunk carrying the provider's end marker, got {type(value).__name__}"
-    )

@@ -322,11 +322,7 @@ def _walk(value: Any, convert: Convert | None, opaque: Convert | None, secrets: 
             name = raw_name if type(raw_name) is str else _plain_name(raw_name)
             if secrets and is_secret_name(name):
                 continue
-            try:
-                plain = _walk(item, convert, opaque, secrets)
-            except UncacheableRequestError as exc:
-                exc.path.append(f"[{name!r}]")
-                raise
+            plain = _walk_at(name, item, convert, opaque, secrets)
             if plain is not _DROP:
                 out[name] = plain
         return out
@@ -381,14 +377,22 @@ def _walk_items(
 ) -> list[Any]:
     out = []
     for index, item in enumerate(values):
-        try:
-            plain = _walk(item, convert, opaque, secrets)
-        except UncacheableRequestError as exc:
-            exc.path.append(f"[{index}]")
-            raise
+        plain = _walk_at(index, item, convert, opaque, secrets)
         if plain is not _DROP:
             out.append(plain)
     return out
+
+
+def _walk_at(
+    where: str | int, item: Any, convert: Convert | None, opaque: Convert | None, secrets: bool
+) -> Any:
+    """:func:`_walk` of the entry ``where`` (a name or an index) of a mapping or list: an
+    error names it."""
+    try:
+        return _walk(item, convert, opaque, secrets)
+    except UncacheableRequestError as exc:
+        exc.path.append(f"[{where!r}]")
+        raise
 
 
 @functools.lru_cache(maxsize=256)

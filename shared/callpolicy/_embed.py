@@ -125,7 +125,36 @@ class EmbeddingGuard:
         chosen = policy_from_options(policy, options, owner=owner)
         return cls(chosen, key, fallback_keys=keys, budget=budget, cache=cache)
 
-    # -- sync ------------------------------------------------------------------------------
+    @staticmethod
+    def identity_of(
+        model: object, *, names: Sequence[str], sizes: Sequence[str]
+    ) -> tuple[str, str, int | None]:
+        """``(provider, model name, dimensions or None)`` of an embedding model, read as
+        both adapters read it: its class name lowercased without an ``Embedding(s)``
+        suffix (``OpenAIEmbeddings`` -> ``openai``), the first of its ``names``
+        attributes holding a string (else its class name), and the first of its ``sizes``
+        attributes holding a positive int.
+
+        >>> class AcmeEmbeddings:
+        ...     model, dimensions = "embed-1", 256
+        >>> EmbeddingGuard.identity_of(AcmeEmbeddings(), names=["model"], sizes=["dimensions"])
+        ('acme', 'embed-1', 256)
+        """
+        cls = type(model).__name__
+        provider = cls.lower().removesuffix("embeddings").removesuffix("embedding") or cls.lower()
+        found = (getattr(model, attribute, None) for attribute in names)
+        name = next((value for value in found if isinstance(value, str) and value), cls)
+        size = next(
+            (
+                value
+                for value in (getattr(model, attribute, None) for attribute in sizes)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0
+            ),
+            None,
+        )
+        return provider, name, size
+
+    # -- embedding: one body of decisions, two drivers (the cache's reads awaited) ----------
     def embed(
         self,
         kind: EmbedKind,
@@ -134,42 +163,17 @@ class EmbeddingGuard:
         fallbacks: Sequence[Embedder],
     ) -> list[list[float]]:
         """Each text's vector: from the cache, or from one guarded call for the misses."""
-        texts = _texts(texts)
-        if not texts:
-            return []
-        cache = self.cache
-        found: list[list[float] | None] = (
-            cache.get(self.key, kind, texts) if cache is not None else [None] * len(texts)
-        )
+        texts, cache = _texts(texts), self.cache
+        found = _unknown(texts) if cache is None or not texts else cache.get(self.key, kind, texts)
         misses = _misses(texts, found)
-        if not misses:
-            return _filled(texts, found, {})
-        vectors = self._run(misses, call, fallbacks)
-        if cache is not None:
-            cache.put(self.key, kind, misses, vectors)
-        return _filled(texts, found, dict(zip(misses, vectors, strict=True)))
+        computed: dict[str, list[float]] = {}
+        if misses:
+            vectors = self._guarded(self.policy.execute, misses, call, fallbacks, False)
+            if cache is not None:
+                cache.put(self.key, kind, misses, vectors)
+            computed = dict(zip(misses, vectors, strict=True))
+        return _filled(texts, found, computed)
 
-    def _run(
-        self, misses: list[str], call: Embedder, fallbacks: Sequence[Embedder]
-    ) -> list[list[float]]:
-        def checked(embedder: Embedder) -> Callable[[], list[list[float]]]:
-            return lambda: self._checked(misses, embedder(list(misses)))
-
-        plan, plan_key = self._plan([checked(fallback) for fallback in fallbacks])
-        if self.budget is None:
-            return self.policy.execute(
-                self.key, checked(call), fallback=plan, fallback_key=plan_key
-            )
-        return self.policy.execute(
-            self.key,
-            checked(call),
-            fallback=plan,
-            fallback_key=plan_key,
-            budget=self.budget,
-            request=_request(misses),
-        )
-
-    # -- async -----------------------------------------------------------------------------
     async def aembed(
         self,
         kind: EmbedKind,
@@ -178,18 +182,34 @@ class EmbeddingGuard:
         fallbacks: Sequence[AsyncEmbedder],
     ) -> list[list[float]]:
         """Async :meth:`embed`."""
-        texts = _texts(texts)
-        if not texts:
-            return []
-        cache = self.cache
-        found: list[list[float] | None] = [None] * len(texts)
-        if cache is not None:
+        texts, cache = _texts(texts), self.cache
+        found = _unknown(texts)
+        if cache is not None and texts:
             found = await cache.aget(self.key, kind, texts)
         misses = _misses(texts, found)
         if not misses:
             return _filled(texts, found, {})
+        vectors = await self._guarded(self.policy.aexecute, misses, call, fallbacks, True)
+        if cache is not None:
+            await cache.aput(self.key, kind, misses, vectors)
+        return _filled(texts, found, dict(zip(misses, vectors, strict=True)))
 
-        def checked(embedder: AsyncEmbedder) -> Callable[[], Awaitable[list[list[float]]]]:
+    def _guarded(
+        self,
+        execute: Callable[..., Any],
+        misses: list[str],
+        call: Callable[[list[str]], Any],
+        fallbacks: Sequence[Callable[[list[str]], Any]],
+        asynchronous: bool,
+    ) -> Any:
+        """One guarded call for the ``misses``, through ``execute`` (the policy's execute,
+        or aexecute: then the embedders return awaitables, and so does this): the inner
+        model, the fallbacks per the policy, the budget; each answer checked."""
+
+        def checked(embedder: Callable[[list[str]], Any]) -> Callable[[], Any]:
+            if not asynchronous:
+                return lambda: self._checked(misses, embedder(list(misses)))
+
             async def run() -> list[list[float]]:
                 return self._checked(misses, await embedder(list(misses)))
 
@@ -197,21 +217,15 @@ class EmbeddingGuard:
 
         plan, plan_key = self._plan([checked(fallback) for fallback in fallbacks])
         if self.budget is None:
-            vectors = await self.policy.aexecute(
-                self.key, checked(call), fallback=plan, fallback_key=plan_key
-            )
-        else:
-            vectors = await self.policy.aexecute(
-                self.key,
-                checked(call),
-                fallback=plan,
-                fallback_key=plan_key,
-                budget=self.budget,
-                request=_request(misses),
-            )
-        if cache is not None:
-            await cache.aput(self.key, kind, misses, vectors)
-        return _filled(texts, found, dict(zip(misses, vectors, strict=True)))
+            return execute(self.key, checked(call), fallback=plan, fallback_key=plan_key)
+        return execute(
+            self.key,
+            checked(call),
+            fallback=plan,
+            fallback_key=plan_key,
+            budget=self.budget,
+            request=_request(misses),
+        )
 
     # -- shared ----------------------------------------------------------------------------
     def _plan(self, calls: list[Any]) -> tuple[Any, str | None]:
@@ -317,6 +331,11 @@ def _texts(texts: Sequence[str]) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}]: expected a string, got {type(text).__name__}")
     return found
+
+
+def _unknown(texts: list[str]) -> list[list[float] | None]:
+    """No text's vector known (no cache, or nothing to look up)."""
+    return [None] * len(texts)
 
 
 def _misses(texts: list[str], found: list[list[float] | None]) -> list[str]:

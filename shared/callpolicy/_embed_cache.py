@@ -27,6 +27,8 @@ __all__ = ["EmbedKind", "VectorCache"]
 logger = logging.getLogger("callpolicy")
 
 EmbedKind = Literal["document", "query"]
+Texts = Sequence[str]
+Vectors = Sequence[Sequence[float]]
 
 _PREFIX = "callpolicy:embed:v1:"
 
@@ -96,20 +98,13 @@ class VectorCache:
         """The cached vector of each text, or None where there is none."""
         return [self._read(self.key(model, kind, text)) for text in texts]
 
-    def put(
-        self,
-        model: str,
-        kind: EmbedKind,
-        texts: Sequence[str],
-        vectors: Sequence[Sequence[float]],
-    ) -> None:
+    def put(self, model: str, kind: EmbedKind, texts: Texts, vectors: Vectors) -> None:
         """Store each text's vector (``texts`` and ``vectors`` in the same order)."""
-        for text, vector in zip(texts, vectors, strict=True):
-            key = self.key(model, kind, text)
+        for key, payload in self._entries(model, kind, texts, vectors):
             try:
-                self.backend.set(key, _dumps(vector), ttl=self.ttl)
+                self.backend.set(key, payload, ttl=self.ttl)
             except Exception as exc:  # a cache that cannot store is not a failed call
-                logger.warning("callpolicy: vector cache write failed: %s", type(exc).__name__)
+                _failed("write", exc)
 
     # -- async -----------------------------------------------------------------------------
     async def aget(
@@ -124,27 +119,30 @@ class VectorCache:
             try:
                 payload = await self.backend.aget(key)
             except Exception as exc:
-                logger.warning("callpolicy: vector cache read failed: %s", type(exc).__name__)
+                _failed("read", exc)
                 payload = None
             found.append(await self._aparsed(key, payload))
         return found
 
-    async def aput(
-        self,
-        model: str,
-        kind: EmbedKind,
-        texts: Sequence[str],
-        vectors: Sequence[Sequence[float]],
-    ) -> None:
+    async def aput(self, model: str, kind: EmbedKind, texts: Texts, vectors: Vectors) -> None:
         """Async :meth:`put`."""
         if not self.backend.is_async_native:
             self.put(model, kind, texts, vectors)
             return
-        for text, vector in zip(texts, vectors, strict=True):
+        for key, payload in self._entries(model, kind, texts, vectors):
             try:
-                await self.backend.aset(self.key(model, kind, text), _dumps(vector), ttl=self.ttl)
+                await self.backend.aset(key, payload, ttl=self.ttl)
             except Exception as exc:
-                logger.warning("callpolicy: vector cache write failed: %s", type(exc).__name__)
+                _failed("write", exc)
+
+    def _entries(
+        self, model: str, kind: EmbedKind, texts: Texts, vectors: Vectors
+    ) -> list[tuple[str, str]]:
+        """The backend key and JSON payload of each text's vector."""
+        return [
+            (self.key(model, kind, text), _dumps(vector))
+            for text, vector in zip(texts, vectors, strict=True)
+        ]
 
     def clear(self) -> None:
         """Remove every entry of the backend (the backend may hold other entries too)."""
@@ -161,7 +159,7 @@ class VectorCache:
         try:
             payload = self.backend.get(key)
         except Exception as exc:
-            logger.warning("callpolicy: vector cache read failed: %s", type(exc).__name__)
+            _failed("read", exc)
             return None
         vector = _loads(payload)
         if vector is None and payload is not None:
@@ -203,3 +201,9 @@ def _loads(payload: str | None) -> list[float] | None:
         return None
     vector = [float(x) for x in data]
     return vector if all(math.isfinite(x) or math.isinf(x) for x in vector) else None
+
+
+def _failed(action: str, exc: Exception) -> None:
+    """A backend that failed is a miss (or an entry not stored), said at WARNING; never a
+    failed call. Names the error's class only (its message may quote the backend's URL)."""
+    logger.warning("callpolicy: vector cache %s failed: %s", action, type(exc).__name__)

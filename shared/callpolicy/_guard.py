@@ -172,6 +172,47 @@ class ModelGuard:
                 add_note(exc, f"budget: the {argument} model of {owner} has no price")
                 raise
 
+    # -- checks of a wrapper's arguments (before a guard is built) -----------------------
+    @staticmethod
+    def fallback_argument(
+        argument: str, value: Any, check: Callable[[str, Any], T]
+    ) -> T | list[T] | None:
+        """A wrapper's ``inner`` or ``fallback`` argument, each model checked by
+        ``check(argument, model)`` (which names the argument in its error): a fallback
+        may be None or a list (``fallback[i]``; one model: that model; empty: an error).
+
+        >>> ModelGuard.fallback_argument("fallback", ["a", "b"], lambda _where, m: m.upper())
+        ['A', 'B']
+        """
+        if argument == "fallback":
+            if value is None:
+                return None
+            if isinstance(value, (list, tuple)):
+                models = [check(f"fallback[{i}]", item) for i, item in enumerate(value)]
+                if not models:
+                    raise ValueError("fallback: an empty list; give None for no fallback")
+                return models[0] if len(models) == 1 else models
+        return check(argument, value)
+
+    @staticmethod
+    def fallback_models(fallback: T | list[T] | None) -> list[T]:
+        """The fallbacks in order, from a wrapper's ``fallback`` (none, one, or a list)."""
+        if fallback is None:
+            return []
+        return list(fallback) if isinstance(fallback, list) else [fallback]
+
+    @staticmethod
+    def check_finished(argument: str, value: Any) -> Any:
+        """A wrapper's ``stream_finished``-like option: ``"auto"`` (the adapter recognises
+        its integrations' end markers), a function of one chunk, or None; else a
+        TypeError naming ``argument``."""
+        if value is None or value == "auto" or callable(value):
+            return value
+        raise TypeError(
+            f'{argument}: expected "auto", None or a function of one chunk returning True for '
+            f"the chunk carrying the provider's end marker, got {type(value).__name__}"
+        )
+
     # -- routing per call --------------------------------------------------------------
     def for_model(self, model: str | None) -> str:
         """The circuit key of ``model`` (a model name of the inner model's provider, as a
