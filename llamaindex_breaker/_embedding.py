@@ -14,7 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from pydantic import Field, PrivateAttr, SkipValidation, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SkipValidation,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from callpolicy import (
     Budget,
@@ -22,10 +29,11 @@ from callpolicy import (
     CircuitState,
     EmbeddingGuard,
     EngineOptions,
+    ModelGuard,
     VectorCache,
 )
 
-from ._models import checked_fallback, fallback_models, model_checker
+from ._models import model_checker
 
 __all__ = ["CircuitBreakerEmbedding", "embedding_identity"]
 
@@ -99,19 +107,14 @@ class CircuitBreakerEmbedding(BaseEmbedding, EngineOptions):
             data = {**{k: v for k, v in inherited.items() if k not in data}, **data}
         return data
 
-    @field_validator("inner", mode="before")
+    @field_validator("inner", "fallback", mode="before")
     @classmethod
-    def _check_inner(cls, value: Any) -> Any:
-        return _checked("inner", value)
-
-    @field_validator("fallback", mode="before")
-    @classmethod
-    def _check_fallback(cls, value: Any) -> Any:
-        return checked_fallback(value, _checked)
+    def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
+        return ModelGuard.fallback_argument(str(info.field_name), value, _checked)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
-        fallbacks = fallback_models(self.fallback)
+        fallbacks = ModelGuard.fallback_models(self.fallback)
         self._guard = EmbeddingGuard.of(
             self.inner,
             fallbacks,

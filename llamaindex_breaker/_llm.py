@@ -48,8 +48,8 @@ from callpolicy import (
 from ._calls import Chat, Completion, ToolChat, tool_options
 from ._events import relay_events
 from ._keys import model_identity, model_name_of
-from ._markers import AUTO, StreamFinished, check_option, end_marker
-from ._models import checked_fallback, fallback_models, model_checker
+from ._markers import AUTO, StreamFinished, end_marker
+from ._models import model_checker
 from ._route import Route
 from ._served import fallback_mark
 from ._spans import unspanned
@@ -272,22 +272,17 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
     @field_validator("stream_finished", "fallback_stream_finished", mode="before")
     @classmethod
     def _check_stream_finished(cls, value: Any, info: ValidationInfo) -> Any:
-        return check_option(str(info.field_name), value)
+        return ModelGuard.check_finished(str(info.field_name), value)
 
-    @field_validator("inner", mode="before")
+    @field_validator("inner", "fallback", mode="before")
     @classmethod
-    def _check_inner(cls, value: Any) -> Any:
-        return _checked_llm("inner", value)
-
-    @field_validator("fallback", mode="before")
-    @classmethod
-    def _check_fallback(cls, value: Any) -> Any:
-        return checked_fallback(value, _checked_llm)
+    def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
+        return ModelGuard.fallback_argument(str(info.field_name), value, _checked_llm)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
         inner = self.inner
-        fallbacks = fallback_models(self.fallback)
+        fallbacks = ModelGuard.fallback_models(self.fallback)
         guard = ModelGuard(
             inner,
             fallbacks,
@@ -316,7 +311,10 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
     def _share_callback_manager(self, manager: Any) -> None:
         # The models fire the callback events, so they need the manager given to the
         # wrapper (Settings and query engines assign one), as they would unwrapped.
-        models = [self.__dict__.get("inner"), *fallback_models(self.__dict__.get("fallback"))]
+        models = [
+            self.__dict__.get("inner"),
+            *ModelGuard.fallback_models(self.__dict__.get("fallback")),
+        ]
         for model in models:
             if model is not None:
                 model.callback_manager = manager
