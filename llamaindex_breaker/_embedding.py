@@ -11,29 +11,17 @@ call for the texts the vector cache misses.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from pydantic import (
-    Field,
-    PrivateAttr,
-    SkipValidation,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, SkipValidation, field_validator, model_validator
 
-from callpolicy import (
-    Budget,
-    CallPolicy,
-    CircuitState,
-    EmbeddingGuard,
-    EngineOptions,
-    ModelGuard,
-    VectorCache,
-)
+from callpolicy import Budget, CallPolicy, EmbeddingGuard, EngineOptions, ModelGuard, VectorCache
 
 from ._models import model_checker
+
+if TYPE_CHECKING:
+    from callpolicy import CircuitState
 
 __all__ = ["CircuitBreakerEmbedding", "embedding_identity"]
 
@@ -109,7 +97,7 @@ class CircuitBreakerEmbedding(BaseEmbedding, EngineOptions):
 
     @field_validator("inner", "fallback", mode="before")
     @classmethod
-    def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
+    def _check_model(cls, value: Any, info: Any) -> Any:
         return ModelGuard.fallback_argument(str(info.field_name), value, _checked)
 
     def model_post_init(self, context: Any, /) -> None:

@@ -27,23 +27,9 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.llms import LLM
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
-from pydantic import (
-    Field,
-    PrivateAttr,
-    SkipValidation,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, SkipValidation, field_validator, model_validator
 
-from callpolicy import (
-    Budget,
-    CallPolicy,
-    CircuitState,
-    EngineOptions,
-    ModelGuard,
-    ResponseCache,
-)
+from callpolicy import Budget, CallPolicy, CircuitState, EngineOptions, ModelGuard, ResponseCache
 
 from ._calls import Chat, Completion, ToolChat, tool_options
 from ._events import relay_events
@@ -269,15 +255,16 @@ class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
                     data = {**missing, **data}
         return data
 
-    @field_validator("stream_finished", "fallback_stream_finished", mode="before")
+    @field_validator(
+        "inner", "fallback", "stream_finished", "fallback_stream_finished", mode="before"
+    )
     @classmethod
-    def _check_stream_finished(cls, value: Any, info: ValidationInfo) -> Any:
-        return ModelGuard.check_finished(str(info.field_name), value)
-
-    @field_validator("inner", "fallback", mode="before")
-    @classmethod
-    def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
-        return ModelGuard.fallback_argument(str(info.field_name), value, _checked_llm)
+    def _check_argument(cls, value: Any, info: Any) -> Any:
+        # The engine's checks, each naming the argument; the models must be LlamaIndex's.
+        name = str(info.field_name)
+        if name in ("inner", "fallback"):
+            return ModelGuard.fallback_argument(name, value, _checked_llm)
+        return ModelGuard.check_finished(name, value)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
