@@ -5,16 +5,23 @@ A :class:`~llamaindex_breaker._calls.Call` names the model method to call; the r
 turns it into callables that call a model's *own* method (``inner.chat``,
 ``fallback.achat_with_tools``, ...) and mark what a fallback returns, and hands them to
 the guard, which owns the keys, the fallbacks' plan, the budget and the cache. What to
-hand over is decided once for sync and async (:meth:`Route._execute`,
-:meth:`Route._guarded`); the four drivers only acquire the rate limiter, await what is
-awaited and meter a stream.
+hand over is decided once for sync and async (:meth:`Route.run`, :meth:`Route._guarded`);
+the async drivers only acquire the rate limiter and await, the stream drivers meter.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Sequence,
+)
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 
 from llama_index.core.base.llms.types import ChatResponse, CompletionResponse
 from llama_index.core.llms import LLM
@@ -87,33 +94,30 @@ class Route:
         return llm._tool_model() if call.calls_tools else self.inner
 
     # -- calls -------------------------------------------------------------------------
-    def run(self, llm: CircuitBreakerLLM, call: Call[R]) -> R:
+    @overload
+    def run(self, llm: CircuitBreakerLLM, call: Call[R]) -> R: ...
+
+    @overload
+    def run(
+        self, llm: CircuitBreakerLLM, call: Call[R], *, asynchronous: Literal[True]
+    ) -> Awaitable[R]: ...
+
+    def run(self, llm: CircuitBreakerLLM, call: Call[Any], *, asynchronous: bool = False) -> Any:
         """The call on the inner model through the guard: breaker, retry, each fallback in
-        turn (its answer marked), and the cache and budget when the wrapper has them."""
-        limiter = llm.rate_limiter
-        if limiter is not None:
-            limiter.acquire()
-        answer: R = self._execute(llm, call, self.guard.execute, self._answer)
-        return answer
+        turn (its answer marked), and the cache and budget when the wrapper has them.
 
-    async def arun(self, llm: CircuitBreakerLLM, call: Call[R]) -> R:
-        """Async :meth:`run`: the call's method returns an awaitable."""
-        limiter = llm.rate_limiter
-        if limiter is not None:
-            await limiter.async_acquire()
-        answer: R = await self._execute(llm, call, self.guard.aexecute, self._aanswer)
-        return answer
-
-    def _execute(
-        self,
-        llm: CircuitBreakerLLM,
-        call: Call[Any],
-        execute: Callable[..., Any],
-        answer: Callable[[Mark, Call[Any], int], Any],
-    ) -> Any:
-        """One body for both: ``execute`` is the guard's execute (the answer) or aexecute
-        (its awaitable); ``answer`` makes a fallback's call and marks its answer."""
+        One body for sync and async: with ``asynchronous``, the call's method returns an
+        awaitable and so does this (its caller, :meth:`arun`, acquired the rate limiter).
+        """
         guard, kwargs = self.guard, call.kwargs
+        execute: Callable[..., Any]
+        if asynchronous:
+            execute, answer = guard.aexecute, self._aanswer
+        else:
+            limiter = llm.rate_limiter
+            if limiter is not None:
+                limiter.acquire()
+            execute, answer = guard.execute, self._answer
         inner = llm._tool_model() if call.calls_tools else self.inner
         key = guard.key_of(kwargs) if kwargs else guard.key
         request = call.request(inner) if guard.described else None
@@ -122,10 +126,17 @@ class Route:
         return execute(
             key,
             call.bound(inner),
-            functools.partial(answer, mark_fallback, call),
+            partial(answer, mark_fallback, call),
             request,
             indices=self.tool_indices if call.calls_tools else None,
         )
+
+    async def arun(self, llm: CircuitBreakerLLM, call: Call[R]) -> R:
+        """Async :meth:`run`: the call's method returns an awaitable."""
+        limiter = llm.rate_limiter
+        if limiter is not None:
+            await limiter.async_acquire()
+        return await self.run(llm, call, asynchronous=True)
 
     # -- streams -----------------------------------------------------------------------
     def stream(self, llm: CircuitBreakerLLM, call: Call[R]) -> Generator[R, None, None]:
@@ -175,7 +186,7 @@ class Route:
         return stream(
             key,
             start,
-            functools.partial(answer, mark, call),
+            partial(answer, mark, call),
             finished=self.finished,
             fallback_finished=self.step_finished,
             indices=self.tool_indices if call.calls_tools else None,
