@@ -11,15 +11,7 @@ the async drivers only acquire the rate limiter and await, the stream drivers me
 
 from __future__ import annotations
 
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    Awaitable,
-    Callable,
-    Generator,
-    Iterable,
-    Sequence,
-)
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 
@@ -35,6 +27,8 @@ from ._served import mark_fallback
 from ._usage import meter_stream
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Generator, Iterable
+
     from ._llm import CircuitBreakerLLM
 
 __all__ = ["Route"]
@@ -63,10 +57,10 @@ class Route:
         self,
         guard: ModelGuard,
         inner: LLM,
-        fallbacks: Sequence[LLM] = (),
+        fallbacks: Iterable[LLM] = (),
         *,
         finished: EndMarker | None = None,
-        step_finished: Sequence[EndMarker | None] = (),
+        step_finished: Iterable[EndMarker | None] = (),
     ) -> None:
         self.guard = guard
         self.inner = inner
