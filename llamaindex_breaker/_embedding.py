@@ -10,29 +10,18 @@ call for the texts the vector cache misses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import timedelta
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from pydantic import Field, PrivateAttr, SkipValidation, field_validator, model_validator
 
-from callpolicy import (
-    Budget,
-    CallPolicy,
-    CircuitState,
-    CircuitStore,
-    Classifier,
-    EmbeddingGuard,
-    ErrorClass,
-    FallbackOn,
-    Listener,
-    RetryPolicy,
-    VectorCache,
-    circuit_key,
-)
-from callpolicy._embed import equivalent_fallbacks, fallback_circuits
-from callpolicy._options import ENGINE_OPTIONS, policy_from_options
+from callpolicy import Budget, CallPolicy, EmbeddingGuard, EngineOptions, ModelGuard, VectorCache
+
+from ._models import model_checker
+
+if TYPE_CHECKING:
+    from callpolicy import CircuitState
 
 __all__ = ["CircuitBreakerEmbedding", "embedding_identity"]
 
@@ -46,18 +35,15 @@ def embedding_identity(model: BaseEmbedding) -> tuple[str, str, int | None]:
     cls = type(model).__name__
     provider = cls.lower().removesuffix("embeddings").removesuffix("embedding") or cls.lower()
     name = model.model_name if isinstance(model.model_name, str) and model.model_name else cls
-    size = next(
-        (
-            value
-            for value in (getattr(model, attr, None) for attr in _SIZE_ATTRIBUTES)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0
-        ),
-        None,
-    )
+    size = next(filter(_is_size, (getattr(model, attr, None) for attr in _SIZE_ATTRIBUTES)), None)
     return provider, name, size
 
 
-class CircuitBreakerEmbedding(BaseEmbedding):
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+class CircuitBreakerEmbedding(BaseEmbedding, EngineOptions):
     """A LlamaIndex embedding model guarded by a circuit breaker, with optional retry,
     equivalent fallbacks, a budget and a per-text vector cache; use it wherever LlamaIndex
     takes an embedding model (``Settings.embed_model``, ``VectorStoreIndex``).
@@ -95,24 +81,7 @@ class CircuitBreakerEmbedding(BaseEmbedding):
     budget: SkipValidation[Budget | None] = Field(default=None, frozen=True, exclude=True)
     cache: SkipValidation[VectorCache | None] = Field(default=None, frozen=True, exclude=True)
 
-    failure_threshold: SkipValidation[int | None] = Field(default=None, frozen=True)
-    cooldown: SkipValidation[float | timedelta | None] = Field(default=None, frozen=True)
-    half_open_max_calls: SkipValidation[int | None] = Field(default=None, frozen=True)
-    success_threshold: SkipValidation[int | None] = Field(default=None, frozen=True)
-    failure_rate_threshold: SkipValidation[float | None] = Field(default=None, frozen=True)
-    window_size: SkipValidation[int | None] = Field(default=None, frozen=True)
-    minimum_calls: SkipValidation[int | None] = Field(default=None, frozen=True)
-    cooldown_multiplier: SkipValidation[float | None] = Field(default=None, frozen=True)
-    max_cooldown: SkipValidation[float | timedelta | None] = Field(default=None, frozen=True)
-    counted_errors: SkipValidation[frozenset[ErrorClass] | None] = Field(default=None, frozen=True)
-    retry: SkipValidation[RetryPolicy | None] = Field(default=None, frozen=True)
-    fallback_on: SkipValidation[FallbackOn | None] = Field(default=None, frozen=True)
-    classifier: SkipValidation[Classifier | None] = Field(default=None, frozen=True, exclude=True)
-    listeners: SkipValidation[Sequence[Listener] | None] = Field(
-        default=None, frozen=True, exclude=True
-    )
-    listener_timeout: SkipValidation[float | None] = Field(default=None, frozen=True)
-    store: SkipValidation[CircuitStore | None] = Field(default=None, frozen=True, exclude=True)
+    # The engine options are EngineOptions' fields.
 
     _guard: EmbeddingGuard = PrivateAttr()
     _fallbacks: tuple[BaseEmbedding, ...] = PrivateAttr(default=())
@@ -129,41 +98,26 @@ class CircuitBreakerEmbedding(BaseEmbedding):
     @field_validator("inner", "fallback", mode="before")
     @classmethod
     def _check_model(cls, value: Any, info: Any) -> Any:
-        name = info.field_name
-        if value is None and name == "fallback":
-            return None
-        if name == "fallback" and isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                _checked(f"fallback[{index}]", item)
-            if not value:
-                raise ValueError("fallback: an empty list; give None for no fallback")
-            return value[0] if len(value) == 1 else list(value)
-        return _checked(name, value)
+        return ModelGuard.fallback_argument(str(info.field_name), value, _checked)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
-        inner = self.inner
-        fallbacks = _fallback_list(self.fallback)
-        if any(model is inner for model in fallbacks):
-            raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
-        if self.key is not None and (not isinstance(self.key, str) or not self.key):
-            raise TypeError(f"key: expected a non-empty string, got {self.key!r}")
-        provider, name, size = embedding_identity(inner)
-        key = self.key or circuit_key(provider, name)
-        identities = [embedding_identity(model) for model in fallbacks]
-        equivalent_fallbacks(
-            (name, size), [(n, s) for _, n, s in identities], compatible=self.compatible
+        fallbacks = ModelGuard.fallback_models(self.fallback)
+        self._guard = EmbeddingGuard.of(
+            self.inner,
+            fallbacks,
+            identity=embedding_identity,
+            key=self.key,
+            fallback_keys=self.fallback_keys,
+            compatible=self.compatible,
+            policy=self.policy,
+            options=self,
+            budget=self.budget,
+            cache=self.cache,
+            owner=type(self).__name__,
         )
-        fallback_keys = fallback_circuits(
-            key, [circuit_key(p, n) for p, n, _ in identities], self.fallback_keys
-        )
-        options = {option: getattr(self, option) for option in ENGINE_OPTIONS}
-        policy = policy_from_options(self.policy, options, owner=type(self).__name__)
-        self.__dict__.update(policy=policy, key=key)
+        self.__dict__.update(policy=self._guard.policy, key=self._guard.key)
         self._fallbacks = tuple(fallbacks)
-        self._guard = EmbeddingGuard(
-            policy, key, fallback_keys=fallback_keys, budget=self.budget, cache=self.cache
-        )
 
     @classmethod
     def class_name(cls) -> str:
@@ -220,22 +174,11 @@ class CircuitBreakerEmbedding(BaseEmbedding):
         )
 
 
-def _checked(argument: str, value: Any) -> BaseEmbedding:
-    if isinstance(value, BaseEmbedding):
-        return value
-    hint = ""
-    if type(value).__module__.startswith("langchain"):
-        hint = " (a LangChain model: guard it with langchain_breaker.CircuitBreakerEmbeddings)"
-    raise TypeError(
-        f"{argument}: expected a LlamaIndex embedding model (BaseEmbedding), "
-        f"got {type(value).__name__}{hint}"
-    )
-
-
-def _fallback_list(fallback: BaseEmbedding | list[BaseEmbedding] | None) -> list[BaseEmbedding]:
-    if fallback is None:
-        return []
-    return list(fallback) if isinstance(fallback, list) else [fallback]
+_checked: Callable[[str, Any], BaseEmbedding] = model_checker(
+    BaseEmbedding,
+    "a LlamaIndex embedding model (BaseEmbedding)",
+    "a LangChain model: guard it with langchain_breaker.CircuitBreakerEmbeddings",
+)
 
 
 def _query(model: BaseEmbedding) -> Any:

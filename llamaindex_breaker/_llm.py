@@ -1,18 +1,18 @@
 """``CircuitBreakerLLM``: a LlamaIndex LLM whose calls go through a callpolicy engine.
 
-The adapter is thin: it turns each LlamaIndex call into a zero-argument callable for
-:meth:`callpolicy.CallPolicy.execute` / :meth:`~callpolicy.CallPolicy.aexecute`, keyed by the
-model's ``provider::model``, and lets the engine decide (breaker, retry, fallback). It
-never formats prompts or tools itself: the model that answers does, with its own
-conventions.
+The adapter is thin: it builds the engine's :class:`callpolicy.ModelGuard` once (keys and
+their rules, construction checks, the policy from its :class:`callpolicy.EngineOptions`
+fields), turns each LlamaIndex call into callables of the models' own methods (see
+``_calls`` and ``_route``), and lets the engine decide (breaker, retry, fallback, budget,
+cache). It never formats prompts or tools itself: the model that answers does, with its
+own conventions.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import AsyncGenerator, Callable, Generator, Sequence
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -27,44 +27,16 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.llms import LLM
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
-from pydantic import (
-    Field,
-    PrivateAttr,
-    SkipValidation,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, SkipValidation, field_validator, model_validator
 
-from callpolicy import (
-    Budget,
-    CallPolicy,
-    CircuitState,
-    CircuitStore,
-    Classifier,
-    ErrorClass,
-    FallbackOn,
-    Listener,
-    MissingPriceError,
-    ResponseCache,
-    RetryPolicy,
-    circuit_key,
-)
-from callpolicy._errors import add_note
-from callpolicy._options import ENGINE_OPTIONS, policy_from_options
+from callpolicy import Budget, CallPolicy, CircuitState, EngineOptions, ModelGuard, ResponseCache
 
+from ._calls import Chat, Completion, ToolChat, tool_options
 from ._events import relay_events
-from ._keys import CircuitKeys, model_identity, model_name_of
-from ._markers import AUTO, StreamFinished, check_option, end_marker
-from ._request import (
-    chat_request,
-    complete_request,
-    messages_text,
-    tool_messages,
-    tools_request,
-    tools_text,
-)
-from ._route import Route, Step
+from ._keys import model_identity, model_name_of
+from ._markers import AUTO, StreamFinished, end_marker
+from ._models import model_checker
+from ._route import Route
 from ._served import fallback_mark
 from ._spans import unspanned
 
@@ -88,11 +60,8 @@ _INHERITED_FROM_INNER = (
     "query_wrapper_prompt",
 )
 
-# The engine options, handed to policy_from_options() as given (None: not given).
-_ENGINE_OPTIONS = ENGINE_OPTIONS
 
-
-class CircuitBreakerLLM(FunctionCallingLLM):
+class CircuitBreakerLLM(FunctionCallingLLM, EngineOptions):
     """A LlamaIndex LLM guarded by a circuit breaker per ``provider::model``, with optional
     retry and a fallback model. Use it wherever LlamaIndex takes an LLM.
 
@@ -165,10 +134,12 @@ class CircuitBreakerLLM(FunctionCallingLLM):
             retries (``max_retries=0`` for OpenAI) so the breaker sees every failure, and
             use ``retry=`` instead.
         fallback: answers when the inner model's circuit is open or (per ``fallback_on``)
-            its call failed. It runs once, with the same arguments, under its own circuit
-            (unguarded if its key is the inner model's: another endpoint of the same
-            model must not share the circuit that refused the primary). Prompts were
-            formatted with the wrapper's settings (taken from ``inner``).
+            its call failed. It runs once, with the same arguments, under its own circuit,
+            which must not be the inner model's: sharing it would refuse the fallback
+            whenever the primary is refused, so a fallback whose key is the inner model's
+            (another endpoint of the same model) is refused here; give ``fallback_key=``
+            (or ``key=``) to tell them apart. Prompts were formatted with the wrapper's
+            settings (taken from ``inner``).
         policy: the engine to use; share one between wrappers (LlamaIndex and LangChain)
             to share circuit state. Cannot be combined with the engine options below.
         key: circuit key of the inner model; default ``"<class name, lowercased>::
@@ -216,8 +187,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         callpolicy.MissingPriceError: ``budget`` has ``max_cost_usd`` but no price for
             the inner model or the fallback (the error names the model).
         pydantic.ValidationError: a bad engine option value, ``fallback`` is ``inner``,
-            ``fallback_key`` equals ``key`` or comes without a fallback (the error names
-            the argument).
+            two of the wrapper's models have one circuit key (``fallback_key`` equals
+            ``key``, a fallback derives the inner model's), ``fallback_key`` comes without
+            a fallback (the error names the argument).
 
     ``inner``, ``fallback``, ``policy``, the keys, the engine options, ``budget`` and
     ``cache`` are frozen: build a new wrapper to change them (they are resolved once, at
@@ -241,26 +213,8 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         default=None, frozen=True, description="Circuit key of the fallback."
     )
 
-    # Engine options: validated by the engine (which names the field), not here, so the
-    # rules (a bool is not a number of seconds, ...) live in one place.
-    failure_threshold: SkipValidation[int | None] = Field(default=None, frozen=True)
-    cooldown: SkipValidation[float | timedelta | None] = Field(default=None, frozen=True)
-    half_open_max_calls: SkipValidation[int | None] = Field(default=None, frozen=True)
-    success_threshold: SkipValidation[int | None] = Field(default=None, frozen=True)
-    failure_rate_threshold: SkipValidation[float | None] = Field(default=None, frozen=True)
-    window_size: SkipValidation[int | None] = Field(default=None, frozen=True)
-    minimum_calls: SkipValidation[int | None] = Field(default=None, frozen=True)
-    cooldown_multiplier: SkipValidation[float | None] = Field(default=None, frozen=True)
-    max_cooldown: SkipValidation[float | timedelta | None] = Field(default=None, frozen=True)
-    counted_errors: SkipValidation[frozenset[ErrorClass] | None] = Field(default=None, frozen=True)
-    retry: SkipValidation[RetryPolicy | None] = Field(default=None, frozen=True)
-    fallback_on: SkipValidation[FallbackOn | None] = Field(default=None, frozen=True)
-    classifier: SkipValidation[Classifier | None] = Field(default=None, frozen=True, exclude=True)
-    listeners: SkipValidation[Sequence[Listener] | None] = Field(
-        default=None, frozen=True, exclude=True
-    )
-    listener_timeout: SkipValidation[float | None] = Field(default=None, frozen=True)
-    store: SkipValidation[CircuitStore | None] = Field(default=None, frozen=True, exclude=True)
+    # The engine options are EngineOptions' fields (validated by the engine, which names
+    # the field, so the rules live in one place).
     guard_streams: bool = Field(
         default=True, description="Guard the stream methods (False: pass them through)."
     )
@@ -301,92 +255,53 @@ class CircuitBreakerLLM(FunctionCallingLLM):
                     data = {**missing, **data}
         return data
 
-    @field_validator("stream_finished", "fallback_stream_finished", mode="before")
+    @field_validator(
+        "inner", "fallback", "stream_finished", "fallback_stream_finished", mode="before"
+    )
     @classmethod
-    def _check_stream_finished(cls, value: Any, info: ValidationInfo) -> Any:
-        return check_option(str(info.field_name), value)
-
-    @field_validator("inner", "fallback", mode="before")
-    @classmethod
-    def _check_model(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is None and info.field_name == "fallback":
-            return None
-        if info.field_name == "fallback" and isinstance(value, (list, tuple)):
-            models = [
-                cls._check_model(item, cast("ValidationInfo", _Named(f"fallback[{i}]")))
-                for i, item in enumerate(value)
-            ]
-            if not models:
-                raise ValueError("fallback: an empty list; give None for no fallback")
-            return models[0] if len(models) == 1 else models
-        if not isinstance(value, LLM):
-            hint = ""
-            if type(value).__module__.startswith("langchain"):
-                hint = (
-                    " (a LangChain model: guard it with langchain_breaker."
-                    "CircuitBreakerChatModel, or wrap it in llama_index.llms.langchain."
-                    "LangChainLLM first)"
-                )
-            raise TypeError(
-                f"{info.field_name}: expected a LlamaIndex LLM (llama_index.core.llms.LLM), "
-                f"got {type(value).__name__}{hint}"
-            )
-        return value
+    def _check_argument(cls, value: Any, info: Any) -> Any:
+        # The engine's checks, each naming the argument; the models must be LlamaIndex's.
+        name = str(info.field_name)
+        if name in ("inner", "fallback"):
+            return ModelGuard.fallback_argument(name, value, _checked_llm)
+        return ModelGuard.check_finished(name, value)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
-        inner, fallbacks = self.inner, _fallback_models(self.fallback)
-        if any(model is inner for model in fallbacks):
-            raise ValueError("fallback: is the inner model itself; a model cannot back itself up")
-        fallback = fallbacks[0] if fallbacks else None
-        if len(fallbacks) > 1 and self.fallback_key is not None:
-            raise TypeError(
-                "fallback_key: names one fallback's circuit; with a list of fallbacks each "
-                "key is derived from its model (give models that differ)"
-            )
-        for name in ("key", "fallback_key"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise TypeError(f"{name}: expected a non-empty string, got {value!r}")
-        if fallback is None and self.fallback_key is not None:
-            raise ValueError("fallback_key: given without a fallback")
-        budget, cache = self.budget, self.cache
-        if budget is not None and not isinstance(budget, Budget):
-            raise TypeError(f"budget: expected a callpolicy.Budget, got {type(budget).__name__}")
-        if cache is not None and not isinstance(cache, ResponseCache):
-            raise TypeError(
-                f"cache: expected a callpolicy.ResponseCache, got {type(cache).__name__}"
-            )
-        keys = CircuitKeys(inner, fallback, key=self.key, fallback_key=self.fallback_key)
-        steps = _steps(keys, fallbacks)
-        if budget is not None:
-            _require_prices(budget, keys, steps)
-        options = {name: getattr(self, name) for name in _ENGINE_OPTIONS}
-        policy = policy_from_options(self.policy, options, owner=type(self).__name__)
-
-        # The values in use, for inspection (the fields are frozen: set them directly).
-        self.__dict__.update(policy=policy, key=keys.default, fallback_key=keys.fallback)
-        route = Route(
-            policy,
-            keys,
-            budget=budget,
-            cache=cache,
-            steps=steps,
-            finished=end_marker(inner, self.stream_finished),
-            fallback_finished=None
-            if fallback is None
-            else end_marker(fallback, self.fallback_stream_finished),
-            step_finished=[end_marker(step[2], self.fallback_stream_finished) for step in steps],
+        inner = self.inner
+        fallbacks = ModelGuard.fallback_models(self.fallback)
+        guard = ModelGuard(
+            inner,
+            fallbacks,
+            identity=model_identity,
+            key=self.key,
+            fallback_key=self.fallback_key,
+            policy=self.policy,
+            options=self,
+            budget=self.budget,
+            cache=self.cache,
+            owner=type(self).__name__,
         )
-        self._route = route
-        relay_events(policy)
+        # The values in use, for inspection (the fields are frozen: set them directly).
+        self.__dict__.update(policy=guard.policy, key=guard.key, fallback_key=guard.fallback_key)
+        self._route = Route(
+            guard,
+            inner,
+            fallbacks,
+            finished=end_marker(inner, self.stream_finished),
+            step_finished=[end_marker(model, self.fallback_stream_finished) for model in fallbacks],
+        )
+        relay_events(guard.policy)
         if self.callback_manager is not inner.callback_manager:  # given, not inherited
             self._share_callback_manager(self.callback_manager)
 
     def _share_callback_manager(self, manager: Any) -> None:
         # The models fire the callback events, so they need the manager given to the
         # wrapper (Settings and query engines assign one), as they would unwrapped.
-        models = [self.__dict__.get("inner"), *_fallback_models(self.__dict__.get("fallback"))]
+        models = [
+            self.__dict__.get("inner"),
+            *ModelGuard.fallback_models(self.__dict__.get("fallback")),
+        ]
         for model in models:
             if model is not None:
                 model.callback_manager = manager
@@ -418,181 +333,65 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         """The circuit key of the inner model by default; of the fallback when
         ``model_name`` is the fallback's ``metadata.model_name``; else of ``model_name`` as
         another model of the inner model's provider (a per-call ``model=`` override)."""
-        keys = _route_of(self).keys
+        guard = _route_of(self).guard
         if (
             model_name is not None
-            and model_name == keys.fallback_model
-            and keys.fallback is not None
-            and model_name != keys.model
+            and guard.fallback_names
+            and model_name == guard.fallback_names[0]
+            and model_name != guard.model
         ):
-            return keys.fallback
-        return keys.for_model(model_name)
+            return guard.fallback_keys[0]
+        return guard.for_model(model_name)
 
     def state_for(self, model_name: str | None = None) -> CircuitState:
         """The state of the circuit :meth:`key_for` names (the inner model's by default)."""
-        return _route_of(self).policy.state(self.key_for(model_name))
+        return _route_of(self).guard.policy.state(self.key_for(model_name))
 
-    # -- the guarded calls -------------------------------------------------------------
+    # -- the guarded calls: the route drives them, sync or async ------------------------
     @unspanned
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        route, inner = _route_of(self), self.inner
-        return route.run(
-            route.key_of(kwargs),
-            lambda: inner.chat(messages, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.chat(messages, **route.fallback_kwargs(kwargs)),
-            chat_request(inner, messages, kwargs) if route.described else None,
-        )
+        return _route_of(self).run(self, Chat("chat", messages, kwargs))
 
     @unspanned
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        route, inner = _route_of(self), self.inner
-        return await route.arun(
-            route.key_of(kwargs),
-            lambda: inner.achat(messages, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.achat(messages, **route.fallback_kwargs(kwargs)),
-            chat_request(inner, messages, kwargs) if route.described else None,
-        )
+        return await _route_of(self).arun(self, Chat("achat", messages, kwargs))
 
     @unspanned
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        route, inner = _route_of(self), self.inner
-        return route.run(
-            route.key_of(kwargs),
-            lambda: inner.complete(prompt, formatted=formatted, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.complete(
-                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
-            ),
-            complete_request(inner, prompt, formatted, kwargs) if route.described else None,
-        )
+        return _route_of(self).run(self, Completion("complete", prompt, formatted, kwargs))
 
     @unspanned
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        route, inner = _route_of(self), self.inner
-        return await route.arun(
-            route.key_of(kwargs),
-            lambda: inner.acomplete(prompt, formatted=formatted, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.acomplete(
-                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
-            ),
-            complete_request(inner, prompt, formatted, kwargs) if route.described else None,
-        )
+        return await _route_of(self).arun(self, Completion("acomplete", prompt, formatted, kwargs))
 
     # -- streams: guarded by the engine, unless guard_streams=False ----------------------
     @unspanned
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        inner = self.inner
-        if not self.guard_streams:
-            chunks = inner.stream_chat(messages, **kwargs)
-            if self.budget is None:
-                return chunks
-            return _metered(self, kwargs, lambda: messages_text(messages), chunks)
-        route = _route_of(self)
-        chunks = route.stream(
-            route.key_of(kwargs),
-            lambda: inner.stream_chat(messages, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.stream_chat(messages, **route.fallback_kwargs(kwargs)),
-        )
-        if self.budget is None:
-            return chunks
-        return _metered(self, kwargs, lambda: messages_text(messages), chunks)
+        return _route_of(self).stream(self, Chat("stream_chat", messages, kwargs))
 
     @unspanned
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        inner = self.inner
-        if not self.guard_streams:
-            chunks = await inner.astream_chat(messages, **kwargs)
-            if self.budget is None:
-                return chunks
-            return _ametered(self, kwargs, lambda: messages_text(messages), chunks)
-        route = _route_of(self)
-        chunks = route.astream(
-            route.key_of(kwargs),
-            lambda: inner.astream_chat(messages, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.astream_chat(messages, **route.fallback_kwargs(kwargs)),
-        )
-        if self.budget is None:
-            return chunks
-        return _ametered(self, kwargs, lambda: messages_text(messages), chunks)
+        return await _route_of(self).astream(self, Chat("astream_chat", messages, kwargs))
 
     @unspanned
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        inner = self.inner
-        if not self.guard_streams:
-            chunks = inner.stream_complete(prompt, formatted=formatted, **kwargs)
-            if self.budget is None:
-                return chunks
-            return _metered(self, kwargs, lambda: prompt, chunks)
-        route = _route_of(self)
-        chunks = route.stream(
-            route.key_of(kwargs),
-            lambda: inner.stream_complete(prompt, formatted=formatted, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.stream_complete(
-                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
-            ),
+        return _route_of(self).stream(
+            self, Completion("stream_complete", prompt, formatted, kwargs)
         )
-        if self.budget is None:
-            return chunks
-        return _metered(self, kwargs, lambda: prompt, chunks)
 
     @unspanned
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        inner = self.inner
-        if not self.guard_streams:
-            chunks = await inner.astream_complete(prompt, formatted=formatted, **kwargs)
-            if self.budget is None:
-                return chunks
-            return _ametered(self, kwargs, lambda: prompt, chunks)
-        route = _route_of(self)
-        chunks = route.astream(
-            route.key_of(kwargs),
-            lambda: inner.astream_complete(prompt, formatted=formatted, **kwargs),
-            None
-            if not route.steps
-            else lambda fallback: fallback.astream_complete(
-                prompt, formatted=formatted, **route.fallback_kwargs(kwargs)
-            ),
+        return await _route_of(self).astream(
+            self, Completion("astream_complete", prompt, formatted, kwargs)
         )
-        if self.budget is None:
-            return chunks
-        return _ametered(self, kwargs, lambda: prompt, chunks)
 
     # -- tool calling --------------------------------------------------------------------
     def _tool_model(self) -> FunctionCallingLLM:
@@ -616,30 +415,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     ) -> ChatResponse:
         """``inner.chat_with_tools`` through the engine; the fallback (when it can call
         tools) prepares the tools its own way."""
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        inner, route = self._tool_model(), _route_of(self)
-        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        # Integrations append user_msg to chat_history in place (OpenAI does): every
-        # attempt gets its own copy, or a retry or the fallback would see it twice.
-        return route.run(
-            route.key_of(kwargs),
-            lambda: inner.chat_with_tools(
-                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
-            ),
-            None
-            if not route.tool_steps
-            else lambda fallback: fallback.chat_with_tools(
-                tools,
-                user_msg=user_msg,
-                chat_history=_copy(chat_history),
-                **route.fallback_kwargs(options),
-            ),
-            tools_request(inner, tools, user_msg, chat_history, options)
-            if route.described
-            else None,
-            tools=True,
-        )
+        options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        call = ToolChat("chat_with_tools", tools, user_msg, chat_history, options)
+        return _route_of(self).run(self, call)
 
     async def achat_with_tools(
         self,
@@ -652,28 +430,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         **kwargs: Any,
     ) -> ChatResponse:
         """Async :meth:`chat_with_tools`."""
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        inner, route = self._tool_model(), _route_of(self)
-        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        return await route.arun(
-            route.key_of(kwargs),
-            lambda: inner.achat_with_tools(
-                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
-            ),
-            None
-            if not route.tool_steps
-            else lambda fallback: fallback.achat_with_tools(
-                tools,
-                user_msg=user_msg,
-                chat_history=_copy(chat_history),
-                **route.fallback_kwargs(options),
-            ),
-            tools_request(inner, tools, user_msg, chat_history, options)
-            if route.described
-            else None,
-            tools=True,
-        )
+        options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        call = ToolChat("achat_with_tools", tools, user_msg, chat_history, options)
+        return await _route_of(self).arun(self, call)
 
     def stream_chat_with_tools(
         self,
@@ -687,39 +446,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
     ) -> ChatResponseGen:
         """``inner.stream_chat_with_tools`` guarded as one call (its chunks untouched), or
         the fallback's when it can call tools; untouched with ``guard_streams=False``."""
-        if self.rate_limiter is not None:
-            self.rate_limiter.acquire()
-        inner = self._tool_model()
-        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        # For the budget's estimate: the messages sent, taken before an integration appends
-        # user_msg to chat_history in place.
-        sent = [] if self.budget is None else tool_messages(user_msg, chat_history)
-        if not self.guard_streams:
-            chunks = inner.stream_chat_with_tools(
-                tools, user_msg=user_msg, chat_history=chat_history, **options
-            )
-            if self.budget is None:
-                return chunks
-            return _metered(self, kwargs, lambda: tools_text(sent, tools), chunks)
-        route = _route_of(self)
-        chunks = route.stream(
-            route.key_of(kwargs),
-            lambda: inner.stream_chat_with_tools(
-                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
-            ),
-            None
-            if not route.tool_steps
-            else lambda fallback: fallback.stream_chat_with_tools(
-                tools,
-                user_msg=user_msg,
-                chat_history=_copy(chat_history),
-                **route.fallback_kwargs(options),
-            ),
-            tools=True,
-        )
-        if self.budget is None:
-            return chunks
-        return _metered(self, kwargs, lambda: tools_text(sent, tools), chunks)
+        options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        call = ToolChat("stream_chat_with_tools", tools, user_msg, chat_history, options)
+        return _route_of(self).stream(self, call)
 
     async def astream_chat_with_tools(
         self,
@@ -732,39 +461,9 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         **kwargs: Any,
     ) -> ChatResponseAsyncGen:
         """Async :meth:`stream_chat_with_tools`."""
-        if self.rate_limiter is not None:
-            await self.rate_limiter.async_acquire()
-        inner = self._tool_model()
-        options = _tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
-        # For the budget's estimate: the messages sent, taken before an integration appends
-        # user_msg to chat_history in place.
-        sent = [] if self.budget is None else tool_messages(user_msg, chat_history)
-        if not self.guard_streams:
-            chunks = await inner.astream_chat_with_tools(
-                tools, user_msg=user_msg, chat_history=chat_history, **options
-            )
-            if self.budget is None:
-                return chunks
-            return _ametered(self, kwargs, lambda: tools_text(sent, tools), chunks)
-        route = _route_of(self)
-        chunks = route.astream(
-            route.key_of(kwargs),
-            lambda: inner.astream_chat_with_tools(
-                tools, user_msg=user_msg, chat_history=_copy(chat_history), **options
-            ),
-            None
-            if not route.tool_steps
-            else lambda fallback: fallback.astream_chat_with_tools(
-                tools,
-                user_msg=user_msg,
-                chat_history=_copy(chat_history),
-                **route.fallback_kwargs(options),
-            ),
-            tools=True,
-        )
-        if self.budget is None:
-            return chunks
-        return _ametered(self, kwargs, lambda: tools_text(sent, tools), chunks)
+        options = tool_options(verbose, allow_parallel_tool_calls, tool_required, kwargs)
+        call = ToolChat("astream_chat_with_tools", tools, user_msg, chat_history, options)
+        return await _route_of(self).astream(self, call)
 
     @unspanned
     def _prepare_chat_with_tools(
@@ -800,7 +499,11 @@ class CircuitBreakerLLM(FunctionCallingLLM):
         model: LLM = self.inner
         mark = fallback_mark(response)
         if mark is not None:
-            for key, name, fallback in _route_of(self).steps:
+            route = _route_of(self)
+            guard = route.guard
+            for key, name, fallback in zip(
+                guard.fallback_keys, guard.fallback_names, route.fallbacks, strict=True
+            ):
                 if mark.get("key") == key and mark.get("model") == name:
                     model = fallback
                     break
@@ -824,28 +527,6 @@ def _route_of(llm: CircuitBreakerLLM) -> Route:
     return route
 
 
-def _metered(
-    llm: CircuitBreakerLLM,
-    kwargs: dict[str, Any],
-    input_text: Callable[[], str],
-    chunks: Generator[R, None, None],
-) -> Generator[R, None, None]:
-    """A stream counted against the budget as it passes (chunks unchanged)."""
-    route = _route_of(llm)
-    return route.metered(route.key_of(kwargs), chunks, input_text)
-
-
-def _ametered(
-    llm: CircuitBreakerLLM,
-    kwargs: dict[str, Any],
-    input_text: Callable[[], str],
-    chunks: AsyncGenerator[R, None],
-) -> AsyncGenerator[R, None]:
-    """Async :func:`_metered`."""
-    route = _route_of(llm)
-    return route.ametered(route.key_of(kwargs), chunks, input_text)
-
-
 def _deprecated_alias(value: Any, guard_streams: Any, *, stacklevel: int) -> Any:
     """``guard_stream_start=value`` (deprecated): the value for ``guard_streams``."""
     warnings.warn(
@@ -863,67 +544,9 @@ def _deprecated_alias(value: Any, guard_streams: Any, *, stacklevel: int) -> Any
     return value
 
 
-def _fallback_models(fallback: LLM | list[LLM] | None) -> list[LLM]:
-    """The fallbacks, in order (none, one, or a list)."""
-    if fallback is None:
-        return []
-    return list(fallback) if isinstance(fallback, list) else [fallback]
-
-
-def _steps(keys: CircuitKeys, fallbacks: list[LLM]) -> list[Step]:
-    """Each fallback with its circuit key and model name. The first's key is the keys'
-    (given or derived); the others' are derived, and a fallback with the inner model's
-    very key runs unguarded (as a single one does). Two fallbacks may not share a key."""
-    if not fallbacks:
-        return []
-    steps: list[Step] = [(keys.fallback, keys.fallback_model or "unknown", fallbacks[0])]
-    taken = {keys.fallback}
-    for index, model in enumerate(fallbacks[1:], start=1):
-        derived = circuit_key(*model_identity(model))
-        key = None if derived == keys.default else derived
-        if key is not None and key in taken:
-            raise ValueError(
-                f"fallback[{index}]: its circuit key {key!r} is another fallback's too; "
-                "one circuit cannot guard both (give models that differ)"
-            )
-        taken.add(key)
-        steps.append((key, model_name_of(model), model))
-    return steps
-
-
-def _require_prices(budget: Budget, keys: CircuitKeys, steps: list[Step]) -> None:
-    """With ``max_cost_usd``, every model the wrapper meters must have a price: fail now,
-    naming the model, rather than at its first call."""
-    named: list[tuple[str, str | None]] = [("inner", keys.default)]
-    for index, step in enumerate(steps):
-        named.append((f"fallback[{index}]" if len(steps) > 1 else "fallback", step[0]))
-    for argument, key in named:
-        if key is None:
-            continue
-        try:
-            budget.require_price(key)
-        except MissingPriceError as exc:
-            add_note(exc, f"budget: the {argument} model of CircuitBreakerLLM has no price")
-            raise
-
-
-class _Named:
-    """What ``_check_model`` reads of pydantic's ``ValidationInfo``: the argument's name."""
-
-    def __init__(self, field_name: str) -> None:
-        self.field_name = field_name
-
-
-def _copy(history: list[ChatMessage] | None) -> list[ChatMessage] | None:
-    return None if history is None else list(history)
-
-
-def _tool_options(
-    verbose: bool, allow_parallel_tool_calls: bool, tool_required: bool, kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    options = {"verbose": verbose, "allow_parallel_tool_calls": allow_parallel_tool_calls}
-    if tool_required:
-        # Only when set: integrations predating tool_required do not accept it.
-        options["tool_required"] = True
-    options.update(kwargs)
-    return options
+_checked_llm: Callable[[str, Any], LLM] = model_checker(
+    LLM,
+    "a LlamaIndex LLM (llama_index.core.llms.LLM)",
+    "a LangChain model: guard it with langchain_breaker.CircuitBreakerChatModel, or wrap it "
+    "in llama_index.llms.langchain.LangChainLLM first",
+)

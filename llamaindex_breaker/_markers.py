@@ -33,7 +33,6 @@ __all__ = [
     "EndMarker",
     "StreamFinished",
     "anthropic_finished",
-    "check_option",
     "end_marker",
     "openai_finished",
 ]
@@ -124,13 +123,3 @@ def end_marker(model: LLM, option: StreamFinished) -> EndMarker | None:
         if known is not None:
             return known()
     return None
-
-
-def check_option(name: str, value: Any) -> Any:
-    """Validate a ``stream_finished`` option, naming it."""
-    if value is None or value == AUTO or callable(value):
-        return value
-    raise TypeError(
-        f'{name}: expected "auto", None or a function of one chunk returning True for the '
-        f"chunk carrying the provider's end marker, got {type(value).__name__}"
-    )

@@ -31,8 +31,7 @@ only when the wrapper has a budget or a cache, so the plain path never pays for 
 - **mark**: a cached answer carries ``additional_kwargs["callpolicy"]["cache"]`` (``"hit"``,
   ``"shared"`` or ``"stale"``) on the response, next to a fallback's mark (see
   ``_served``).
-- **usage**: from ``raw`` (OpenAI's ``usage``, Anthropic's, ...), else the response's
-  ``additional_kwargs`` (``prompt_tokens``/``completion_tokens``); None when neither says.
+- **usage**: see ``_usage``.
 """
 
 from __future__ import annotations
@@ -41,17 +40,11 @@ import functools
 import importlib
 import logging
 from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
-    Callable,
-    Generator,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -64,25 +57,23 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from callpolicy import (
-    SCHEMA_ARGUMENTS,
-    Budget,
     CallRequest,
     UncacheableRequestError,
-    Usage,
     by_type,
+    describe_arguments,
     key_data,
     key_text,
 )
 
 from ._keys import model_name_of
-from ._served import SERVED_BY_KEY, fallback_mark, mark_cached
+from ._served import SERVED_BY_KEY, mark_cached
+from ._usage import usage_of
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
 
 __all__ = [
     "SDK_MODULES",
-    "ameter_stream",
     "chat_request",
     "complete_request",
     "decode_chat",
@@ -92,11 +83,9 @@ __all__ = [
     "encode_chat",
     "encode_completion",
     "messages_text",
-    "meter_stream",
     "tool_messages",
     "tools_request",
     "tools_text",
-    "usage_of",
 ]
 
 logger = logging.getLogger("callpolicy")
@@ -123,9 +112,6 @@ _TRANSPORT: Final = frozenset(
         "timeout",
     }
 )
-# Model settings naming where the request goes: kept, without credentials (user info,
-# query string): another endpoint may serve another model under the same name.
-_ENDPOINTS: Final = frozenset({"api_base", "azure_endpoint", "base_url", "endpoint"})
 # Tool-call options that do not change the answer.
 _QUIET_OPTIONS: Final = frozenset({"verbose"})
 
@@ -166,39 +152,16 @@ def _tool_class() -> type[BaseTool]:
     return BaseTool
 
 
-def _endpoint(value: Any) -> Any:
-    """An endpoint URL without its credentials (user info, query string, fragment)."""
-    if not isinstance(value, str):
-        return jsonable(value)
-    try:
-        parts = urlsplit(value)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "<unparsable endpoint>"
-    netloc = host if port is None else f"{host}:{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def describe_arguments(arguments: Mapping[str, Any], *, settings: bool = False) -> dict[str, Any]:
-    """Settings or call arguments for the key: schemas (:data:`callpolicy.SCHEMA_ARGUMENTS`)
-    as JSON text, endpoints without credentials, the rest as JSON data (see
-    :func:`jsonable` for ``settings``)."""
-    described: dict[str, Any] = {}
-    for name, value in arguments.items():
-        key = name if isinstance(name, str) else json_text(name)
-        try:
-            if name in SCHEMA_ARGUMENTS and value is not None:
-                described[key] = json_text(value)
-            elif name in _ENDPOINTS:
-                described[key] = _endpoint(value)
-            else:
-                described[key] = jsonable(value, settings=settings)
-        except UncacheableRequestError as exc:
-            exc.path.append(f"[{key!r}]")
-            exc.path.append("['settings']" if settings else "['kwargs']")
-            raise
-    return described
+def _arguments(arguments: Mapping[str, Any], *, settings: bool = False) -> dict[str, Any]:
+    """Settings or call arguments for the key, the engine's one way
+    (:func:`callpolicy.describe_arguments`): schemas as JSON text, endpoints without
+    credentials, the rest as JSON data (see :func:`jsonable` for ``settings``)."""
+    return describe_arguments(
+        arguments,
+        convert=_convert,
+        opaque=by_type if settings else None,
+        where="settings" if settings else "kwargs",
+    )
 
 
 def describe_model(llm: LLM) -> dict[str, Any]:
@@ -210,11 +173,11 @@ def describe_model(llm: LLM) -> dict[str, Any]:
             settings[name] = getattr(llm, name, None)
     extra = settings.get("additional_kwargs")
     if isinstance(extra, Mapping):
-        settings["additional_kwargs"] = describe_arguments(extra, settings=True)
+        settings["additional_kwargs"] = _arguments(extra, settings=True)
     return {
         "class": type(llm).__qualname__,
         "model_name": model_name_of(llm),
-        "settings": describe_arguments(settings, settings=True),
+        "settings": _arguments(settings, settings=True),
     }
 
 
@@ -264,7 +227,7 @@ def chat_request(
             "call": "chat",
             "model": describe_model(model),
             "messages": describe_messages(messages),
-            "kwargs": describe_arguments(kwargs),
+            "kwargs": _arguments(kwargs),
         }
 
     return CallRequest(
@@ -288,7 +251,7 @@ def complete_request(
             "model": describe_model(model),
             "prompt": prompt,
             "formatted": formatted,
-            "kwargs": describe_arguments(kwargs),
+            "kwargs": _arguments(kwargs),
         }
 
     return CallRequest(
@@ -339,7 +302,7 @@ def tools_request(
             "model": describe_model(model),
             "messages": describe_messages(messages),
             "tools": [_tool_text(tool) for tool in tools],
-            "kwargs": describe_arguments(chosen),
+            "kwargs": _arguments(chosen),
         }
 
     return CallRequest(
@@ -486,59 +449,4 @@ def decode_completion(payload: dict[str, Any]) -> CompletionResponse:
         delta=payload.get("delta"),
         logprobs=payload.get("logprobs"),
         additional_kwargs=_unpack(payload.get("additional_kwargs") or {}),
-    )
-
-
-# -- usage -------------------------------------------------------------------------------
-def usage_of(response: ChatResponse | CompletionResponse) -> Usage | None:
-    """The tokens ``response`` reports: from ``raw`` (OpenAI's ``usage``, ...), else the
-    response's ``additional_kwargs`` (``prompt_tokens``/``completion_tokens``, as
-    llama-index-llms-openai sets them); None when neither says. Never raises."""
-    try:
-        raw = response.raw
-        found = None if raw is None else Usage.from_report(raw)
-        if found is None and response.additional_kwargs:
-            found = Usage.from_report(response.additional_kwargs)
-        return found
-    except Exception:  # a strange raw object must not fail a call that succeeded
-        logger.debug("callpolicy budget: could not read usage", exc_info=True)
-        return None
-
-
-# -- streams: counted as they pass, never altered -----------------------------------------
-def _answered_by(chunk: ChatResponse | CompletionResponse) -> str | None:
-    """The key of the fallback that produced ``chunk``, or None (the primary)."""
-    mark = fallback_mark(chunk)
-    key = mark.get("key") if mark is not None else None
-    return key if isinstance(key, str) else None
-
-
-def meter_stream(
-    chunks: Iterator[R], budget: Budget, key: str, input_text: Callable[[], str]
-) -> Generator[R, None, None]:
-    """``chunks``, each unchanged, with the stream and its reported usage counted (the
-    engine's meter). Providers report a stream's usage once at its end (OpenAI) or as
-    running totals (Anthropic's output count, Gemini's every chunk), so a report is read
-    as the stream's usage so far: ``cumulative=True``."""
-    return budget.metered(
-        chunks,
-        key=key,
-        usage_of=usage_of,
-        estimate=lambda: budget.estimate(input_text()),
-        cumulative=True,
-        key_of=_answered_by,
-    )
-
-
-def ameter_stream(
-    chunks: AsyncIterator[R], budget: Budget, key: str, input_text: Callable[[], str]
-) -> AsyncGenerator[R, None]:
-    """Async :func:`meter_stream`."""
-    return budget.ametered(
-        chunks,
-        key=key,
-        usage_of=usage_of,
-        estimate=lambda: budget.estimate(input_text()),
-        cumulative=True,
-        key_of=_answered_by,
     )

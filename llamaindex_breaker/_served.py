@@ -31,10 +31,9 @@ SERVED_BY_KEY = "callpolicy"
 R = TypeVar("R", ChatResponse, CompletionResponse)
 
 
-def mark_fallback(response: R, key: str | None, model_name: str) -> R:
-    """A copy of ``response`` marked as the fallback's (the original is left untouched).
-
-    ``key`` is the fallback's circuit key (None for a fallback that runs unguarded)."""
+def mark_fallback(response: R, key: str, model_name: str) -> R:
+    """A copy of ``response`` marked as the fallback's (the original is left untouched);
+    ``key`` is the fallback's circuit key."""
     extra = dict(response.additional_kwargs)
     extra[SERVED_BY_KEY] = {"served_by": "fallback", "key": key, "model": model_name}
     return response.model_copy(update={"additional_kwargs": extra})

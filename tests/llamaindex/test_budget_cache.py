@@ -27,7 +27,7 @@ from llama_index.llms.openai import OpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
 from pydantic import BaseModel, Field
 
-import llamaindex_breaker._llm as llm_module
+import llamaindex_breaker._calls as calls_module
 from callpolicy import (
     Budget,
     BudgetExceededError,
@@ -42,6 +42,7 @@ from callpolicy import (
 from callpolicy._cache_key import canonical_json
 from llamaindex_breaker import CircuitBreakerLLM, cache_status, served_by
 from llamaindex_breaker._request import chat_request
+from llamaindex_breaker._usage import meter_stream
 from tests.support.http_clients import HttpClients
 from tests.support.openai_server import OpenAICompatServer, Reply
 
@@ -191,7 +192,7 @@ def test_without_budget_or_cache_no_request_is_built(
         raise AssertionError("a CallRequest was built on the plain path")
 
     for name in ("chat_request", "complete_request", "tools_request"):
-        monkeypatch.setattr(llm_module, name, refuse)
+        monkeypatch.setattr(calls_module, name, refuse)
     llm = CircuitBreakerLLM(inner=inner)
     assert llm.chat([ChatMessage(role="user", content="hi")]).message.content == "ok"
     assert llm.complete("hi").text == "ok"
@@ -446,8 +447,8 @@ async def test_running_usage_totals_are_counted_once() -> None:
                 raw={"usage": {"prompt_tokens": prompt, "completion_tokens": completion}},
             )
 
-    route = llm_module._route_of(llm)
-    passed = list(route.metered(llm.key or "", (chunk for chunk in chunks()), lambda: "x"))
+    metered = meter_stream(chunks(), budget, llm.key or "", lambda: "x", asynchronous=False)
+    passed = list(metered)
     assert len(passed) == 3
     used = budget.usage()
     assert (used.calls, used.input_tokens, used.output_tokens) == (1, 5, 3)

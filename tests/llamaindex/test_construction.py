@@ -128,13 +128,21 @@ def test_keys_can_be_given() -> None:
     assert set(policy.snapshot()) == {"acme::big", "b::s"}
 
 
-def test_a_fallback_with_the_inner_key_runs_unguarded() -> None:
+def test_a_fallback_with_the_inner_key_is_refused_naming_the_fix() -> None:
+    # One circuit for both would refuse the fallback exactly when the primary is refused:
+    # the rule of the engine's ModelGuard, as in the LangChain wrapper.
+    with pytest.raises(ValidationError, match=r"inner model's too.*pass fallback_key="):
+        CircuitBreakerLLM(inner=MockLLM(), fallback=MockLLM())
+    with pytest.raises(ValidationError, match=r"fallback\[1\]: its circuit key 'mockllm::unknown'"):
+        CircuitBreakerLLM(inner=MockLLM(), fallback=[secondary(), MockLLM()])
+    # Told apart by a key, the same model at another endpoint is a fallback again.
     policy = CallPolicy(failure_threshold=1)
-    llm = CircuitBreakerLLM(inner=MockLLM(), fallback=MockLLM(), policy=policy)
-    assert llm.fallback_key is None
+    llm = CircuitBreakerLLM(
+        inner=MockLLM(), fallback=MockLLM(), fallback_key="mockllm::eu", policy=policy
+    )
     policy.trip(llm.key or "")
     assert llm.complete("still served").text == "still served"
-    assert set(policy.snapshot()) == {"mockllm::unknown"}
+    assert set(policy.snapshot()) == {"mockllm::unknown", "mockllm::eu"}
 
 
 def test_an_explicit_fallback_key_must_differ() -> None:

@@ -13,8 +13,9 @@ from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.schema import TextNode
 from llama_index.embeddings.openai import OpenAIEmbedding
 
-from callpolicy import CallPolicy, CircuitState, RetryPolicy, VectorCache
+from callpolicy import CallPolicy, CircuitState, EmbeddingGuard, RetryPolicy, VectorCache
 from llamaindex_breaker import CircuitBreakerEmbedding
+from llamaindex_breaker._embedding import embedding_identity
 from tests.support.clock import FakeClock, FakeSleeper
 from tests.support.http_clients import HttpClients
 from tests.support.openai_server import Fail, OpenAICompatServer
@@ -122,6 +123,21 @@ async def test_a_429_storm_is_retried_and_each_text_embedded_once(
     before = requests(server)
     assert len(await build_and_query(embed, mode)) == 2
     assert requests(server) == before
+
+
+def test_a_fallback_with_the_inner_key_follows_the_engines_rule() -> None:
+    # The rule is the engine's (EmbeddingGuard.of), the same for LangChain's wrapper: an
+    # equivalent model whose derived key is the inner model's (the same model at another
+    # endpoint) runs unguarded unless fallback_keys names its circuit; a named key must
+    # differ from the inner model's.
+    inner, other = (MockEmbedding(embed_dim=8, model_name="m") for _ in range(2))
+    wrapper = CircuitBreakerEmbedding(inner=inner, fallback=other)
+    piece = EmbeddingGuard.of(inner, [other], identity=embedding_identity)
+    assert wrapper.guarded_fallback_keys == piece.fallback_keys == (None,)
+    named = CircuitBreakerEmbedding(inner=inner, fallback=other, fallback_keys=["mock-eu::m"])
+    assert named.guarded_fallback_keys == ("mock-eu::m",)
+    with pytest.raises(ValueError, match="fallback_keys: each must differ from key"):
+        CircuitBreakerEmbedding(inner=inner, fallback=other, fallback_keys=["mock::m"])
 
 
 def test_fallbacks_must_be_the_same_model_unless_declared_compatible() -> None:
