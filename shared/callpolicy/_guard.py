@@ -248,6 +248,9 @@ class ModelGuard:
         calls fallback number ``index`` (of :attr:`fallback_keys`); ``indices`` chooses
         which fallbacks serve this call (all by default). One fallback is one callable
         under its key; several are a :class:`Fallbacks` list, each under its own."""
+        if indices is None and len(self.fallback_keys) == 1:
+            # The common case, on every call of a wrapper with one fallback: no index walk.
+            return functools.partial(on, 0), self.fallback_key
         chosen: Sequence[int] = range(len(self.fallback_keys)) if indices is None else indices
         if not chosen:
             return None, None
